@@ -1,0 +1,102 @@
+"""Structured configs: the schema Hydra checks types against at compose time.
+
+The groups that differ per choice (dataset, distiller, logger) stay free-form here; their keys
+are checked against the builder's signature before anything is built (Registry.build_from_config).
+Every registered model becomes an entry of the `teacher` and `student` groups, so
+`teacher=NAME` works for every model without a YAML file per model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from distill.models import list_models
+
+
+@dataclass
+class StudentConfig:
+    name: str = MISSING
+    pretrained: bool = False   # torchvision weights (needs network or a filled torch hub cache)
+
+
+@dataclass
+class TeacherConfig(StudentConfig):
+    checkpoint: Optional[str] = None       # weights file; default: the zoo entry for (dataset, name)
+    auto_train: bool = False               # no weights anywhere: train the teacher first
+    auto_train_epochs: Optional[int] = None  # epochs for that teacher run (default: trainer.epochs)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "multistep"
+    milestones: list[int] = field(default_factory=list)   # epochs at which lr *= gamma
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0   # cosine floor, as a fraction of the base lr
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 240
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    max_steps: Optional[int] = None   # stop after this many optimizer steps (smoke runs)
+    num_workers: int = 0
+    log_every: int = 20
+    precision: str = "fp32"           # fp32 | bf16 | fp16
+    resume: bool = True               # re-running in the same run_dir continues from its checkpoint
+    progress: bool = True
+
+
+@dataclass
+class ZooConfig:
+    root: str = "zoo"
+    publish: bool = True   # `distiller=none` runs publish their weights for (dataset, model)
+
+
+@dataclass
+class TrainConfig:
+    dataset: Any = MISSING
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distiller: Any = MISSING
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: Any = field(default_factory=dict)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+    seed: int = 0
+    device: str = "auto"      # auto | cpu | cuda | cuda:N
+    tag: str = ""             # appended to the run directory name, to keep variants apart
+    run_dir: str = MISSING
+
+
+def run_path(distiller: str, teacher: str, student: str, tag: str = "") -> str:
+    """`resnet56-resnet20/kd` for distillation, `resnet20/none` for vanilla training."""
+    pair = student if distiller == "none" else f"{teacher}-{student}"
+    return f"{pair}/{distiller}" + (f"-{tag}" if tag else "")
+
+
+def register_configs() -> None:
+    if not OmegaConf.has_resolver("distill_run"):
+        OmegaConf.register_new_resolver("distill_run", run_path)
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for name in list_models():
+        cs.store(group="teacher", name=name, node=TeacherConfig(name=name))
+        cs.store(group="student", name=name, node=StudentConfig(name=name))
+
+
+register_configs()

@@ -1,0 +1,19 @@
+"""Vanilla training: cross-entropy on the labels, no teacher. This is how teachers are made."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from distill.distillers.base import DISTILLERS, Distiller
+
+
+@DISTILLERS.register("none")
+class Vanilla(Distiller):
+    requires_teacher = False
+
+    def __init__(self, student, teacher=None, ce_weight: float = 1.0):
+        super().__init__(student, None)  # a teacher, if configured, is not used
+        self.ce_weight = ce_weight
+
+    def forward(self, images, targets, ctx):
+        logits = self.student(images)
+        return logits, {"ce": self.ce_weight * F.cross_entropy(logits, targets)}

@@ -1,0 +1,1 @@
+"""Training engine: optimizer and schedule, evaluation, checkpoints, the Trainer."""

@@ -1,0 +1,20 @@
+"""Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor,
+            temperature: float) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch, times T^2.
+
+    The T^2 factor keeps the soft-target gradients on the same scale as the hard-label term when
+    T changes (Hinton et al. 2015, section 2). Both distributions are taken in log space, so the
+    loss stays finite for very confident logits (e.g. 1e4 at T=0.5) where probabilities underflow.
+    Computed in float32 even under autocast: low-precision softmax at high T is inaccurate.
+    """
+    log_p_student = F.log_softmax(logits_student.float() / temperature, dim=1)
+    log_p_teacher = F.log_softmax(logits_teacher.float() / temperature, dim=1)
+    per_sample = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(1)
+    return per_sample.mean() * temperature**2
