@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import distill.config  # noqa: F401 - registers the schema, model groups and resolvers
 from distill.data import DatasetBundle, build_datasets
@@ -26,6 +27,7 @@ from distill.distillers import DISTILLERS, build_distiller
 from distill.engine.checkpoint import load_weights
 from distill.engine.trainer import Trainer, TrainerOptions
 from distill.errors import ConfigError, unknown_name_error
+from distill.registry import check_options
 from distill.models import create_model, list_models
 from distill.zoo import TeacherZoo
 
@@ -33,14 +35,28 @@ log = logging.getLogger("distill")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
-# Overrides of these keys shape the teacher's own training run (see teacher_training_command).
-TEACHER_RECIPE_KEYS = ("dataset", "trainer", "optimizer", "scheduler", "seed", "zoo", "experiment",
-                       "device")
+# Command-line overrides that carry over to the run that trains a missing teacher; the recipe
+# keys do not: a teacher is trained with its dataset's recipe (see teacher_run_config).
+TEACHER_RUN_KEYS = ("dataset", "trainer", "seed", "zoo", "device")
+RECIPE_KEYS = ("trainer.epochs", "trainer.batch_size")
 
 
 # --- validation -------------------------------------------------------------------------------
+def resolve_config(cfg: DictConfig) -> dict:
+    """Resolve every interpolation once, so e.g. `dataset.recipe.lr=abc` is reported as a bad
+    value of the key that reads it, not as a traceback halfway through the run."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(str(exc).splitlines()[0], key=key) from None
+
+
 def validate_values(cfg: DictConfig) -> None:
-    """Range checks that types alone cannot express. Types were checked at compose time."""
+    """Range checks that types alone cannot express, and the names and options of the parts,
+    all before any data is read or any teacher is looked for. Types were checked at compose
+    time."""
+    resolve_config(cfg)
     checks = [
         ("optimizer.lr", cfg.optimizer.lr > 0, "a positive number"),
         ("optimizer.momentum", 0 <= cfg.optimizer.momentum < 1, "in [0, 1)"),
@@ -60,8 +76,9 @@ def validate_values(cfg: DictConfig) -> None:
         if not ok:
             raise ConfigError(f"invalid value {OmegaConf.select(cfg, key)!r}", key=key,
                               allowed=allowed)
-    if cfg.distiller.name not in DISTILLERS:
-        raise unknown_name_error("distiller", cfg.distiller.name, DISTILLERS)
+    distiller_options = {k: v for k, v in cfg.distiller.items() if k != "name"}
+    check_options(DISTILLERS.get(cfg.distiller.name, key="distiller"), distiller_options,
+                  key="distiller", skip=("student", "teacher"))
     for group in ("teacher", "student"):
         if cfg[group].name not in list_models():
             raise unknown_name_error("model", cfg[group].name, list_models(), key=group)
@@ -106,26 +123,33 @@ def load_state_into(model: torch.nn.Module, state: dict, *, source: str, key: st
 
 
 def teacher_training_command(cfg: DictConfig, overrides: list[str]) -> str:
-    """The exact command that trains and publishes the missing teacher."""
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0].split("/")[0]
-            in TEACHER_RECIPE_KEYS]
+    """The exact command that trains and publishes the missing teacher: vanilla training of the
+    teacher architecture with the dataset's own recipe on the full training split."""
+    def keep(override: str) -> bool:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in ("dataset", "dataset.train_fraction") or key.startswith(RECIPE_KEYS):
+            return False
+        return key.split(".")[0] in TEACHER_RUN_KEYS
+
     args = ["python", "tools/train.py", "distiller=none", f"student={cfg.teacher.name}",
-            f"dataset={cfg.dataset.name}", *[o for o in kept if not o.startswith("dataset=")]]
+            f"dataset={cfg.dataset.name}", *filter(keep, overrides)]
     if cfg.teacher.auto_train_epochs:
         args.append(f"trainer.epochs={cfg.teacher.auto_train_epochs}")
     return shlex.join(args)
 
 
 def teacher_run_config(cfg: DictConfig) -> DictConfig:
-    """The config of the vanilla run that trains cfg's teacher (same data and recipe)."""
+    """The config of the vanilla run that trains cfg's teacher: same data, the dataset's recipe."""
     tcfg = copy.deepcopy(cfg)
     OmegaConf.set_struct(tcfg, False)
     tcfg.student.name = cfg.teacher.name
     tcfg.student.pretrained = cfg.teacher.pretrained
-    tcfg.distiller = OmegaConf.load(CONFIG_DIR / "distiller" / "none.yaml")
+    for group, option in (("distiller", "none"), ("optimizer", "sgd"), ("scheduler", "multistep")):
+        tcfg[group] = OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml")
+    tcfg.trainer.epochs = cfg.teacher.auto_train_epochs or "${dataset.recipe.epochs}"
+    tcfg.trainer.batch_size = "${dataset.recipe.batch_size}"
+    tcfg.dataset.pop("train_fraction", None)   # teachers see the whole training split
     tcfg.teacher.auto_train = False
-    if cfg.teacher.auto_train_epochs:
-        tcfg.trainer.epochs = cfg.teacher.auto_train_epochs
     tcfg.run_dir = str(Path(cfg.zoo.root) / "runs" / cfg.dataset.name / cfg.teacher.name
                        / f"seed{cfg.seed}")
     tcfg.tag = ""
@@ -212,7 +236,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
 
     run_name = "/".join([cfg.dataset.name, distill.config.run_path(
         cfg.distiller.name, cfg.teacher.name, cfg.student.name, cfg.tag), f"seed{cfg.seed}"])
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = resolve_config(cfg)
     # the resolved config (no interpolations left) is what reports and resumes read
     OmegaConf.save(OmegaConf.create(resolved), run_dir / ".hydra" / "config.yaml")
     seed_everything(cfg.seed)  # model init consumed randomness; training starts from the seed

@@ -206,7 +206,7 @@ class Trainer:
         window_images, window_start = 0, time.perf_counter()
         epoch_start = time.perf_counter()
         images_seen = 0
-        for images, targets in self.train_loader:
+        for batch_index, (images, targets) in enumerate(self.train_loader):
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             ctx = StepContext(epoch=epoch, step=self.state.global_step, epochs=self.opt.epochs)
@@ -225,7 +225,8 @@ class Trainer:
                 sums[name] = sums.get(name, 0) + value.detach()
             sums["loss"] = sums.get("loss", 0) + loss.detach()
 
-            if self.state.global_step % self.opt.log_every == 0 or self._done():
+            last_of_epoch = batch_index == self.steps_per_epoch - 1 or self._done()
+            if self.state.global_step % self.opt.log_every == 0 or last_of_epoch:
                 now = time.perf_counter()
                 terms = {k: float(v) / self._steps_in(sums) for k, v in sums.items()}
                 self._check_finite(terms)

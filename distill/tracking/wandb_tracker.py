@@ -3,6 +3,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import uuid
 from pathlib import Path
 
 from distill.tracking import TRACKERS
@@ -38,7 +39,7 @@ class WandbTracker(Tracker):
 
             if mode == "auto":
                 mode = "online" if _online_possible() else "offline"
-            run_id = (resume_state or {}).get("id") or wandb.util.generate_id()
+            run_id = (resume_state or {}).get("id") or uuid.uuid4().hex[:8]
             self.run = wandb.init(project=project, entity=entity, name=run_name, id=run_id,
                                   resume="allow", dir=str(run_dir), config=config, mode=mode,
                                   tags=list(tags or []), settings=wandb.Settings(silent=True))

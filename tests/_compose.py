@@ -1,0 +1,22 @@
+"""Compose the real Hydra config in-process, the way tools/train.py does."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import distill.config  # noqa: F401 - registers schema, model groups, resolvers
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "configs"
+
+
+def make_cfg(tmp_path: Path, *overrides: str, run: str = "run"):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"zoo.root={tmp_path / 'zoo'}", "logger=jsonl",
+                                          "trainer.progress=false", *overrides])
+    OmegaConf.set_struct(cfg, False)
+    cfg.run_dir = str(tmp_path / run)
+    OmegaConf.set_struct(cfg, True)
+    return cfg

@@ -1,0 +1,115 @@
+"""End-to-end runs through `distill.app.run`, the function tools/train.py calls."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _compose import make_cfg
+from distill.app import run
+from distill.errors import ConfigError
+from distill.zoo import TeacherZoo
+
+FAST = ["dataset=fake", "student=resnet8", "teacher=resnet14", "trainer.epochs=1"]
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_none_run_writes_the_run_directory_contract(tmp_path):
+    cfg = make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2", "logger=tensorboard")
+    summary = run(cfg)
+    run_dir = tmp_path / "run"
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    for key in ("best_top1", "last_top1", "teacher_top1", "train_images_per_sec", "world_size",
+                "epochs", "wall_seconds"):
+        assert key in on_disk
+    assert on_disk["epochs"] == 2 and on_disk["world_size"] == 1 and on_disk["teacher_top1"] is None
+    assert on_disk["train_images_per_sec"] > 0
+    assert summary["best_top1"] == on_disk["best_top1"] >= on_disk["last_top1"] - 1e-9
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    events = _jsonl(run_dir / "metrics.jsonl")
+    assert {e["event"] for e in events} >= {"train", "epoch", "summary"}
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2]
+    weights = load_file(str(run_dir / "student.safetensors"))
+    assert weights["fc.weight"].shape == (10, 64)
+    # a vanilla run publishes itself to the zoo, as teachers are made this way
+    entry = TeacherZoo(tmp_path / "zoo").find("fake", "resnet8")
+    assert entry is not None and entry.meta["top1"] == on_disk["last_top1"]
+
+
+def test_vanilla_learns_fake_data(tmp_path):
+    summary = run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=3"))
+    assert summary["best_top1"] > 50.0  # 10 classes: chance is 10%
+
+
+def test_kd_with_auto_trained_teacher_and_teacher_top1(tmp_path):
+    cfg = make_cfg(tmp_path, *FAST, "distiller=kd", "teacher.auto_train=true",
+                   "teacher.auto_train_epochs=2")
+    summary = run(cfg)
+    zoo = TeacherZoo(tmp_path / "zoo")
+    entry = zoo.find("fake", "resnet14")
+    assert entry is not None and entry.meta["epochs"] == 2
+    assert summary["teacher_top1"] == pytest.approx(entry.meta["top1"])
+    events = _jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert any(e["event"] == "teacher" for e in events)
+    train = [e for e in events if e["event"] == "train"]
+    assert train and {"train/ce", "train/kd", "train/loss", "train/lr"} <= set(train[0])
+    # the second run finds the teacher in the zoo and does not retrain it
+    mtime = entry.weights.stat().st_mtime_ns
+    run(make_cfg(tmp_path, *FAST, "distiller=kd", "seed=1", run="run2"))
+    assert entry.weights.stat().st_mtime_ns == mtime
+
+
+def test_missing_teacher_names_the_command_that_trains_it(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        run(make_cfg(tmp_path, *FAST, "distiller=kd"))
+    text = str(err.value)
+    assert "distiller=none" in text and "student=resnet14" in text and "dataset=fake" in text
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_digits_short_run(tmp_path):
+    summary = run(make_cfg(tmp_path, "dataset=digits", "student=resnet8", "distiller=none",
+                           "trainer.epochs=1", "trainer.max_steps=8"))
+    assert summary["steps"] == 8
+
+
+def test_same_seed_same_weights_and_resume_is_exact(tmp_path):
+    """Two epochs straight == one epoch, then the same command with epochs=2 resuming."""
+    straight = make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2", run="straight")
+    run(straight)
+    first = make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=1", run="resumed")
+    run(first)
+    resumed = make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2", run="resumed")
+    summary = run(resumed)
+    assert summary["epochs"] == 2 and len(summary["history"]) == 2
+    a = load_file(str(tmp_path / "straight" / "student.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "student.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other_seed = make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2", "seed=5", run="s5")
+    run(other_seed)
+    c = load_file(str(tmp_path / "s5" / "student.safetensors"))
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_refuses_a_different_experiment_in_the_same_directory(tmp_path):
+    run(make_cfg(tmp_path, *FAST, "distiller=none"))
+    with pytest.raises(ConfigError) as err:
+        run(make_cfg(tmp_path, *FAST, "distiller=none", "optimizer.lr=0.01"))
+    assert "optimizer.lr" in str(err.value)
+
+
+def test_zoo_keeps_the_better_model(tmp_path):
+    zoo = TeacherZoo(tmp_path / "zoo")
+    w = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(w))
+    assert zoo.publish("d", "m", w, {"top1": 80.0})
+    assert not zoo.publish("d", "m", w, {"top1": 70.0})
+    assert zoo.find("d", "m").meta["top1"] == 80.0
+    assert zoo.publish("d", "m", w, {"top1": 90.0})
+    assert [(d, m) for d, m, _ in zoo.list()] == [("d", "m")]

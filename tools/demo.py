@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""The offline demo behind `make demo`: on scikit-learn's real handwritten digits, train a
+resnet32 teacher (once; it is kept in the teacher zoo), then a resnet8 student twice, without
+(distiller=none) and with knowledge distillation (distiller=kd), and print them side by side.
+
+It runs the same command a user would type, so what you see is what tools/train.py does.
+Re-running it resumes: finished runs are not trained again (delete outputs/demo and zoo/ to redo).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP_DIR = REPO / "outputs" / "demo"
+
+
+def main() -> int:
+    console = Console()
+    command = [sys.executable, "tools/train.py", "-m", "experiment=demo", "distiller=none,kd",
+               f"hydra.sweep.dir={SWEEP_DIR}", "hydra.sweep.subdir=${distiller.name}",
+               *sys.argv[1:]]
+    console.print("[bold]running:[/]", " ".join(["python", *command[1:]]))
+    start = time.perf_counter()
+    if subprocess.call(command, cwd=REPO) != 0:
+        console.print("[bold red]the demo run failed[/] (see the messages above)")
+        return 1
+    wall = time.perf_counter() - start
+
+    vanilla = json.loads((SWEEP_DIR / "none" / "summary.json").read_text())
+    kd = json.loads((SWEEP_DIR / "kd" / "summary.json").read_text())
+    teacher_meta = json.loads((REPO / "zoo" / "digits" / "resnet32" / "meta.json").read_text()) \
+        if (REPO / "zoo" / "digits" / "resnet32" / "meta.json").exists() else {}
+    from distill.models import create_model
+
+    teacher_params = sum(p.numel() for p in create_model("resnet32", num_classes=10).parameters())
+
+    table = Table(title="digits (scikit-learn, 1437 train / 360 test images), top-1 on the test split")
+    for column in ("model", "role", "params", "best top-1 %", "last top-1 %"):
+        table.add_column(column, justify="right" if column not in ("model", "role") else "left")
+    table.add_row("resnet32", "teacher", f"{teacher_params:,}",
+                  f"{teacher_meta.get('best_top1', float('nan')):.2f}", f"{kd['teacher_top1']:.2f}")
+    table.add_row("resnet8", "vanilla student (CE)", f"{vanilla['student_params']:,}",
+                  f"{vanilla['best_top1']:.2f}", f"{vanilla['last_top1']:.2f}")
+    table.add_row("resnet8", "KD student (T=4)", f"{kd['student_params']:,}",
+                  f"{kd['best_top1']:.2f}", f"{kd['last_top1']:.2f}")
+    console.print(table)
+    console.print(f"KD - vanilla (last top-1): {kd['last_top1'] - vanilla['last_top1']:+.2f} points; "
+                  f"wall time {wall:.0f} s. Runs: {SWEEP_DIR}/none, {SWEEP_DIR}/kd; "
+                  f"teacher: zoo/digits/resnet32")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
