@@ -21,7 +21,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-import distill.config  # noqa: F401 - registers the schema, model groups and resolvers
+import distill.config  # registers the schema, model groups and resolvers
+from distill.config import OptimizerConfig, SchedulerConfig
 from distill.data import DatasetBundle, build_datasets
 from distill.distillers import DISTILLERS, build_distiller
 from distill.engine.checkpoint import load_weights
@@ -144,8 +145,11 @@ def teacher_run_config(cfg: DictConfig) -> DictConfig:
     OmegaConf.set_struct(tcfg, False)
     tcfg.student.name = cfg.teacher.name
     tcfg.student.pretrained = cfg.teacher.pretrained
-    for group, option in (("distiller", "none"), ("optimizer", "sgd"), ("scheduler", "multistep")):
-        tcfg[group] = OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml")
+    tcfg.distiller = OmegaConf.load(CONFIG_DIR / "distiller" / "none.yaml")
+    for group, option, schema in (("optimizer", "sgd", OptimizerConfig),
+                                  ("scheduler", "multistep", SchedulerConfig)):
+        tcfg[group] = OmegaConf.merge(OmegaConf.structured(schema),
+                                      OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"))
     tcfg.trainer.epochs = cfg.teacher.auto_train_epochs or "${dataset.recipe.epochs}"
     tcfg.trainer.batch_size = "${dataset.recipe.batch_size}"
     tcfg.dataset.pop("train_fraction", None)   # teachers see the whole training split
@@ -256,7 +260,10 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     log.info("done: best top-1 %.2f%%, last %.2f%%, %.0f images/s, %.1f s", summary["best_top1"],
              summary["last_top1"], summary["train_images_per_sec"] or 0, summary["wall_seconds"])
 
-    if cfg.distiller.name == "none" and cfg.zoo.publish:
+    full_split = cfg.dataset.get("train_fraction", 1.0) == 1.0
+    if cfg.distiller.name == "none" and cfg.zoo.publish and not full_split:
+        log.info("not published to the zoo: trained on part of the training split")
+    elif cfg.distiller.name == "none" and cfg.zoo.publish:
         zoo.publish(cfg.dataset.name, cfg.student.name, run_dir / "student.safetensors", {
             "top1": summary["last_top1"], "best_top1": summary["best_top1"],
             "epochs": summary["epochs"], "seed": cfg.seed, "run_dir": str(run_dir.resolve()),

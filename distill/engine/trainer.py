@@ -193,13 +193,14 @@ class Trainer:
             with ProgressDisplay(enabled=self.opt.progress and self.main,
                                  total=self.total_steps(), completed=self.state.global_step) as bar:
                 while not self._done():
-                    self._train_epoch(bar)
-                    self._end_epoch()
+                    epoch_terms = self._train_epoch(bar)
+                    self._end_epoch(epoch_terms)
             return self._finish(wall_start)
         finally:
             self.trackers.close()
 
-    def _train_epoch(self, bar: ProgressDisplay) -> None:
+    def _train_epoch(self, bar: ProgressDisplay) -> dict[str, float]:
+        """One pass over the training data; returns the epoch's mean of every loss term."""
         self.distiller.train()
         epoch = self.state.epoch
         sums: dict[str, torch.Tensor] = {}
@@ -242,7 +243,7 @@ class Trainer:
                 break
         self.state.train_seconds += time.perf_counter() - epoch_start
         self.state.train_images += images_seen * dist_utils.world_size()
-        self._epoch_terms = {k: float(v) / self._steps_in(sums) for k, v in sums.items()}
+        return {k: float(v) / self._steps_in(sums) for k, v in sums.items()}
 
     def _steps_in(self, sums: dict) -> int:
         # every step adds to "loss", so its count is the number of steps since the epoch start
@@ -254,7 +255,7 @@ class Trainer:
         if bad:
             raise FloatingPointError(f"non-finite loss: {bad} (all terms: {terms})")
 
-    def _end_epoch(self) -> None:
+    def _end_epoch(self, epoch_terms: dict[str, float]) -> None:
         metrics = evaluate(self.distiller.student, self.val_loader, self.device,
                            reduce=dist_utils.all_reduce_sum, autocast=self.autocast)
         self.state.epoch += 1
@@ -264,10 +265,10 @@ class Trainer:
         record = {"epoch": self.state.epoch, "val/top1": metrics["top1"],
                   "val/top5": metrics["top5"], "val/loss": metrics["loss"],
                   "val/best_top1": self.state.best_top1,
-                  **{f"epoch/{k}": v for k, v in self._epoch_terms.items()}}
+                  **{f"epoch/{k}": v for k, v in epoch_terms.items()}}
         self.state.history.append({"epoch": self.state.epoch, "top1": metrics["top1"]})
         self.trackers.log(record, step=self.state.global_step, event="epoch")
-        terms = "  ".join(f"{k} {v:.4f}" for k, v in self._epoch_terms.items())
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in epoch_terms.items())
         log.info("epoch %d/%d  %s  val top-1 %.2f%% (best %.2f%%)  top-5 %.2f%%",
                  self.state.epoch, self.opt.epochs, terms, metrics["top1"], self.state.best_top1,
                  metrics["top5"])
