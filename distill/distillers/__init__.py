@@ -2,6 +2,6 @@
 from distill.distillers.base import DISTILLERS, Distiller, StepContext, build_distiller
 
 # importing the method modules registers them
-from distill.distillers import kd, none  # noqa: E402,F401
+from distill.distillers import dkd, kd, none  # noqa: E402,F401
 
 __all__ = ["DISTILLERS", "Distiller", "StepContext", "build_distiller"]
