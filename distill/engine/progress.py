@@ -4,9 +4,25 @@ Shown only on an interactive terminal; in logs and CI the per-epoch log line say
 """
 from __future__ import annotations
 
+import io
+import logging
+import sys
+
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
+
+
+class _AboveTheBar(io.TextIOBase):
+    """A stream for logging handlers that prints each record above the live bar."""
+
+    def __init__(self, console: Console):
+        self.console = console
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            self.console.print(text.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
+        return len(text)
 
 
 class ProgressDisplay:
@@ -26,10 +42,19 @@ class ProgressDisplay:
     def __enter__(self) -> "ProgressDisplay":
         if self.progress:
             self.progress.start()
+            # console log handlers (Hydra's) would otherwise write through the bar
+            self._swapped = []
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.StreamHandler) and \
+                        getattr(handler, "stream", None) in (sys.__stdout__, sys.__stderr__):
+                    self._swapped.append((handler, handler.setStream(_AboveTheBar(
+                        self.progress.console))))
         return self
 
     def __exit__(self, *exc) -> None:
         if self.progress:
+            for handler, stream in self._swapped:
+                handler.setStream(stream)
             self.progress.stop()
 
     def update(self, step: int, *, epoch: int, epochs: int, terms: dict[str, float],
