@@ -26,7 +26,7 @@ class StudentConfig:
 class TeacherConfig(StudentConfig):
     checkpoint: Optional[str] = None       # weights file; default: the zoo entry for (dataset, name)
     auto_train: bool = False               # no weights anywhere: train the teacher first
-    auto_train_epochs: Optional[int] = None  # epochs for that teacher run (default: trainer.epochs)
+    auto_train_epochs: Optional[int] = None  # epochs for that run (default: the dataset recipe's)
 
 
 @dataclass

@@ -252,7 +252,9 @@ def test_multirun_gives_each_job_a_complete_run_dir(results):
         assert Path(cfg.run_dir).resolve() == job.resolve(), "run_dir must be the job's own dir"
         summary = json.loads((job / "summary.json").read_text())
         assert SUMMARY_KEYS <= set(summary), sorted(summary)
-        assert summary["world_size"] == 1 and summary["epochs"] == 1
+        # trainer.max_steps=2 of the 8 steps in a fake-data epoch
+        assert summary["world_size"] == 1 and summary["steps"] == 2
+        assert summary["epochs"] == 0.25 and summary["stopped_early"] is True
         assert 0 <= summary["last_top1"] <= summary["best_top1"] <= 100
         assert summary["wall_seconds"] > 0 and summary["train_images_per_sec"] > 0
         events = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()

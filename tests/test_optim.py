@@ -29,11 +29,19 @@ def test_reference_cifar_multistep():
 
 
 def test_warmup_then_cosine():
-    f = lr_factor_fn(name="cosine", epochs=10, warmup_epochs=2)
-    assert f(1.0) == pytest.approx(0.5)
-    assert f(2.0) == pytest.approx(1.0)
-    assert f(6.0) == pytest.approx(0.5)
-    assert f(10.0) == pytest.approx(0.0, abs=1e-9)
+    f = lr_factor_fn(name="cosine", epochs=10, steps_per_epoch=10, warmup_epochs=2)
+    warmup = [f(step) for step in range(20)]
+    assert warmup == sorted(warmup) and warmup[0] == pytest.approx(1 / 20)  # monotone ramp
+    assert f(9) == pytest.approx(0.5)
+    assert f(20) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5)
+    assert f(100) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_warmup_multiplies_the_multistep_schedule():
+    f = lr_factor_fn(name="multistep", epochs=10, steps_per_epoch=4, milestones=[5], warmup_epochs=1)
+    assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f(4) == pytest.approx(1.0) and f(20) == pytest.approx(0.1)
 
 
 def test_sgd_options():

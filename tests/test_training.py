@@ -134,3 +134,64 @@ def test_demo_setting_kd_beats_vanilla(tmp_path):
     kd = run(make_cfg(tmp_path, "experiment=demo", "distiller=kd", run="kd"))
     assert kd["teacher_top1"] > 95.0
     assert kd["last_top1"] > vanilla["last_top1"]
+
+
+def test_resume_mid_epoch_after_max_steps_is_exact(tmp_path):
+    """A smoke run stopped mid-epoch by trainer.max_steps, then the real command in the same
+    directory, ends with the same weights as one uninterrupted run (fake data: 8 steps/epoch)."""
+    run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2", run="straight"))
+    smoke = run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2",
+                         "trainer.max_steps=5", run="resumed"))
+    assert smoke["steps"] == 5 and smoke["stopped_early"] and smoke["epochs"] == 0.625
+    full = run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2", run="resumed"))
+    assert full["steps"] == 16 and full["epochs"] == 2 and not full["stopped_early"]
+    a = load_file(str(tmp_path / "straight" / "student.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "student.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    events = _jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    assert [e["step"] for e in events if e["event"] == "resume"] == [5]
+
+
+def test_rerunning_a_finished_run_changes_nothing(tmp_path):
+    first = run(make_cfg(tmp_path, *FAST, "distiller=none"))
+    files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir() if p.is_file()}
+    again = run(make_cfg(tmp_path, *FAST, "distiller=none"))
+    assert again == first
+    for p in (tmp_path / "run").iterdir():
+        if p.is_file() and p.name in ("summary.json", "student.safetensors", "metrics.jsonl"):
+            assert p.stat().st_mtime_ns == files[p.name], p.name
+
+
+def test_starting_over_keeps_the_old_files_aside(tmp_path):
+    run(make_cfg(tmp_path, *FAST, "distiller=none"))
+    run(make_cfg(tmp_path, *FAST, "distiller=none", "optimizer.lr=0.01", "trainer.resume=false"))
+    previous = list((tmp_path / "run" / "previous").iterdir())
+    assert len(previous) == 1 and (previous[0] / "summary.json").is_file()
+    events = _jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert len([e for e in events if e["event"] == "summary"]) == 1
+
+
+def test_a_refused_resume_leaves_the_run_record_alone(tmp_path):
+    run(make_cfg(tmp_path, *FAST, "distiller=none"))
+    record = (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
+    with pytest.raises(ConfigError):
+        run(make_cfg(tmp_path, *FAST, "distiller=none", "optimizer.lr=0.01"))
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").read_text() == record
+
+
+def test_runs_stopped_early_are_not_published_and_auto_train_trains_to_the_end(tmp_path):
+    smoke = run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.max_steps=3"))
+    assert smoke["stopped_early"]
+    assert TeacherZoo(tmp_path / "zoo").find("fake", "resnet8") is None
+    # auto_train ignores the student's max_steps and zoo.publish=false: the teacher is complete
+    run(make_cfg(tmp_path, *FAST, "distiller=kd", "trainer.max_steps=3", "zoo.publish=false",
+                 "teacher.auto_train=true", "teacher.auto_train_epochs=1", run="kd"))
+    entry = TeacherZoo(tmp_path / "zoo").find("fake", "resnet14")
+    assert entry is not None and entry.meta["epochs"] == 1
+
+
+def test_zoo_teacher_from_another_split_is_refused(tmp_path):
+    run(make_cfg(tmp_path, *FAST, "distiller=none", "student=resnet14", run="teacher"))
+    with pytest.raises(ConfigError) as err:
+        run(make_cfg(tmp_path, *FAST, "distiller=kd", "dataset.seed=1", run="kd"))
+    assert err.value.key == "teacher" and "split" in str(err.value)

@@ -52,6 +52,10 @@ class Distiller(nn.Module):
             self.teacher.eval()  # BN statistics and dropout of the teacher must never change
         return self
 
+    @classmethod
+    def check_values(cls, options: dict) -> None:
+        """Range checks on config options, run before anything is built. Override per method."""
+
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.teacher(images)
@@ -80,6 +84,16 @@ class Distiller(nn.Module):
     def connector_parameter_count(self) -> int:
         return sum(p.numel() for n, p in self.named_parameters()
                    if not n.startswith(("student.", "teacher.")))
+
+
+def require(options: dict, **rules: str) -> None:
+    """`require(options, temperature=">0", kd_weight=">=0")`: a ConfigError naming the first
+    option given in `options` that breaks its rule."""
+    tests = {">0": lambda v: v > 0, ">=0": lambda v: v >= 0}
+    for name, rule in rules.items():
+        if name in options and not tests[rule](options[name]):
+            raise ConfigError(f"invalid value {options[name]!r}", key=f"distiller.{name}",
+                              allowed="a positive number" if rule == ">0" else "zero or positive")
 
 
 def build_distiller(name: str, student: nn.Module, teacher: nn.Module | None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from distill.distillers.base import DISTILLERS, Distiller
+from distill.distillers.base import DISTILLERS, Distiller, require
 from distill.losses import dkd_loss
 
 
@@ -19,6 +19,11 @@ class DKD(Distiller):
         self.beta = beta
         self.temperature = temperature
         self.warmup_epochs = warmup_epochs
+
+    @classmethod
+    def check_values(cls, options):
+        require(options, temperature=">0", ce_weight=">=0", alpha=">=0", beta=">=0",
+                warmup_epochs=">=0")
 
     def forward(self, images, targets, ctx):
         logits = self.student(images)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from distill.distillers.base import DISTILLERS, Distiller
+from distill.distillers.base import DISTILLERS, Distiller, require
 from distill.losses import kd_loss
 
 
@@ -15,6 +15,10 @@ class KD(Distiller):
         self.ce_weight = ce_weight
         self.kd_weight = kd_weight
         self.temperature = temperature
+
+    @classmethod
+    def check_values(cls, options):
+        require(options, temperature=">0", ce_weight=">=0", kd_weight=">=0")
 
     def forward(self, images, targets, ctx):
         logits = self.student(images)

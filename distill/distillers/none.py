@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from distill.distillers.base import DISTILLERS, Distiller
+from distill.distillers.base import DISTILLERS, Distiller, require
 
 
 @DISTILLERS.register("none")
@@ -13,6 +13,10 @@ class Vanilla(Distiller):
     def __init__(self, student, teacher=None, ce_weight: float = 1.0):
         super().__init__(student, None)  # a teacher, if configured, is not used
         self.ce_weight = ce_weight
+
+    @classmethod
+    def check_values(cls, options):
+        require(options, ce_weight=">0")
 
     def forward(self, images, targets, ctx):
         logits = self.student(images)

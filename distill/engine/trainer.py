@@ -2,9 +2,13 @@
 
     batch -> distiller(images, targets, ctx) -> dict of weighted loss terms -> sum -> backward
     -> optimizer step -> scheduler step -> (every `log_every` steps) trackers get every term
-    -> end of epoch: evaluate, checkpoint -> end of run: student.safetensors + summary.json.
+    -> end of epoch (or trainer.max_steps): evaluate, checkpoint
+    -> end of run: student.safetensors + summary.json.
 
-Everything on disk is written by rank 0 only. Host syncs (`.item()`) happen only on logging steps.
+Position in the run is the global optimizer step alone: the epoch and the batch within it are
+derived from it, and the data order is a function of (seed, epoch), so a resumed run continues
+exactly where the checkpoint was taken, also mid-epoch (bit for bit on CPU with num_workers=0).
+Everything on disk is written by rank 0 only. Host syncs (`.item()`) happen only on log steps.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +27,16 @@ from torch.utils.data import DataLoader
 from distill.data import DatasetBundle
 from distill.distillers import Distiller, StepContext
 from distill.engine import distributed as dist_utils
-from distill.engine.checkpoint import (atomic_torch_save, load_training_state, rng_state,
-                                       save_weights, set_rng_state)
+from distill.engine.checkpoint import atomic_torch_save, rng_state, save_weights, set_rng_state
 from distill.engine.evaluation import evaluate
 from distill.engine.optim import build_optimizer, build_scheduler
 from distill.engine.progress import ProgressDisplay
-from distill.errors import ConfigError
+from distill.engine.sampler import EpochSampler
 from distill.tracking import Trackers, build_trackers
 
 log = logging.getLogger("distill")
 
-# Settings that may differ when a run is resumed; any other difference is a different experiment.
-RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.resume", "trainer.num_workers",
-                     "trainer.log_every", "trainer.progress", "trainer.eval_batch_size", "logger",
-                     "run_dir", "zoo", "teacher.auto_train", "teacher.auto_train_epochs")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -54,73 +54,73 @@ class TrainerOptions:
 
 @dataclass
 class RunState:
-    epoch: int = 0                 # epochs completed
+    """Everything about the run's progress that a checkpoint must carry."""
+
     global_step: int = 0
     best_top1: float = 0.0
     last_top1: float = 0.0
     teacher_top1: float | None = None
     train_seconds: float = 0.0     # time inside the training loop only (no eval, no checkpoint)
     train_images: int = 0
+    wall_seconds: float = 0.0      # summed over every process that worked on this run
+    finished: bool = False
     history: list[dict] = field(default_factory=list)
-
-
-def _autocast_factory(precision: str, device: torch.device):
-    if precision == "fp32":
-        return None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        raise ConfigError(f"unknown precision '{precision}'", key="trainer.precision",
-                          allowed="fp32, bf16, fp16")
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        diffs = []
-        for key in sorted(set(old) | set(new)):
-            path = f"{prefix}{key}"
-            if any(path == k or path.startswith(k + ".") for k in RESUMABLE_CHANGES):
-                continue
-            diffs += _config_differences(old.get(key), new.get(key), path + ".")
-        return diffs
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 class Trainer:
     def __init__(self, distiller: Distiller, data: DatasetBundle, *, options: TrainerOptions,
                  optimizer: dict, scheduler: dict, run_dir: Path, device: torch.device,
-                 loggers: dict, config: dict, run_name: str, seed: int):
-        self.distiller = distiller.to(device)
-        self.data = data
+                 loggers: dict, config: dict, run_name: str, seed: int,
+                 checkpoint: dict | None = None):
+        self.distiller = distiller
         self.opt = options
         self.run_dir = Path(run_dir)
         self.device = device
         self.config = config
         self.run_name = run_name
-        self.seed = seed
+        self.loggers = loggers
         self.main = dist_utils.is_main_process()
 
-        self.generator = torch.Generator().manual_seed(seed)  # shuffling order, checkpointed
-        self.train_loader = DataLoader(data.train, batch_size=options.batch_size, shuffle=True,
-                                       num_workers=options.num_workers, generator=self.generator,
-                                       pin_memory=device.type == "cuda", drop_last=False,
-                                       persistent_workers=options.num_workers > 0)
+        self.seed = seed
+        self.sampler = EpochSampler(len(data.train), seed)
+        # Each DataLoader iterator draws a worker base seed from its generator (the global RNG
+        # if it has none). Own generators keep the global RNG, which the per-sample
+        # augmentation uses and checkpoints carry, independent of when loaders are iterated.
+        self.worker_seeds = torch.Generator()
+        self.train_loader = DataLoader(data.train, batch_size=options.batch_size,
+                                       sampler=self.sampler, num_workers=options.num_workers,
+                                       generator=self.worker_seeds, drop_last=False,
+                                       pin_memory=device.type == "cuda")
         self.val_loader = DataLoader(data.val, batch_size=options.eval_batch_size, shuffle=False,
                                      num_workers=options.num_workers,
+                                     generator=torch.Generator().manual_seed(seed),
                                      pin_memory=device.type == "cuda")
-        self.steps_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = math.ceil(len(data.train) / options.batch_size)
         self.optimizer = build_optimizer(distiller.trainable_parameters(), **optimizer)
         self.scheduler = build_scheduler(self.optimizer, steps_per_epoch=self.steps_per_epoch,
                                          epochs=options.epochs, **scheduler)
-        self.autocast = _autocast_factory(options.precision, device)
+        dtype = PRECISIONS[options.precision]
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=options.precision == "fp16")
         self.state = RunState()
         self.trackers = Trackers()
-        self.loggers = loggers
+        self.tracker_resume: dict = {}
+        if checkpoint is not None:
+            self._restore(checkpoint)
 
     # --- checkpoints -----------------------------------------------------------------------
-    def _checkpoint_path(self) -> Path:
-        return self.run_dir / "checkpoints" / "last.pt"
+    def _restore(self, ckpt: dict) -> None:
+        self.distiller.student.load_state_dict(ckpt["student"])
+        self.distiller.load_connector_state_dict(ckpt["connectors"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = RunState(**ckpt["state"])
+        set_rng_state(ckpt["rng"])
+        # TensorBoard drops events past the checkpoint, so resumed curves are not duplicated
+        self.tracker_resume = {**ckpt["trackers"], "tensorboard": {"step": self.state.global_step + 1}}
+        log.info("resuming %s at step %d (epoch %d)", self.run_dir, self.state.global_step,
+                 self.state.global_step // self.steps_per_epoch + 1)
 
     def save_checkpoint(self) -> None:
         if not self.main:
@@ -131,37 +131,11 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "state": self.state.__dict__,
+            "state": asdict(self.state),
             "rng": rng_state(),
-            "loader_generator": self.generator.get_state(),
             "trackers": self.trackers.resume_states(),
             "config": self.config,
-        }, self._checkpoint_path())
-
-    def try_resume(self) -> dict | None:
-        if not self.opt.resume:
-            return None
-        ckpt = load_training_state(self.run_dir)
-        if ckpt is None:
-            return None
-        diffs = _config_differences(ckpt["config"], self.config)
-        if diffs:
-            raise ConfigError(
-                f"{self.run_dir} holds a run with a different config:\n  " + "\n  ".join(diffs[:10]),
-                key="run_dir",
-                hint="choose another run directory (hydra.run.dir=... or tag=...), or pass "
-                     "trainer.resume=false to start this one over")
-        self.distiller.student.load_state_dict(ckpt["student"])
-        self.distiller.load_connector_state_dict(ckpt["connectors"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.state = RunState(**ckpt["state"])
-        set_rng_state(ckpt["rng"])
-        self.generator.set_state(ckpt["loader_generator"])
-        log.info("resumed from %s at epoch %d (step %d)", self._checkpoint_path(),
-                 self.state.epoch, self.state.global_step)
-        return ckpt
+        }, self.run_dir / "checkpoints" / "last.pt")
 
     # --- the loop ---------------------------------------------------------------------------
     def total_steps(self) -> int:
@@ -169,45 +143,59 @@ class Trainer:
         return min(steps, self.opt.max_steps) if self.opt.max_steps else steps
 
     def _done(self) -> bool:
-        return (self.state.epoch >= self.opt.epochs
-                or bool(self.opt.max_steps and self.state.global_step >= self.opt.max_steps))
+        return self.state.global_step >= self.total_steps()
+
+    def _tick_wall_clock(self) -> None:
+        now = time.perf_counter()
+        self.state.wall_seconds += now - self._wall_mark
+        self._wall_mark = now
 
     def fit(self) -> dict[str, Any]:
-        wall_start = time.perf_counter()
-        ckpt = self.try_resume()
+        """Train to the end (or to max_steps) and return the summary. A run that had already
+        finished returns its summary untouched."""
+        self._wall_mark = time.perf_counter()
+        if self.state.finished and self._done() and (self.run_dir / "summary.json").is_file():
+            log.info("%s is already finished; nothing to do", self.run_dir)
+            return json.loads((self.run_dir / "summary.json").read_text())
+        self.state.finished = False   # e.g. resumed with more epochs than it had
         if self.main:
-            resume_state = dict(ckpt["trackers"]) if ckpt else {}
-            if ckpt:
-                resume_state["tensorboard"] = {"step": self.state.global_step + 1}
             self.trackers = build_trackers(self.loggers, self.run_dir, config=self.config,
-                                           run_name=self.run_name, resume_state=resume_state)
+                                           run_name=self.run_name,
+                                           resume_state=self.tracker_resume)
         try:
+            if self.state.global_step:
+                self.trackers.log({"resumed_at_step": self.state.global_step},
+                                  step=self.state.global_step, event="resume")
             if self.distiller.teacher is not None and self.state.teacher_top1 is None:
-                teacher_metrics = evaluate(self.distiller.teacher, self.val_loader, self.device,
-                                           reduce=dist_utils.all_reduce_sum, autocast=self.autocast)
-                self.state.teacher_top1 = teacher_metrics["top1"]
-                log.info("teacher top-1 %.2f%% (top-5 %.2f%%)", teacher_metrics["top1"],
-                         teacher_metrics["top5"])
-                self.trackers.log({"teacher/top1": teacher_metrics["top1"],
-                                   "teacher/top5": teacher_metrics["top5"]}, step=0, event="teacher")
+                self._evaluate_teacher()
             with ProgressDisplay(enabled=self.opt.progress and self.main,
                                  total=self.total_steps(), completed=self.state.global_step) as bar:
                 while not self._done():
-                    epoch_terms = self._train_epoch(bar)
-                    self._end_epoch(epoch_terms)
-            return self._finish(wall_start)
+                    epoch, first_batch = divmod(self.state.global_step, self.steps_per_epoch)
+                    self.sampler.set_epoch(epoch, first_batch * self.opt.batch_size)
+                    self.worker_seeds.manual_seed(self.seed * 1_000_003 + epoch)
+                    epoch_terms = self._train_epoch(epoch, bar)
+                    self._end_epoch(epoch, epoch_terms)
+            return self._finish()
         finally:
             self.trackers.close()
 
-    def _train_epoch(self, bar: ProgressDisplay) -> dict[str, float]:
-        """One pass over the training data; returns the epoch's mean of every loss term."""
+    def _evaluate_teacher(self) -> None:
+        metrics = evaluate(self.distiller.teacher, self.val_loader, self.device,
+                           reduce=dist_utils.all_reduce_sum, autocast=self.autocast)
+        self.state.teacher_top1 = metrics["top1"]
+        log.info("teacher top-1 %.2f%% (top-5 %.2f%%)", metrics["top1"], metrics["top5"])
+        self.trackers.log({"teacher/top1": metrics["top1"], "teacher/top5": metrics["top5"]},
+                          step=self.state.global_step, event="teacher")
+
+    def _train_epoch(self, epoch: int, bar: ProgressDisplay) -> dict[str, float]:
+        """Train from the current position to the end of `epoch` (or max_steps); returns the
+        mean of every loss term over the steps taken."""
         self.distiller.train()
-        epoch = self.state.epoch
         sums: dict[str, torch.Tensor] = {}
-        window_images, window_start = 0, time.perf_counter()
-        epoch_start = time.perf_counter()
-        images_seen = 0
-        for batch_index, (images, targets) in enumerate(self.train_loader):
+        steps = images_seen = window_images = 0
+        epoch_start = window_start = time.perf_counter()
+        for images, targets in self.train_loader:
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             ctx = StepContext(epoch=epoch, step=self.state.global_step, epochs=self.opt.epochs)
@@ -218,24 +206,26 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            lr = self.optimizer.param_groups[0]["lr"]   # the lr this step used
             self.scheduler.step()
             self.state.global_step += 1
+            steps += 1
             images_seen += images.shape[0]
             window_images += images.shape[0]
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0) + value.detach()
             sums["loss"] = sums.get("loss", 0) + loss.detach()
 
-            last_of_epoch = batch_index == self.steps_per_epoch - 1 or self._done()
-            if self.state.global_step % self.opt.log_every == 0 or last_of_epoch:
+            end_of_epoch = self.state.global_step % self.steps_per_epoch == 0 or self._done()
+            if self.state.global_step % self.opt.log_every == 0 or end_of_epoch:
                 now = time.perf_counter()
-                terms = {k: float(v) / self._steps_in(sums) for k, v in sums.items()}
-                self._check_finite(terms)
+                terms = {k: float(v) / steps for k, v in sums.items()}   # the host sync
+                _check_finite(terms, self.state.global_step)
                 speed = window_images * dist_utils.world_size() / max(now - window_start, 1e-9)
                 self.trackers.log({**{f"train/{k}": v for k, v in terms.items()},
-                                   "train/lr": self.optimizer.param_groups[0]["lr"],
-                                   "train/images_per_sec": speed, "train/epoch": epoch},
-                                  step=self.state.global_step, event="train")
+                                   "train/lr": lr, "train/images_per_sec": speed,
+                                   "train/epoch": epoch}, step=self.state.global_step,
+                                  event="train")
                 bar.update(self.state.global_step, epoch=epoch + 1, epochs=self.opt.epochs,
                            terms=terms, images_per_sec=speed)
                 window_images, window_start = 0, now
@@ -243,40 +233,34 @@ class Trainer:
                 break
         self.state.train_seconds += time.perf_counter() - epoch_start
         self.state.train_images += images_seen * dist_utils.world_size()
-        return {k: float(v) / self._steps_in(sums) for k, v in sums.items()}
+        return {k: float(v) / max(steps, 1) for k, v in sums.items()}
 
-    def _steps_in(self, sums: dict) -> int:
-        # every step adds to "loss", so its count is the number of steps since the epoch start
-        return max(1, self.state.global_step - self.state.epoch * self.steps_per_epoch)
-
-    @staticmethod
-    def _check_finite(terms: dict[str, float]) -> None:
-        bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
-        if bad:
-            raise FloatingPointError(f"non-finite loss: {bad} (all terms: {terms})")
-
-    def _end_epoch(self, epoch_terms: dict[str, float]) -> None:
+    def _end_epoch(self, epoch: int, epoch_terms: dict[str, float]) -> None:
         metrics = evaluate(self.distiller.student, self.val_loader, self.device,
                            reduce=dist_utils.all_reduce_sum, autocast=self.autocast)
-        self.state.epoch += 1
         # a run stopped by max_steps mid-epoch still ends with an evaluated, checkpointed model
+        completed = self.state.global_step / self.steps_per_epoch
         self.state.last_top1 = metrics["top1"]
         self.state.best_top1 = max(self.state.best_top1, metrics["top1"])
-        record = {"epoch": self.state.epoch, "val/top1": metrics["top1"],
-                  "val/top5": metrics["top5"], "val/loss": metrics["loss"],
-                  "val/best_top1": self.state.best_top1,
-                  **{f"epoch/{k}": v for k, v in epoch_terms.items()}}
-        self.state.history.append({"epoch": self.state.epoch, "top1": metrics["top1"]})
-        self.trackers.log(record, step=self.state.global_step, event="epoch")
+        self.state.history.append({"epoch": _whole_or_fraction(completed),
+                                   "step": self.state.global_step,
+                                   "top1": metrics["top1"], "top5": metrics["top5"]})
+        self.trackers.log({"epoch": _whole_or_fraction(completed), "val/top1": metrics["top1"],
+                           "val/top5": metrics["top5"], "val/loss": metrics["loss"],
+                           "val/best_top1": self.state.best_top1,
+                           **{f"epoch/{k}": v for k, v in epoch_terms.items()}},
+                          step=self.state.global_step, event="epoch")
         terms = "  ".join(f"{k} {v:.4f}" for k, v in epoch_terms.items())
-        log.info("epoch %d/%d  %s  val top-1 %.2f%% (best %.2f%%)  top-5 %.2f%%",
-                 self.state.epoch, self.opt.epochs, terms, metrics["top1"], self.state.best_top1,
-                 metrics["top5"])
+        log.info("epoch %s/%d  %s  val top-1 %.2f%% (best %.2f%%)  top-5 %.2f%%",
+                 _whole_or_fraction(completed), self.opt.epochs, terms, metrics["top1"], self.state.best_top1, metrics["top5"])
+        self._tick_wall_clock()
         self.save_checkpoint()
 
-    def _finish(self, wall_start: float) -> dict[str, Any]:
+    def _finish(self) -> dict[str, Any]:
+        self.state.finished = True
+        self._tick_wall_clock()
         student = self.distiller.student
-        n_params = sum(p.numel() for p in student.parameters())
+        completed_all = self.state.global_step >= self.opt.epochs * self.steps_per_epoch
         summary = {
             "best_top1": self.state.best_top1,
             "last_top1": self.state.last_top1,
@@ -285,14 +269,16 @@ class Trainer:
                                      if self.state.train_seconds else None),
             "world_size": dist_utils.world_size(),
             "global_batch_size": self.opt.batch_size * dist_utils.world_size(),
-            "epochs": self.state.epoch,
+            "epochs": _whole_or_fraction(self.state.global_step / self.steps_per_epoch),
             "steps": self.state.global_step,
-            "wall_seconds": time.perf_counter() - wall_start,
-            "student_params": n_params,
+            "stopped_early": not completed_all,   # trainer.max_steps ended it
+            "wall_seconds": self.state.wall_seconds,
+            "student_params": sum(p.numel() for p in student.parameters()),
             "connector_params": self.distiller.connector_parameter_count(),
             "history": self.state.history,
         }
         if self.main:
+            self.save_checkpoint()   # records `finished`, so re-running the command is a no-op
             save_weights(student.state_dict(), self.run_dir / "student.safetensors",
                          metadata={"top1": self.state.last_top1})
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -300,6 +286,16 @@ class Trainer:
                        if not k.startswith(("logger", "zoo", "run_dir"))}
             self.trackers.finish(hparams, {k: v for k, v in summary.items() if k != "history"})
         return summary
+
+
+def _whole_or_fraction(x: float) -> int | float:
+    return int(x) if x == int(x) else round(x, 4)
+
+
+def _check_finite(terms: dict[str, float], step: int) -> None:
+    bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"non-finite loss at step {step}: {bad} (all terms: {terms})")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -7,11 +7,13 @@ import torch.nn.functional as F
 
 def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor, ignore: torch.Tensor | None = None
              ) -> torch.Tensor:
-    """sum_c p (log p - log q) per row; entries in `ignore` (probability 0 in both) count 0."""
-    terms = log_p.exp() * (log_p - log_q)
+    """sum_c p (log p - log q) per row; entries in `ignore` (probability 0 in both) count 0.
+    Their -inf logs are replaced by 0 before the product (giving 1 * (0 - 0) = 0), so no -inf
+    reaches it and no gradient is NaN."""
     if ignore is not None:
-        terms = torch.where(ignore, torch.zeros_like(terms), terms)
-    return terms.sum(1)
+        log_p = log_p.masked_fill(ignore, 0.0)
+        log_q = log_q.masked_fill(ignore, 0.0)
+    return (log_p.exp() * (log_p - log_q)).sum(1)
 
 
 def dkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target: torch.Tensor,

@@ -85,6 +85,8 @@ def build_torchvision(name: str, num_classes: int = 100, pretrained: bool = Fals
         if old.out_features != num_classes:
             _replace_module(model, head, nn.Linear(old.in_features, num_classes,
                                                    bias=old.bias is not None))
+            # callers that would use the model as it is (a pretrained teacher) must know
+            model.head_replaced = True
     return model
 
 

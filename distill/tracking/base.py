@@ -11,9 +11,6 @@ class Tracker:
     def log(self, metrics: Mapping[str, float], *, step: int, event: str) -> None:
         raise NotImplementedError
 
-    def log_text(self, key: str, text: str) -> None:
-        pass
-
     def finish(self, hparams: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
         pass
 
@@ -34,10 +31,6 @@ class Trackers(Tracker):
     def log(self, metrics, *, step, event):
         for t in self.trackers:
             t.log(metrics, step=step, event=event)
-
-    def log_text(self, key, text):
-        for t in self.trackers:
-            t.log_text(key, text)
 
     def finish(self, hparams, summary):
         for t in self.trackers:

@@ -25,9 +25,6 @@ class TensorBoardTracker(Tracker):
             if isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, step)
 
-    def log_text(self, key, text):
-        self.writer.add_text(key, text)
-
     def finish(self, hparams, summary):
         scalars = {f"hparam/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
         clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v)

@@ -1,0 +1,70 @@
+"""The run directory: is it a run to resume, a different experiment, or old files to set aside?"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.engine.checkpoint import load_training_state
+from distill.errors import ConfigError
+
+log = logging.getLogger("distill")
+
+# Settings that may differ when a run is resumed; any other difference is a different experiment.
+RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.resume", "trainer.num_workers",
+                     "trainer.log_every", "trainer.progress", "trainer.eval_batch_size", "logger",
+                     "run_dir", "zoo", "teacher.auto_train", "teacher.auto_train_epochs", "device")
+RUN_ARTIFACTS = ("metrics.jsonl", "summary.json", "student.safetensors", "checkpoints", "wandb",
+                 ".hydra")
+
+
+def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        diffs = []
+        for key in sorted(set(old) | set(new)):
+            path = f"{prefix}{key}"
+            if any(path == k or path.startswith(k + ".") for k in RESUMABLE_CHANGES):
+                continue
+            diffs += config_differences(old.get(key), new.get(key), path + ".")
+        return diffs
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def prepare_run_dir(run_dir: Path, config: dict, *, resume: bool, overrides: list[str]
+                    ) -> dict | None:
+    """Return the checkpoint to resume from (None for a fresh start), refusing a directory that
+    holds a different experiment. A fresh start moves earlier files aside instead of mixing old
+    and new metrics. Then records the resolved config in .hydra/ (Hydra's own copy is turned
+    off, so a refused command never overwrites the record of the run that is there)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {run_dir}: {exc.strerror}", key="run_dir") from None
+    checkpoint = load_training_state(run_dir) if resume else None
+    if checkpoint is not None:
+        diffs = config_differences(checkpoint["config"], config)
+        if diffs:
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config:\n  " + "\n  ".join(diffs[:10]),
+                key="run_dir",
+                hint="choose another run directory (hydra.run.dir=... or tag=...), or pass "
+                     "trainer.resume=false to start this one over (the old files are kept "
+                     "under previous/)")
+    else:
+        old = [run_dir / name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
+        old += list(run_dir.glob("events.out.tfevents.*"))
+        if old:
+            aside = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+            aside.mkdir(parents=True, exist_ok=True)
+            for path in old:
+                shutil.move(str(path), aside / path.name)
+            log.warning("starting over in %s: the earlier run's files are now in %s", run_dir, aside)
+    record = run_dir / ".hydra"
+    record.mkdir(exist_ok=True)
+    (record / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (record / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+    return checkpoint
