@@ -13,11 +13,11 @@ the linear bottleneck outputs (no ReLU), exactly what the reference returns.
 """
 from __future__ import annotations
 
-import math
 
 from torch import nn
 
 from distill.models import cifar_model
+from distill.models.common import init_normal_fan_out
 
 
 def conv_bn(inp: int, oup: int, stride: int) -> nn.Sequential:
@@ -89,7 +89,7 @@ class MobileNetV2(nn.Module):
         self.conv2 = conv_1x1_bn(input_channel, self.last_channel)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, feature_dim))
         self.avgpool = nn.AvgPool2d(input_size // 16, ceil_mode=True)
-        self._initialize_weights()
+        init_normal_fan_out(self)
 
     def forward(self, x):
         out = self.conv1(x)
@@ -98,19 +98,6 @@ class MobileNetV2(nn.Module):
         out = self.avgpool(self.conv2(out)).flatten(1)
         return self.classifier(out)
 
-    def _initialize_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
 
 
 @cifar_model("mobilenetv2", family="mobilenetv2",

@@ -14,19 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.models import cifar_model
-
-
-class ShuffleBlock(nn.Module):
-    """Channel shuffle: [N, g*c, H, W] -> [N, c*g, H, W]."""
-
-    def __init__(self, groups: int):
-        super().__init__()
-        self.groups = groups
-
-    def forward(self, x):
-        n, c, h, w = x.size()
-        g = self.groups
-        return x.view(n, g, c // g, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
+from distill.models.common import ShuffleBlock
 
 
 class Bottleneck(nn.Module):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.models import cifar_model
+from distill.models.common import ShuffleBlock
 
 CONFIGS = {
     0.2: {"out_channels": (40, 80, 160, 512), "num_blocks": (3, 3, 3)},
@@ -23,17 +24,6 @@ CONFIGS = {
     1.5: {"out_channels": (176, 352, 704, 1024), "num_blocks": (3, 7, 3)},
     2: {"out_channels": (224, 488, 976, 2048), "num_blocks": (3, 7, 3)},
 }
-
-
-class ShuffleBlock(nn.Module):
-    def __init__(self, groups: int = 2):
-        super().__init__()
-        self.groups = groups
-
-    def forward(self, x):
-        n, c, h, w = x.size()
-        g = self.groups
-        return x.view(n, g, c // g, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
 
 
 class SplitBlock(nn.Module):

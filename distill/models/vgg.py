@@ -12,11 +12,11 @@ returns. A ReLU has no parameters, so state_dict keys (block0.0.weight, block0.1
 """
 from __future__ import annotations
 
-import math
 
 from torch import nn
 
 from distill.models import cifar_model
+from distill.models.common import init_normal_fan_out
 
 CFG = {
     "S": [[64], [128], [256], [512], [512]],
@@ -42,7 +42,7 @@ class VGG(nn.Module):
         self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(512, num_classes)
-        self._initialize_weights()
+        init_normal_fan_out(self)
 
     def forward(self, x):
         h = x.shape[2]
@@ -66,19 +66,6 @@ class VGG(nn.Module):
             in_channels = v
         return nn.Sequential(*layers)  # the final ReLU is kept (see module docstring)
 
-    def _initialize_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
 
 
 _STAGES = ("block0", "block1", "block2", "block3", "block4")
