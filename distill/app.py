@@ -28,7 +28,7 @@ from distill.distillers import DISTILLERS, build_distiller
 from distill.engine.checkpoint import load_weights
 from distill.engine.distributed import launched_by_torchrun
 from distill.engine.optim import OPTIMIZERS, SCHEDULES
-from distill.engine.rundir import prepare_run_dir
+from distill.engine.rundir import check_run_dir, start_run_dir
 from distill.engine.trainer import PRECISIONS, Trainer, TrainerOptions
 from distill.errors import ConfigError, unknown_name_error
 from distill.models import create_model, list_models, model_spec
@@ -268,7 +268,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     resolved = validate(cfg)
     device = resolve_device(cfg.device)
     run_dir = Path(cfg.run_dir)
-    checkpoint = prepare_run_dir(run_dir, resolved, resume=cfg.trainer.resume, overrides=overrides)
+    checkpoint = check_run_dir(run_dir, resolved, resume=cfg.trainer.resume)
     seed_everything(cfg.seed)
     dataset = resolved["dataset"]
     data = build_data(dataset)
@@ -285,6 +285,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
 
     run_name = "/".join([dataset["name"], run_path(cfg.distiller.name, cfg.teacher.name,
                                                    cfg.student.name, cfg.tag), f"seed{cfg.seed}"])
+    start_run_dir(run_dir, resolved, resuming=checkpoint is not None, overrides=overrides)
     seed_everything(cfg.seed)  # model init consumed randomness; training starts from the seed
     trainer = Trainer(
         distiller, data, options=TrainerOptions(**resolved["trainer"]),

@@ -195,3 +195,22 @@ def test_zoo_teacher_from_another_split_is_refused(tmp_path):
     with pytest.raises(ConfigError) as err:
         run(make_cfg(tmp_path, *FAST, "distiller=kd", "dataset.seed=1", run="kd"))
     assert err.value.key == "teacher" and "split" in str(err.value)
+
+
+def test_a_command_that_fails_before_training_writes_no_run_record(tmp_path):
+    with pytest.raises(ConfigError):
+        run(make_cfg(tmp_path, *FAST, "distiller=kd"))   # no teacher in the zoo
+    assert not (tmp_path / "run" / ".hydra").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_an_unwritable_run_dir_is_a_config_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cfg = make_cfg(tmp_path, *FAST, "distiller=none")
+    from omegaconf import OmegaConf
+    OmegaConf.set_struct(cfg, False)
+    cfg.run_dir = str(blocker / "run")
+    with pytest.raises(ConfigError) as err:
+        run(cfg)
+    assert err.value.key == "run_dir"

@@ -34,16 +34,16 @@ def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def prepare_run_dir(run_dir: Path, config: dict, *, resume: bool, overrides: list[str]
-                    ) -> dict | None:
-    """Return the checkpoint to resume from (None for a fresh start), refusing a directory that
-    holds a different experiment. A fresh start moves earlier files aside instead of mixing old
-    and new metrics. Then records the resolved config in .hydra/ (Hydra's own copy is turned
-    off, so a refused command never overwrites the record of the run that is there)."""
+def check_run_dir(run_dir: Path, config: dict, *, resume: bool) -> dict | None:
+    """Read-only: the checkpoint to resume from (None for a fresh start), refusing a directory
+    that holds a different experiment or cannot be written. Called before any work starts."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.touch()
+        probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"cannot create {run_dir}: {exc.strerror}", key="run_dir") from None
+        raise ConfigError(f"cannot write to {run_dir}: {exc.strerror}", key="run_dir") from None
     checkpoint = load_training_state(run_dir) if resume else None
     if checkpoint is not None:
         diffs = config_differences(checkpoint["config"], config)
@@ -54,7 +54,14 @@ def prepare_run_dir(run_dir: Path, config: dict, *, resume: bool, overrides: lis
                 hint="choose another run directory (hydra.run.dir=... or tag=...), or pass "
                      "trainer.resume=false to start this one over (the old files are kept "
                      "under previous/)")
-    else:
+    return checkpoint
+
+
+def start_run_dir(run_dir: Path, config: dict, *, resuming: bool, overrides: list[str]) -> None:
+    """Called once everything is built and checked. A fresh start moves an earlier run's files
+    aside instead of mixing old and new metrics; then the resolved config is recorded in .hydra/
+    (Hydra's own copy is off, so a refused command never overwrites the record of a run)."""
+    if not resuming:
         old = [run_dir / name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
         old += list(run_dir.glob("events.out.tfevents.*"))
         if old:
@@ -67,4 +74,3 @@ def prepare_run_dir(run_dir: Path, config: dict, *, resume: bool, overrides: lis
     record.mkdir(exist_ok=True)
     (record / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (record / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
-    return checkpoint
