@@ -40,6 +40,8 @@ def close_matches(name: str, choices: Iterable[str], n: int = 5) -> list[str]:
     found = difflib.get_close_matches(name.lower(), list(lowered), n=n, cutoff=0.6)
     # substring hits catch e.g. "resnet" -> resnet20, tv_resnet18 that difflib ranks low
     found += [c for c in lowered if name.lower() in c and c not in found]
+    # a choice that starts with what was typed is the likeliest fix (resnet2 -> resnet20)
+    found.sort(key=lambda c: not c.startswith(name.lower()))
     return [lowered[c] for c in found[:n]]
 
 
