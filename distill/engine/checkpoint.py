@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -94,7 +95,6 @@ def load_training_state(run_dir: Path) -> dict | None:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - fall back to the previous checkpoint
-            import logging
             logging.getLogger(__name__).warning("checkpoint %s is unreadable (%s); trying the "
                                                 "previous one", path, exc)
     return None

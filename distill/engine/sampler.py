@@ -6,6 +6,12 @@ import torch
 from torch.utils.data import Sampler
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One seed per (run seed, epoch); the large prime keeps pairs apart (seed 0 epoch 1 is not
+    seed 1 epoch 0), so runs with different seeds never share a data order."""
+    return seed * 1_000_003 + epoch
+
+
 class EpochSampler(Sampler[int]):
     """A random order per epoch that depends on (seed, epoch) only and can start mid-epoch.
 
@@ -24,8 +30,7 @@ class EpochSampler(Sampler[int]):
         self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[int]:
-        # seed * a large prime keeps (seed, epoch) pairs apart: seed 0 epoch 1 != seed 1 epoch 0
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         return iter(torch.randperm(self.size, generator=generator)[self.start:].tolist())
 
     def __len__(self) -> int:

@@ -31,7 +31,7 @@ from distill.engine.checkpoint import atomic_torch_save, rng_state, save_weights
 from distill.engine.evaluation import evaluate
 from distill.engine.optim import build_optimizer, build_scheduler
 from distill.engine.progress import ProgressDisplay
-from distill.engine.sampler import EpochSampler
+from distill.engine.sampler import EpochSampler, epoch_seed
 from distill.tracking import Trackers, build_trackers
 
 log = logging.getLogger("distill")
@@ -173,7 +173,7 @@ class Trainer:
                 while not self._done():
                     epoch, first_batch = divmod(self.state.global_step, self.steps_per_epoch)
                     self.sampler.set_epoch(epoch, first_batch * self.opt.batch_size)
-                    self.worker_seeds.manual_seed(self.seed * 1_000_003 + epoch)
+                    self.worker_seeds.manual_seed(epoch_seed(self.seed, epoch))
                     epoch_terms = self._train_epoch(epoch, bar)
                     self._end_epoch(epoch, epoch_terms)
             return self._finish()
