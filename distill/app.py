@@ -8,10 +8,8 @@ directly. Nothing below `run` reads the config object: components get plain keyw
 """
 from __future__ import annotations
 
-import copy
 import logging
 import random
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,10 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # importing distill.config registers the schema, the model groups and the resolvers
-from distill.config import OptimizerConfig, SchedulerConfig, run_path
+from distill.config import run_path
 from distill.data import DatasetBundle, build_datasets
-from distill.distillers import DISTILLERS, build_distiller
-from distill.engine.checkpoint import load_weights
+from distill.distillers import DISTILLERS, BuildInfo, build_distiller
 from distill.engine.distributed import launched_by_torchrun
 from distill.engine.optim import OPTIMIZERS, SCHEDULES
 from distill.engine.rundir import check_run_dir, start_run_dir
@@ -33,16 +30,13 @@ from distill.engine.trainer import PRECISIONS, Trainer, TrainerOptions
 from distill.errors import ConfigError, unknown_name_error
 from distill.models import create_model, list_models, model_spec
 from distill.registry import check_options
+from distill.teachers import build_assistant_chain, build_teacher, split_identity
 from distill.zoo import TeacherZoo
 
 log = logging.getLogger("distill")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
-# Command-line overrides that carry over to the run that trains a missing teacher; the recipe
-# and early-stop keys do not: a teacher is trained to the end with its dataset's recipe.
-TEACHER_RUN_KEYS = ("dataset", "trainer", "seed", "zoo", "device")
-NOT_FOR_TEACHERS = ("trainer.epochs", "trainer.batch_size", "trainer.max_steps")
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -87,7 +81,7 @@ def validate(cfg: DictConfig) -> dict:
                               allowed=allowed)
     distiller_cls = DISTILLERS.get(cfg.distiller.name, key="distiller")
     options = {k: v for k, v in resolved["distiller"].items() if k != "name"}
-    check_options(distiller_cls, options, key="distiller", skip=("student", "teacher"))
+    check_options(distiller_cls, options, key="distiller", skip=("student", "teacher", "info"))
     distiller_cls.check_values(options)
     for group in ("teacher", "student"):
         if cfg[group].name not in list_models():
@@ -123,118 +117,9 @@ def seed_everything(seed: int) -> None:
 
 
 # --- data and the teacher ---------------------------------------------------------------------
-# Dataset options that do not change which images are in which split.
-NOT_SPLIT_DEFINING = ("name", "root", "download", "augment", "recipe", "train_fraction")
-
-
-def split_identity(dataset: dict) -> dict:
-    """The dataset options that define its train/test split. A zoo teacher trained on another
-    split may have trained on this run's test images, so the two must agree."""
-    return {k: v for k, v in dataset.items() if k not in NOT_SPLIT_DEFINING}
-
-
 def build_data(dataset: dict) -> DatasetBundle:
     options = {k: v for k, v in dataset.items() if k not in ("name", "recipe")}
     return build_datasets(dataset["name"], **options)
-
-
-def load_state_into(model: torch.nn.Module, state: dict, *, source: str, key: str,
-                    num_classes: int) -> None:
-    """Strict load; shape mismatches (usually a class-count mismatch) become one clear error."""
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()][:4]
-        raise ConfigError(f"weights in {source} do not fit this model (dataset has "
-                          f"{num_classes} classes):\n  " + "\n  ".join(detail), key=key) from None
-
-
-def teacher_training_command(cfg: DictConfig, overrides: list[str]) -> str:
-    """The exact command that trains and publishes the missing teacher: vanilla training of the
-    teacher architecture with the dataset's own recipe on the full training split."""
-    def keep(override: str) -> bool:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key in ("dataset", "dataset.train_fraction") or key.startswith(NOT_FOR_TEACHERS):
-            return False
-        return key.split(".")[0] in TEACHER_RUN_KEYS
-
-    args = ["python", "tools/train.py", "distiller=none", f"student={cfg.teacher.name}",
-            f"dataset={cfg.dataset.name}", *filter(keep, overrides)]
-    if cfg.teacher.pretrained:
-        args.append("student.pretrained=true")
-    if cfg.teacher.auto_train_epochs:
-        args.append(f"trainer.epochs={cfg.teacher.auto_train_epochs}")
-    return shlex.join(args)
-
-
-def teacher_run_config(cfg: DictConfig) -> DictConfig:
-    """The config of the vanilla run that trains cfg's teacher: same data, the dataset's recipe,
-    the full training split, to the end (no max_steps), published to the zoo."""
-    tcfg = copy.deepcopy(cfg)
-    OmegaConf.set_struct(tcfg, False)
-    tcfg.student.name = cfg.teacher.name
-    tcfg.student.pretrained = cfg.teacher.pretrained
-    tcfg.distiller = OmegaConf.load(CONFIG_DIR / "distiller" / "none.yaml")
-    for group, option, schema in (("optimizer", "sgd", OptimizerConfig),
-                                  ("scheduler", "multistep", SchedulerConfig)):
-        tcfg[group] = OmegaConf.merge(OmegaConf.structured(schema),
-                                      OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"))
-    tcfg.trainer.epochs = cfg.teacher.auto_train_epochs or "${dataset.recipe.epochs}"
-    tcfg.trainer.batch_size = "${dataset.recipe.batch_size}"
-    tcfg.trainer.max_steps = None
-    tcfg.dataset.pop("train_fraction", None)
-    tcfg.teacher.auto_train = False
-    tcfg.zoo.publish = True
-    tcfg.run_dir = str(Path(cfg.zoo.root) / "runs" / cfg.dataset.name / cfg.teacher.name
-                       / f"seed{cfg.seed}")
-    tcfg.tag = ""
-    return tcfg
-
-
-def build_teacher(cfg: DictConfig, dataset: dict, num_classes: int, zoo: TeacherZoo,
-                  overrides: list[str]) -> torch.nn.Module:
-    """The frozen teacher's weights come from teacher.checkpoint, else the zoo, else (with
-    teacher.auto_train) a run that trains it now, else torchvision's pretrained weights when
-    they already fit the dataset. Anything else stops with the command that trains one."""
-    name = cfg.teacher.name
-    source, key = cfg.teacher.checkpoint, "teacher.checkpoint"
-    if not source:
-        entry = zoo.find(dataset["name"], name)
-        if entry is None and cfg.teacher.auto_train:
-            log.info("no %s teacher for %s in the zoo: training one first", name, dataset["name"])
-            run(teacher_run_config(cfg), overrides=[])
-            entry = zoo.find(dataset["name"], name)
-        if entry is not None:
-            trained_on = entry.meta.get("split")
-            if trained_on is not None and trained_on != split_identity(dataset):
-                raise ConfigError(
-                    f"the zoo's {name} for {dataset['name']} was trained on another split "
-                    f"({trained_on}, this run: {split_identity(dataset)}): it may have seen this "
-                    f"run's test images", key="teacher",
-                    hint="use zoo.root=... for this split, or teacher.checkpoint=PATH")
-            source, key = str(entry.weights), "teacher"
-            log.info("teacher %s from the zoo: %s", name, entry.weights)
-    if not source and cfg.teacher.pretrained:
-        teacher = create_model(name, num_classes=num_classes, pretrained=True)
-        if getattr(teacher, "head_replaced", False):
-            raise ConfigError(
-                f"{name}'s pretrained head has a different number of classes than the dataset "
-                f"({num_classes}); distilling from an untrained head would teach noise",
-                key="teacher.pretrained",
-                hint="fine-tune it first:\n  " + teacher_training_command(cfg, overrides))
-        log.info("teacher %s: torchvision's pretrained weights, as they are", name)
-        return teacher
-    if not source:
-        raise ConfigError(
-            f"no trained '{name}' for dataset '{dataset['name']}' in the teacher zoo ({zoo.root})",
-            key="teacher",
-            hint="train it first:\n  " + teacher_training_command(cfg, overrides)
-                 + "\nor add teacher.auto_train=true to train it now, or point "
-                   "teacher.checkpoint=PATH at a weights file")
-    teacher = create_model(name, num_classes=num_classes)
-    load_state_into(teacher, load_weights(source, key=key), source=source, key=key,
-                    num_classes=num_classes)
-    return teacher
 
 
 def dry_forward(distiller, data: DatasetBundle, device: torch.device) -> None:
@@ -277,10 +162,20 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     student = create_model(cfg.student.name, num_classes=data.num_classes,
                            **({"pretrained": True} if cfg.student.pretrained else {}))
     distiller_cls = DISTILLERS.get(cfg.distiller.name)
-    teacher = (build_teacher(cfg, dataset, data.num_classes, zoo, overrides)
-               if distiller_cls.requires_teacher else None)
     options = {k: v for k, v in resolved["distiller"].items() if k != "name"}
-    distiller = build_distiller(cfg.distiller.name, student, teacher, options).to(device)
+    teacher = build_teacher(cfg, dataset, data.num_classes, zoo, overrides, train=run) \
+        if distiller_cls.requires_teacher and not distiller_cls.assistants_option else None
+    teacher_name = cfg.teacher.name
+    if distiller_cls.assistants_option:   # TAKD: the student's teacher is the last assistant
+        assistants = options[distiller_cls.assistants_option]
+        teacher = build_assistant_chain(
+            cfg, dataset, data.num_classes, zoo, overrides, train=run, assistants=assistants,
+            kd_options={k: v for k, v in options.items() if k != distiller_cls.assistants_option})
+        teacher_name = assistants[-1]
+    info = BuildInfo(student_spec=model_spec(cfg.student.name),
+                     teacher_spec=model_spec(teacher_name) if teacher is not None else None,
+                     input_shape=tuple(data.val[0][0].shape))
+    distiller = build_distiller(cfg.distiller.name, student, teacher, options, info).to(device)
     dry_forward(distiller, data, device)
 
     run_name = "/".join([dataset["name"], run_path(cfg.distiller.name, cfg.teacher.name,

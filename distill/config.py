@@ -80,6 +80,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"      # auto | cpu | cuda | cuda:N
     tag: str = ""             # appended to the run directory name, to keep variants apart
+    # Per-pair hyperparameters of the reference configs, by method (experiment files set them,
+    # e.g. tuned.dkd.beta); a method's YAML reads its entry, and the command line still wins.
+    tuned: Any = field(default_factory=dict)
     run_dir: str = MISSING
 
 

@@ -6,6 +6,7 @@ deterministic and name the method, the pair and the seed.
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -106,11 +107,19 @@ def test_distiller_file_matches_registry(option):
     from distill.distillers import DISTILLERS
     from distill.registry import check_options
 
-    data = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "distiller" / f"{option}.yaml"))
+    # resolved the way a run without an experiment file resolves it (no per-pair `tuned` values)
+    root = OmegaConf.create({"tuned": {}, "distiller": OmegaConf.load(
+        CONFIG_DIR / "distiller" / f"{option}.yaml")})
+    data = OmegaConf.to_container(root, resolve=True)["distiller"]
     assert data["name"] == option, "file name == config name == registry key"
     assert option in DISTILLERS
     options = {k: v for k, v in data.items() if k != "name"}
-    check_options(DISTILLERS.get(option), options, key="distiller", skip=("student", "teacher"))
+    cls = DISTILLERS.get(option)
+    check_options(cls, options, key="distiller", skip=("student", "teacher", "info"))
+    # the file states the class's defaults (the reference recipe) rather than drifting from them
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty and p.default is not None}
+    assert {k: options[k] for k in defaults} == defaults
 
 
 @pytest.mark.parametrize("option", file_options("dataset"))

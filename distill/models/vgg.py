@@ -68,7 +68,9 @@ class VGG(nn.Module):
 
 
 
-_STAGES = ("block0", "block1", "block2", "block3", "block4")
+# block0 is the stem, as conv1 is in the ResNets: the stages are the reference's feats[1:],
+# the features AT pairs and FitNet picks its hint from.
+_STAGES = ("block1", "block2", "block3", "block4")
 
 
 def _register(name: str, cfg_key: str) -> None:

@@ -1,0 +1,39 @@
+"""Relational KD (Park et al., CVPR 2019) with the reference CIFAR-100 recipe (mdistiller):
+CE 1 plus `rkd_loss` (distance weight 25, angle weight 50) on the pooled embeddings, i.e. the
+inputs of the two classifiers. The embeddings may have different widths: RKD compares the
+relations within each batch, never the vectors themselves.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from distill.distillers.base import DISTILLERS, BuildInfo, FeatureDistiller, default_layers, require
+from distill.losses import rkd_loss
+
+
+@DISTILLERS.register("rkd")
+class RKD(FeatureDistiller):
+    def __init__(self, student, teacher, ce_weight: float = 1.0, feat_weight: float = 1.0,
+                 distance_weight: float = 25.0, angle_weight: float = 50.0,
+                 student_layer: str | None = None, teacher_layer: str | None = None,
+                 *, info: BuildInfo):
+        student_layer = student_layer or default_layers(
+            info.student_spec, self.option_key("student"), "pooled")[0]
+        teacher_layer = teacher_layer or default_layers(
+            info.teacher_spec, self.option_key("teacher"), "pooled")[0]
+        super().__init__(student, teacher, [student_layer], [teacher_layer])
+        self.ce_weight, self.feat_weight = ce_weight, feat_weight
+        self.distance_weight, self.angle_weight = distance_weight, angle_weight
+
+    @classmethod
+    def check_values(cls, options):
+        require(options, ce_weight=">=0", feat_weight=">=0", distance_weight=">=0",
+                angle_weight=">=0")
+
+    def forward(self, images, targets, ctx):
+        logits, _, (embed_s,), (embed_t,) = self.forward_features(images)
+        return logits, {
+            "ce": self.ce_weight * F.cross_entropy(logits, targets),
+            "rkd": self.feat_weight * rkd_loss(embed_s, embed_t, self.distance_weight,
+                                               self.angle_weight),
+        }
