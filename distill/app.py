@@ -159,8 +159,6 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     data = build_data(dataset)
     zoo = TeacherZoo(cfg.zoo.root)
 
-    student = create_model(cfg.student.name, num_classes=data.num_classes,
-                           **({"pretrained": True} if cfg.student.pretrained else {}))
     distiller_cls = DISTILLERS.get(cfg.distiller.name)
     options = {k: v for k, v in resolved["distiller"].items() if k != "name"}
     teacher = build_teacher(cfg, dataset, data.num_classes, zoo, overrides, train=run) \
@@ -172,6 +170,11 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
             cfg, dataset, data.num_classes, zoo, overrides, train=run, assistants=assistants,
             kd_options={k: v for k, v in options.items() if k != distiller_cls.assistants_option})
         teacher_name = assistants[-1]
+    # the teacher may have been trained just now, in this process: student and connector
+    # initialisation must not depend on that
+    seed_everything(cfg.seed)
+    student = create_model(cfg.student.name, num_classes=data.num_classes,
+                           **({"pretrained": True} if cfg.student.pretrained else {}))
     info = BuildInfo(student_spec=model_spec(cfg.student.name),
                      teacher_spec=model_spec(teacher_name) if teacher is not None else None,
                      input_shape=tuple(data.val[0][0].shape))
@@ -189,7 +192,9 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
         run_name=run_name, checkpoint=checkpoint)
     log.info("run dir %s | %s on %s | student %s (%s params)%s", run_dir, cfg.distiller.name,
              device, cfg.student.name, f"{sum(p.numel() for p in student.parameters()):,}",
-             f" | teacher {cfg.teacher.name}" if teacher is not None else "")
+             f" | teacher {teacher_name}" + (f" (assistant of {cfg.teacher.name})"
+                                             if teacher_name != cfg.teacher.name else "")
+             if teacher is not None else "")
     already_finished = checkpoint is not None and checkpoint["state"].get("finished", False)
     summary = trainer.fit()
     log.info("done: best top-1 %.2f%%, last %.2f%%, %.0f images/s, %.1f s", summary["best_top1"],

@@ -195,7 +195,8 @@ def build_assistant_chain(cfg: DictConfig, dataset: dict, num_classes: int, zoo:
             log.info("TAKD: training assistant %s (KD from %s) for the zoo", arch, previous_name)
             acfg = zoo_run_config(cfg, student=arch, zoo_name=zoo_name,
                                   distiller={"name": "kd", **kd_options})
-            acfg.teacher = previous
+            for option, value in previous.items():
+                acfg.teacher[option] = value
             summary = train(acfg, overrides=[])
             if summary["stopped_early"]:
                 raise RuntimeError(f"assistant run {acfg.run_dir} stopped early")

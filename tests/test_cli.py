@@ -25,6 +25,7 @@ TRAIN = REPO / "tools" / "train.py"
 CONSOLE_SCRIPT = Path(sys.executable).with_name("distill-train")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 SMOKE = ["trainer.max_steps=2", "logger=jsonl", "trainer.progress=false"]
+METHODS = ["none", "kd", "dkd", "fitnet", "at", "rkd", "takd", "noisy_kd"]
 
 
 @dataclass(repr=False)
@@ -81,6 +82,20 @@ BAD = {
         ["distiller=kd", "teacher=resnet8"], 2, "teacher",
         [r"distiller=none", r"student=resnet8", r"dataset=fake", r"teacher\.auto_train=true"],
         None),
+    "unbridgeable-hint-layers": (
+        ["distiller=fitnet", "teacher=resnet8", "teacher.checkpoint={t10}",
+         "distiller.student_layer=layer3", "distiller.teacher_layer=layer1"], 2,
+        "distiller.student_layer", [r"no connector", r"\(64, 8, 8\)", r"\(16, 32, 32\)"], None),
+    "unknown-hint-layer": (
+        ["distiller=fitnet", "teacher=resnet8", "teacher.checkpoint={t10}",
+         "distiller.student_layer=layr2"], 2, "distiller.student_layer",
+        [r"'layr2'", r"did you mean:[^\n]*\blayer2\b"], None),
+    "unknown-assistant": (
+        ["distiller=takd", "distiller.assistants=[resnet3]"], 2, "distiller.assistants",
+        [r"'resnet3'", r"did you mean:[^\n]*\bresnet32\b"], None),
+    "noise-fraction-out-of-range": (
+        ["distiller=noisy_kd", "distiller.fraction=1.5"], 2, "distiller.fraction",
+        [r"1\.5", r"\[0, 1\]"], None),
     "class-count-mismatch": (
         ["distiller=kd", "teacher=resnet8", "teacher.checkpoint={t100}"], 2, "teacher.checkpoint",
         [r"size mismatch", r"\b10 classes\b", r"\b100\b"], None),
@@ -103,6 +118,10 @@ def good_args(name: str, home: Path) -> list[str]:
         return ["-m", "distiller=none,kd", "dataset=fake", "student=resnet8", "teacher=resnet8",
                 "teacher.auto_train=true", "trainer.epochs=1", *SMOKE,
                 f"hydra.sweep.dir={home}/sweep"]
+    if name == "every-method":
+        return ["-m", f"distiller={','.join(METHODS)}", "dataset=fake", "student=resnet8",
+                "teacher=resnet14", "teacher.auto_train=true", "teacher.auto_train_epochs=1",
+                *SMOKE, f"hydra.sweep.dir={home}/sweep"]
     if name == "console-script":
         return ["--cfg", "job", "distiller=none", "student=resnet8", "dataset=digits"]
     if name == "help":
@@ -169,7 +188,8 @@ def results(request, tmp_path_factory, teacher_weights) -> dict[str, Result]:
         if callspec is not None and "case" in callspec.params:
             wanted.append(callspec.params["case"])
         wanted.extend(getattr(item.function, "cli_runs", ()))
-    wanted = sorted(set(wanted), key=lambda n: n != "multirun")  # the longest one first
+    # the longest ones first
+    wanted = sorted(set(wanted), key=lambda n: n not in ("every-method", "multirun"))
     root = tmp_path_factory.mktemp("cli")
     workers = max(2, min(len(wanted), os.cpu_count() or 2))
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -269,3 +289,35 @@ def test_multirun_gives_each_job_a_complete_run_dir(results):
     assert by_method["none"].get("teacher_top1") is None
     # the vanilla job (or the kd job's auto-train) left the teacher in this run's private zoo
     assert (r.home / "zoo" / "fake" / "resnet8").is_dir()
+
+
+# the loss terms each method logs (besides train/loss)
+METHOD_TERMS = {"none": {"ce"}, "kd": {"ce", "kd"}, "dkd": {"ce", "dkd"}, "fitnet": {"ce", "hint"},
+                "at": {"ce", "at"}, "rkd": {"ce", "rkd"}, "takd": {"ce", "kd"},
+                "noisy_kd": {"ce", "kd"}}
+
+
+@needs_runs("every-method")
+def test_every_method_trains_from_the_command_line(results):
+    """One sweep over all eight methods: each job trains, logs its own loss terms and writes its
+    summary; TAKD first distils its assistant (resnet32, the default chain) into the zoo."""
+    r = results["every-method"]
+    assert r.returncode == 0, r
+    assert "Traceback" not in r.output, r
+    seen = {}
+    for job in sorted(p.parent.parent for p in (r.home / "sweep").rglob(".hydra/config.yaml")):
+        method = OmegaConf.load(job / ".hydra" / "config.yaml").distiller.name
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["stopped_early"] is True
+        events = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+        train = [e for e in events if e["event"] == "train"]
+        terms = {k[len("train/"):] for k in train[-1] if k.startswith("train/")}
+        assert METHOD_TERMS[method] <= terms, (method, terms)
+        assert not {"ce", "kd", "dkd", "hint", "at", "rkd"} - METHOD_TERMS[method] & terms
+        seen[method] = summary
+    assert set(seen) == set(METHODS), f"{sorted(seen)}\n{r}"
+    assert seen["fitnet"]["connector_params"] > 0 and seen["kd"]["connector_params"] == 0
+    assert all(seen[m]["teacher_top1"] is not None for m in METHODS if m != "none")
+    zoo = r.home / "zoo" / "fake"
+    assert (zoo / "resnet14" / "model.safetensors").is_file()
+    assert (zoo / "resnet32@kd-resnet14" / "model.safetensors").is_file()

@@ -265,3 +265,45 @@ def test_hydra_run_dir_is_the_run_dir():
     cfg = make("dataset=fake", "distiller=kd", "tag=x", hydra_cfg=True)
     assert OmegaConf.select(cfg, "hydra.run.dir") == cfg.run_dir
     assert cfg.hydra.job.chdir is False
+
+
+# --- the CIFAR-100 benchmark pairs --------------------------------------------------------------
+# (teacher, student, DKD beta, lr) of the reference configs (mdistiller configs/cifar100/dkd/)
+CIFAR100_PAIRS = {
+    "res56_res20": ("resnet56", "resnet20", 2.0, 0.05),
+    "res110_res32": ("resnet110", "resnet32", 2.0, 0.05),
+    "res32x4_res8x4": ("resnet32x4", "resnet8x4", 8.0, 0.05),
+    "wrn40_2_wrn16_2": ("wrn_40_2", "wrn_16_2", 6.0, 0.05),
+    "wrn40_2_wrn40_1": ("wrn_40_2", "wrn_40_1", 6.0, 0.05),
+    "vgg13_vgg8": ("vgg13", "vgg8", 6.0, 0.05),
+    "res32x4_shufflev1": ("resnet32x4", "shufflenetv1", 8.0, 0.01),
+    "wrn40_2_shufflev1": ("wrn_40_2", "shufflenetv1", 8.0, 0.01),
+    "vgg13_mobilenetv2": ("vgg13", "mobilenetv2", 6.0, 0.01),
+    "res50_mobilenetv2": ("resnet50", "mobilenetv2", 8.0, 0.01),
+    "res32x4_shufflev2": ("resnet32x4", "shufflenetv2", 8.0, 0.01),
+}
+
+
+def test_every_cifar100_pair_has_an_experiment_file():
+    assert set(p.stem for p in (CONFIG_DIR / "experiment" / "cifar100").glob("*.yaml")) == set(CIFAR100_PAIRS)
+
+
+@pytest.mark.parametrize("pair", sorted(CIFAR100_PAIRS))
+def test_cifar100_pair_is_the_reference_run(pair):
+    teacher, student, beta, lr = CIFAR100_PAIRS[pair]
+    out = resolved(f"experiment=cifar100/{pair}", "distiller=dkd")
+    assert (out["teacher"]["name"], out["student"]["name"]) == (teacher, student)
+    assert out["dataset"]["name"] == "cifar100" and out["trainer"]["epochs"] == 240
+    assert out["trainer"]["batch_size"] == 64 and out["scheduler"]["milestones"] == [150, 180, 210]
+    assert out["optimizer"]["lr"] == pytest.approx(lr)
+    assert out["distiller"]["beta"] == pytest.approx(beta)
+    assert out["distiller"]["warmup_epochs"] == 20 and out["distiller"]["alpha"] == 1.0
+    # the same pair with another method: the tuned DKD value stays out of its options
+    kd = resolved(f"experiment=cifar100/{pair}", "distiller=kd")
+    assert "beta" not in kd["distiller"] and kd["optimizer"]["lr"] == pytest.approx(lr)
+
+
+def test_command_line_beats_the_experiment_and_dkd_defaults_without_one():
+    assert resolved("experiment=cifar100/res56_res20", "distiller=dkd",
+                    "distiller.beta=3")["distiller"]["beta"] == 3
+    assert resolved("distiller=dkd")["distiller"]["beta"] == 8.0

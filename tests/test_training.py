@@ -115,15 +115,60 @@ def test_zoo_keeps_the_better_model(tmp_path):
     assert [(d, m) for d, m, _ in zoo.list()] == [("d", "m")]
 
 
-@pytest.mark.parametrize("method", ["kd", "dkd"])
+METHOD_TERM = {"kd": "kd", "dkd": "dkd", "fitnet": "hint", "at": "at", "rkd": "rkd",
+               "takd": "kd", "noisy_kd": "kd"}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_TERM))
 def test_distillers_train_end_to_end_on_digits(tmp_path, method):
-    cfg = make_cfg(tmp_path, "dataset=digits", "student=resnet8", "teacher=resnet8",
+    extra = ["distiller.assistants=[resnet8]"] if method == "takd" else []
+    cfg = make_cfg(tmp_path, "dataset=digits", "student=resnet8", "teacher=resnet14",
                    f"distiller={method}", "teacher.auto_train=true", "teacher.auto_train_epochs=1",
-                   "trainer.epochs=1", "trainer.max_steps=6", "trainer.log_every=3")
+                   "trainer.epochs=1", "trainer.max_steps=6", "trainer.log_every=3", *extra)
     summary = run(cfg)
     assert summary["steps"] == 6 and summary["teacher_top1"] is not None
     train = [e for e in _jsonl(tmp_path / "run" / "metrics.jsonl") if e["event"] == "train"]
-    assert method in train[-1] or f"train/{method}" in train[-1]
+    assert f"train/{METHOD_TERM[method]}" in train[-1] and "train/ce" in train[-1]
+
+
+def test_takd_trains_its_assistant_once_and_later_runs_reuse_it(tmp_path):
+    chain = ["distiller=takd", "distiller.assistants=[resnet8x4]", "teacher.auto_train=true",
+             "teacher.auto_train_epochs=1"]
+    first = run(make_cfg(tmp_path, *FAST, *chain, run="first"))
+    zoo = TeacherZoo(tmp_path / "zoo")
+    entry = zoo.find("fake", "resnet8x4@kd-resnet14")
+    assert entry is not None and entry.meta["distilled_from"] == "resnet14"
+    assert entry.meta["kd"] == {"ce_weight": 0.1, "kd_weight": 0.9, "temperature": 4.0}
+    # the student's teacher is the assistant, not the root teacher
+    assert first["teacher_top1"] == pytest.approx(entry.meta["top1"])
+    assistant_runs = tmp_path / "zoo" / "runs" / "fake" / "resnet8x4@kd-resnet14"
+    assert [p.name for p in assistant_runs.iterdir()] == ["seed0"]
+    mtime = entry.weights.stat().st_mtime_ns
+    run(make_cfg(tmp_path, *FAST, *chain, "seed=1", "student=resnet14", run="second"))
+    assert entry.weights.stat().st_mtime_ns == mtime
+    assert [p.name for p in assistant_runs.iterdir()] == ["seed0"], "the assistant was retrained"
+    # a longer chain reuses the cached first link and adds the second
+    run(make_cfg(tmp_path, *FAST, "distiller=takd", "distiller.assistants=[resnet8x4,resnet14]",
+                 run="third"))
+    assert entry.weights.stat().st_mtime_ns == mtime
+    assert zoo.find("fake", "resnet14@kd-resnet8x4@kd-resnet14") is not None
+
+
+def test_connectors_are_checkpointed_and_resume_exactly(tmp_path):
+    """FitNet's regressor is trained, saved with the student and restored on resume: a run
+    stopped after 3 steps and resumed ends where a straight run ends."""
+    base = [*FAST, "distiller=fitnet", "teacher.auto_train=true", "teacher.auto_train_epochs=1"]
+    straight = run(make_cfg(tmp_path, *base, run="straight"))
+    run(make_cfg(tmp_path, *base, "trainer.max_steps=3", run="resumed"))
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["connectors"] and all(k.startswith("connector.") for k in ckpt["connectors"])
+    assert sum(v.numel() for k, v in ckpt["connectors"].items()
+               if "running" not in k and "num_batches" not in k) == straight["connector_params"]
+    run(make_cfg(tmp_path, *base, run="resumed"))
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
+    for part in ("student", "connectors"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
 @pytest.mark.slow
