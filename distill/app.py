@@ -8,6 +8,7 @@ directly. Nothing below `run` reads the config object: components get plain keyw
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 import sys
@@ -146,6 +147,17 @@ def dry_forward(distiller, data: DatasetBundle, device: torch.device) -> None:
                               f"has {data.num_classes} classes", key=key)
 
 
+def check_distiller_fits(cfg: DictConfig, teacher_name: str, options: dict, info: BuildInfo,
+                         num_classes: int) -> None:
+    """Methods that read features check their layer names and connector shapes on untrained
+    models of the two architectures (one dry forward), so a bad layer option stops the run
+    before a teacher or an assistant is trained for it."""
+    if "info" not in inspect.signature(DISTILLERS.get(cfg.distiller.name).__init__).parameters:
+        return
+    build_distiller(cfg.distiller.name, create_model(cfg.student.name, num_classes=num_classes),
+                    create_model(teacher_name, num_classes=num_classes), options, info)
+
+
 # --- the job ----------------------------------------------------------------------------------
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train one student (or a teacher, with distiller=none). Returns summary.json's content."""
@@ -161,23 +173,24 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
 
     distiller_cls = DISTILLERS.get(cfg.distiller.name)
     options = {k: v for k, v in resolved["distiller"].items() if k != "name"}
-    teacher = build_teacher(cfg, dataset, data.num_classes, zoo, overrides, train=run) \
-        if distiller_cls.requires_teacher and not distiller_cls.assistants_option else None
-    teacher_name = cfg.teacher.name
-    if distiller_cls.assistants_option:   # TAKD: the student's teacher is the last assistant
-        assistants = options[distiller_cls.assistants_option]
+    chain = options.get(distiller_cls.assistants_option) if distiller_cls.assistants_option else None
+    teacher_name = chain[-1] if chain else cfg.teacher.name   # TAKD: the last assistant teaches
+    info = BuildInfo(student_spec=model_spec(cfg.student.name),
+                     teacher_spec=model_spec(teacher_name) if distiller_cls.requires_teacher else None,
+                     input_shape=tuple(data.val[0][0].shape))
+    check_distiller_fits(cfg, teacher_name, options, info, data.num_classes)
+    teacher = None
+    if chain:
         teacher = build_assistant_chain(
-            cfg, dataset, data.num_classes, zoo, overrides, train=run, assistants=assistants,
+            cfg, dataset, data.num_classes, zoo, overrides, train=run, assistants=chain,
             kd_options={k: v for k, v in options.items() if k != distiller_cls.assistants_option})
-        teacher_name = assistants[-1]
+    elif distiller_cls.requires_teacher:
+        teacher = build_teacher(cfg, dataset, data.num_classes, zoo, overrides, train=run)
     # the teacher may have been trained just now, in this process: student and connector
     # initialisation must not depend on that
     seed_everything(cfg.seed)
     student = create_model(cfg.student.name, num_classes=data.num_classes,
                            **({"pretrained": True} if cfg.student.pretrained else {}))
-    info = BuildInfo(student_spec=model_spec(cfg.student.name),
-                     teacher_spec=model_spec(teacher_name) if teacher is not None else None,
-                     input_shape=tuple(data.val[0][0].shape))
     distiller = build_distiller(cfg.distiller.name, student, teacher, options, info).to(device)
     dry_forward(distiller, data, device)
 
@@ -190,8 +203,10 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
         optimizer=resolved["optimizer"], scheduler=resolved["scheduler"], run_dir=run_dir,
         device=device, loggers=resolved["logger"] or {}, config=resolved, seed=cfg.seed,
         run_name=run_name, checkpoint=checkpoint)
-    log.info("run dir %s | %s on %s | student %s (%s params)%s", run_dir, cfg.distiller.name,
+    connectors = distiller.connector_parameter_count()
+    log.info("run dir %s | %s on %s | student %s (%s params%s)%s", run_dir, cfg.distiller.name,
              device, cfg.student.name, f"{sum(p.numel() for p in student.parameters()):,}",
+             f" + {connectors:,} in connectors" if connectors else "",
              f" | teacher {teacher_name}" + (f" (assistant of {cfg.teacher.name})"
                                              if teacher_name != cfg.teacher.name else "")
              if teacher is not None else "")

@@ -83,12 +83,33 @@ class Registry:
         return f"Registry({self.kind!r}, {len(self)} entries)"
 
 
-_SCALARS = {"float": float, "int": int, "bool": bool, "str": str}
+# What a config value of each annotated type may be (annotations are strings here, written
+# `float`, `str | None`, `list[str] | None`, ...); unknown annotations are not checked.
+_TYPE_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "int": ("an integer", lambda v: type(v) is int),
+    "bool": ("true or false", lambda v: type(v) is bool),
+    "str": ("a string", lambda v: type(v) is str),
+    "None": ("null", lambda v: v is None),
+    "list[str]": ("a list of strings", lambda v: isinstance(v, (list, tuple))
+                  and all(type(x) is str for x in v)),
+}
+
+
+def _type_problem(annotation: Any, value: Any) -> str | None:
+    """What `value` should have been, or None when it fits `annotation`."""
+    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None)
+    parts = [p.strip() for p in str(name).split("|")]
+    if not all(p in _TYPE_CHECKS for p in parts):
+        return None
+    if any(_TYPE_CHECKS[p][1](value) for p in parts):
+        return None
+    return " or ".join(_TYPE_CHECKS[p][0] for p in parts)
 
 
 def check_options(factory: Callable, options: Mapping[str, Any], *, key: str,
                   skip: tuple[str, ...] = ()) -> None:
-    """Every option must be a keyword of `factory` and match its scalar annotation."""
+    """Every option must be a keyword of `factory` and fit its annotation."""
     target = factory.__init__ if inspect.isclass(factory) else factory
     params = inspect.signature(target).parameters
     accepted = {k: p for k, p in params.items()
@@ -99,13 +120,9 @@ def check_options(factory: Callable, options: Mapping[str, Any], *, key: str,
             raise ConfigError(f"unknown option '{option}'", key=f"{key}.{option}",
                               allowed=", ".join(accepted) or "(none)",
                               hint=f"did you mean: {', '.join(similar)}?" if similar else None)
-        annotation = accepted[option].annotation
-        expected = _SCALARS.get(annotation, annotation) if isinstance(annotation, str) else annotation
-        if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            continue
-        if expected in (int, bool, str, float) and type(value) is not expected:
-            raise ConfigError(f"expected {expected.__name__}, got {value!r}",
-                              key=f"{key}.{option}")
+        wanted = _type_problem(accepted[option].annotation, value)
+        if wanted:
+            raise ConfigError(f"expected {wanted}, got {value!r}", key=f"{key}.{option}")
 
 
 __all__ = ["Registry", "ConfigError", "check_options"]

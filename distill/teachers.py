@@ -8,6 +8,8 @@ They use the dataset's own recipe and the full training split, and train to the 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import shlex
 from pathlib import Path
@@ -169,48 +171,55 @@ def build_teacher(cfg: DictConfig, dataset: dict, num_classes: int, zoo: Teacher
 
 
 # --- TAKD: the assistant chain ----------------------------------------------------------------
-def assistant_zoo_name(assistant: str, previous: str) -> str:
-    """Zoo name of `assistant` distilled from the zoo model `previous`:
-    resnet32@kd-resnet56, resnet20@kd-resnet32@kd-resnet56, ..."""
-    return f"{assistant}@kd-{previous}"
+def link_fingerprint(parent_weights: str | None, parent_name: str, kd_options: dict) -> str:
+    """8 hex digits naming one KD link: the parent's exact weights and the KD options. An
+    assistant distilled from other weights (a retrained teacher, another teacher.checkpoint) or
+    with another temperature is another zoo entry, never a stale cache hit."""
+    digest = hashlib.sha256()
+    if parent_weights is None:
+        digest.update(f"torchvision-pretrained:{parent_name}".encode())
+    else:
+        with open(parent_weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    digest.update(json.dumps(kd_options, sort_keys=True).encode())
+    return digest.hexdigest()[:8]
 
 
 def build_assistant_chain(cfg: DictConfig, dataset: dict, num_classes: int, zoo: TeacherZoo,
                           overrides: list[str], train: Train, *, assistants: list[str],
                           kd_options: dict) -> torch.nn.Module:
-    """The last assistant of teacher -> assistants[0] -> ... , each one distilled with KD
-    (`kd_options`) from the model before it and cached in the zoo; missing ones are trained now,
-    found ones are reused (by every later run, whatever its seed or student)."""
-    previous_name = cfg.teacher.name
-    previous: dict | None = None   # teacher config of the next assistant run (None: cfg.teacher)
-    entry = None
+    """The last assistant of teacher -> assistants[0] -> ... , each distilled with KD
+    (`kd_options`) from the model before it and kept in the zoo as
+    `<assistant>@kd-<parent>.<link_fingerprint>`: missing ones are trained now, found ones are
+    reused by every later run, whatever its seed or student. The zoo always keeps them
+    (zoo.publish is about teachers): the chain's next link loads them from there."""
+    parent_name = cfg.teacher.name
+    parent_weights, _ = teacher_weights(cfg, dataset, zoo, overrides, train)
+    parent_teacher = {**OmegaConf.to_container(cfg.teacher), "checkpoint": parent_weights,
+                      "auto_train": False}
     for arch in assistants:
-        zoo_name = assistant_zoo_name(arch, previous_name)
+        zoo_name = f"{arch}@kd-{parent_name}.{link_fingerprint(parent_weights, parent_name, kd_options)}"
         entry = zoo.find(dataset["name"], zoo_name)
         if entry is None:
-            if previous is None:   # the root teacher must exist (or be auto-trained) first
-                source, _ = teacher_weights(cfg, dataset, zoo, overrides, train)
-                previous = {**OmegaConf.to_container(cfg.teacher), "checkpoint": source,
-                            "auto_train": False}
-            log.info("TAKD: training assistant %s (KD from %s) for the zoo", arch, previous_name)
+            log.info("TAKD: training assistant %s (KD from %s) for the zoo", arch, parent_name)
             acfg = zoo_run_config(cfg, student=arch, zoo_name=zoo_name,
                                   distiller={"name": "kd", **kd_options})
-            for option, value in previous.items():
+            for option, value in parent_teacher.items():
                 acfg.teacher[option] = value
             summary = train(acfg, overrides=[])
-            if summary["stopped_early"]:
-                raise RuntimeError(f"assistant run {acfg.run_dir} stopped early")
             zoo.publish(dataset["name"], zoo_name, Path(acfg.run_dir) / "student.safetensors", {
                 "top1": summary["last_top1"], "best_top1": summary["best_top1"],
-                "epochs": summary["epochs"], "seed": cfg.seed, "run_dir": str(Path(acfg.run_dir).resolve()),
-                "num_classes": num_classes, "split": split_identity(dataset),
-                "distilled_from": previous_name, "kd": kd_options})
+                "epochs": summary["epochs"], "seed": cfg.seed,
+                "run_dir": str(Path(acfg.run_dir).resolve()), "num_classes": num_classes,
+                "split": split_identity(dataset), "distilled_from": parent_name,
+                "teacher_weights": parent_weights, "kd": kd_options})
             entry = zoo.find(dataset["name"], zoo_name)
         check_split(entry, zoo_name, dataset)
         log.info("TAKD: assistant %s from the zoo: %s (top-1 %s)", zoo_name, entry.weights,
                  entry.meta.get("top1"))
-        previous_name = zoo_name
-        previous = {"name": arch, "pretrained": False, "checkpoint": str(entry.weights),
-                    "auto_train": False, "auto_train_epochs": cfg.teacher.auto_train_epochs}
-    return load_model(assistants[-1], str(entry.weights), key="distiller.assistants",
+        parent_name, parent_weights = arch, str(entry.weights)
+        parent_teacher = {"name": arch, "pretrained": False, "checkpoint": parent_weights,
+                          "auto_train": False, "auto_train_epochs": cfg.teacher.auto_train_epochs}
+    return load_model(assistants[-1], parent_weights, key="distiller.assistants",
                       num_classes=num_classes)

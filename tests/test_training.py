@@ -134,24 +134,44 @@ def test_distillers_train_end_to_end_on_digits(tmp_path, method):
 def test_takd_trains_its_assistant_once_and_later_runs_reuse_it(tmp_path):
     chain = ["distiller=takd", "distiller.assistants=[resnet8x4]", "teacher.auto_train=true",
              "teacher.auto_train_epochs=1"]
-    first = run(make_cfg(tmp_path, *FAST, *chain, run="first"))
+    first = run(make_cfg(tmp_path, *chain, *FAST, run="first"))
     zoo = TeacherZoo(tmp_path / "zoo")
-    entry = zoo.find("fake", "resnet8x4@kd-resnet14")
-    assert entry is not None and entry.meta["distilled_from"] == "resnet14"
+    (name,) = [m for _, m, _ in zoo.list() if m.startswith("resnet8x4@kd-resnet14.")]
+    entry = zoo.find("fake", name)
+    assert entry.meta["distilled_from"] == "resnet14"
+    assert entry.meta["teacher_weights"] == str(zoo.find("fake", "resnet14").weights)
     assert entry.meta["kd"] == {"ce_weight": 0.1, "kd_weight": 0.9, "temperature": 4.0}
     # the student's teacher is the assistant, not the root teacher
     assert first["teacher_top1"] == pytest.approx(entry.meta["top1"])
-    assistant_runs = tmp_path / "zoo" / "runs" / "fake" / "resnet8x4@kd-resnet14"
+    assistant_runs = tmp_path / "zoo" / "runs" / "fake" / name
     assert [p.name for p in assistant_runs.iterdir()] == ["seed0"]
     mtime = entry.weights.stat().st_mtime_ns
-    run(make_cfg(tmp_path, *FAST, *chain, "seed=1", "student=resnet14", run="second"))
+    run(make_cfg(tmp_path, *chain, *FAST, "seed=1", "student=resnet14", run="second"))
     assert entry.weights.stat().st_mtime_ns == mtime
     assert [p.name for p in assistant_runs.iterdir()] == ["seed0"], "the assistant was retrained"
     # a longer chain reuses the cached first link and adds the second
     run(make_cfg(tmp_path, *FAST, "distiller=takd", "distiller.assistants=[resnet8x4,resnet14]",
                  run="third"))
     assert entry.weights.stat().st_mtime_ns == mtime
-    assert zoo.find("fake", "resnet14@kd-resnet8x4@kd-resnet14") is not None
+    assert [m for _, m, _ in zoo.list() if m.startswith("resnet14@kd-resnet8x4.")]
+    # other KD options make another link, never a stale cache hit
+    run(make_cfg(tmp_path, *chain, *FAST, "distiller.temperature=2.0", run="fourth"))
+    assert len([m for _, m, _ in zoo.list() if m.startswith("resnet8x4@kd-resnet14.")]) == 2
+
+
+def test_bad_layers_stop_the_run_before_a_teacher_is_trained_for_it(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        run(make_cfg(tmp_path, *FAST, "distiller=fitnet", "teacher.auto_train=true",
+                     "distiller.student_layer=layer3", "distiller.teacher_layer=layer1"))
+    assert err.value.key == "distiller.student_layer"
+    assert not (tmp_path / "zoo").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_rkd_survives_a_last_batch_of_one(tmp_path):
+    """256 fake images in batches of 51 leave one image for the epoch's last step."""
+    summary = run(make_cfg(tmp_path, *FAST, "distiller=rkd", "teacher.auto_train=true",
+                           "teacher.auto_train_epochs=1", "trainer.batch_size=51"))
+    assert summary["steps"] == 6 and summary["epochs"] == 1
 
 
 def test_connectors_are_checkpointed_and_resume_exactly(tmp_path):

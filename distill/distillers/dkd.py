@@ -1,6 +1,7 @@
 """DKD (Zhao et al., CVPR 2022) with the reference CIFAR-100 defaults: CE 1, alpha 1, beta 8, T 4,
 the distillation term ramped up linearly over the first 20 epochs. The reference configs set
-beta per pair (2 for resnet56/resnet110 teachers, 6 for wrn and vgg pairs)."""
+beta per pair (2 for resnet56/resnet110 teachers; 6 for wrn40_2 -> wrn16_2/wrn40_1 and the vgg13
+pairs), through `tuned.dkd.beta` in configs/experiment/cifar100/."""
 from __future__ import annotations
 
 import torch.nn.functional as F
