@@ -78,16 +78,22 @@ def test_at_rejects_bad_shapes():
         at_loss(torch.randn(2, 3, 4, 4), torch.randn(3, 3, 4, 4))
 
 
+def _bf16_loss_backward(loss_fn, layer_s, layer_t, x):
+    """Features made by bf16 layers under CPU autocast: the loss is float32, finite, equal to
+    the float32 computation (e.g. RKD's Gram products do not run in bf16), and backpropagates."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feat_s, feat_t = layer_s(x), layer_t(x)
+        assert feat_s.dtype == torch.bfloat16
+        loss = loss_fn(feat_s, feat_t)
+    loss.backward()
+    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+    assert loss.item() == pytest.approx(loss_fn(feat_s.float(), feat_t.float()).item(), rel=1e-5)
+
+
 def test_at_finite_under_bf16_autocast_and_large_features():
     x = _randn(2, 3, 8, 8, seed=8)
     conv_s, conv_t = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(3, 6, 3, stride=2, padding=1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fs, ft = conv_s(x), conv_t(x)
-        assert fs.dtype == torch.bfloat16
-        loss = at_loss(fs, ft)
-    loss.backward()
-    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
-    assert loss.item() == pytest.approx(at_loss(fs.float(), ft.float()).item(), rel=1e-5)
+    _bf16_loss_backward(at_loss, conv_s, conv_t, x)
     for param in (conv_s.weight, conv_t.weight):
         assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0
 
@@ -209,14 +215,7 @@ def test_rkd_batch_of_two_is_degenerate_but_finite_and_batch_of_one_raises():
 def test_rkd_finite_under_bf16_autocast_and_large_embeddings():
     x = _randn(6, 10, seed=27)
     lin_s, lin_t = torch.nn.Linear(10, 8), torch.nn.Linear(10, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        es, et = lin_s(x), lin_t(x)
-        assert es.dtype == torch.bfloat16
-        loss = rkd_loss(es, et)
-    loss.backward()
-    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
-    # the Gram products ran in float32, not bf16
-    assert loss.item() == pytest.approx(rkd_loss(es.float(), et.float()).item(), rel=1e-5)
+    _bf16_loss_backward(rkd_loss, lin_s, lin_t, x)
     assert torch.isfinite(lin_s.weight.grad).all() and lin_s.weight.grad.abs().sum() > 0
 
     big = _randn(6, 8, seed=28, scale=1e3).requires_grad_(True)
