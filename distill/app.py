@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from distill.config import run_path
 from distill.data import DatasetBundle, build_datasets
 from distill.distillers import DISTILLERS, BuildInfo, build_distiller
-from distill.engine.distributed import launched_by_torchrun
+from distill.engine import distributed as dist_utils
 from distill.engine.optim import OPTIMIZERS, SCHEDULES
 from distill.engine.rundir import check_run_dir, start_run_dir
 from distill.engine.trainer import PRECISIONS, Trainer, TrainerOptions
@@ -90,14 +90,22 @@ def validate(cfg: DictConfig) -> dict:
         if cfg[group].pretrained and model_spec(cfg[group].name).family != "torchvision":
             raise ConfigError(f"{cfg[group].name} has no pretrained weights", key=f"{group}.pretrained",
                               allowed="true only for torchvision models (tv_*)")
-    if launched_by_torchrun():
-        raise ConfigError("multi-process (torchrun) training is not supported yet; every "
-                          "process would train the whole run and write the same files",
-                          key="trainer", hint="run a single process: python tools/train.py ...")
+    world = dist_utils.launch_world_size()
+    if trainer.batch_size % world:
+        raise ConfigError(f"invalid value {trainer.batch_size} for {world} processes",
+                          key="trainer.batch_size",
+                          allowed=f"a multiple of {world}: it is the global batch, split evenly "
+                                  "over the ranks")
+    if trainer.sync_bn and world > 1 and resolve_device(cfg.device).type != "cuda":
+        raise ConfigError("SyncBatchNorm runs on GPUs only", key="trainer.sync_bn",
+                          allowed="false on CPU")
     return resolved
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto` is the GPU when there is one; under torchrun each rank takes GPU LOCAL_RANK."""
+    if name in ("auto", "cuda") and torch.cuda.is_available() and dist_utils.launched_by_torchrun():
+        return torch.device("cuda", dist_utils.local_rank())
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -163,7 +171,11 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train one student (or a teacher, with distiller=none). Returns summary.json's content."""
     overrides = overrides or []
     resolved = validate(cfg)
+    # recorded with the config (.hydra/config.yaml, tracker hparams): trainer.batch_size is the
+    # global batch, and this says over how many processes it was split
+    resolved["world_size"] = dist_utils.launch_world_size()
     device = resolve_device(cfg.device)
+    dist_utils.init_from_env(use_cuda=device.type == "cuda")
     run_dir = Path(cfg.run_dir)
     checkpoint = check_run_dir(run_dir, resolved, resume=cfg.trainer.resume)
     seed_everything(cfg.seed)
@@ -196,8 +208,12 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
 
     run_name = "/".join([dataset["name"], run_path(cfg.distiller.name, cfg.teacher.name,
                                                    cfg.student.name, cfg.tag), f"seed{cfg.seed}"])
-    start_run_dir(run_dir, resolved, resuming=checkpoint is not None, overrides=overrides)
+    if dist_utils.is_main_process():
+        start_run_dir(run_dir, resolved, resuming=checkpoint is not None, overrides=overrides)
+    dist_utils.barrier()
     seed_everything(cfg.seed)  # model init consumed randomness; training starts from the seed
+    if dist_utils.rank() > 0:  # other augmentations (and teacher noise) on other ranks
+        seed_everything(cfg.seed + 7919 * dist_utils.rank())
     trainer = Trainer(
         distiller, data, options=TrainerOptions(**resolved["trainer"]),
         optimizer=resolved["optimizer"], scheduler=resolved["scheduler"], run_dir=run_dir,
@@ -214,8 +230,10 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     summary = trainer.fit()
     log.info("done: best top-1 %.2f%%, last %.2f%%, %.0f images/s, %.1f s", summary["best_top1"],
              summary["last_top1"], summary["train_images_per_sec"] or 0, summary["wall_seconds"])
-    if cfg.distiller.name == "none" and cfg.zoo.publish and not already_finished:
+    if (cfg.distiller.name == "none" and cfg.zoo.publish and not already_finished
+            and dist_utils.is_main_process()):
         publish_to_zoo(zoo, dataset, cfg, run_dir, summary, data.num_classes)
+    dist_utils.barrier()   # e.g. a teacher trained for a run is in the zoo for every rank
     return summary
 
 
@@ -248,10 +266,17 @@ def _hydra_task(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
-    OmegaConf.set_struct(cfg, False)
-    cfg.run_dir = hydra_cfg.runtime.output_dir   # the job's real directory (also under -m)
-    OmegaConf.set_struct(cfg, True)
     try:
+        run_dir = hydra_cfg.runtime.output_dir   # the job's real directory (also under -m)
+        if dist_utils.launched_by_torchrun():
+            dist_utils.init_from_env(use_cuda=resolve_device(cfg.device).type == "cuda")
+            # one directory per job: a sweep's time stamp may differ between ranks by a second
+            run_dir = dist_utils.broadcast_object(run_dir)
+            if not dist_utils.is_main_process():
+                logging.getLogger("distill").setLevel(logging.WARNING)
+        OmegaConf.set_struct(cfg, False)
+        cfg.run_dir = run_dir
+        OmegaConf.set_struct(cfg, True)
         summary = run(cfg, overrides=list(hydra_cfg.overrides.task))
     except ConfigError as exc:
         print_error(exc)

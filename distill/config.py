@@ -58,6 +58,7 @@ class TrainerConfig:
     precision: str = "fp32"           # fp32 | bf16 | fp16
     resume: bool = True               # re-running in the same run_dir continues from its checkpoint
     progress: bool = True
+    sync_bn: bool = False             # DDP on GPUs: BN statistics over all ranks
 
 
 @dataclass

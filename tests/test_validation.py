@@ -28,10 +28,18 @@ def test_bad_values_fail_before_anything_is_written(tmp_path, overrides, key):
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
-def test_torchrun_is_refused_until_ddp_lands(tmp_path, monkeypatch):
+def test_global_batch_must_split_evenly_over_torchrun_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")   # what torchrun --nproc_per_node=3 sets
+    with pytest.raises(ConfigError) as err:
+        run(make_cfg(tmp_path, *BASE, "trainer.batch_size=64"))
+    assert err.value.key == "trainer.batch_size" and "multiple of 3" in str(err.value)
+
+
+def test_sync_bn_needs_gpus_under_torchrun(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="torchrun"):
-        run(make_cfg(tmp_path, *BASE))
+    with pytest.raises(ConfigError) as err:
+        run(make_cfg(tmp_path, *BASE, "trainer.sync_bn=true", "device=cpu"))
+    assert err.value.key == "trainer.sync_bn"
 
 
 def test_pretrained_teacher_with_a_replaced_head_is_refused(tmp_path, monkeypatch):

@@ -51,6 +51,8 @@ class Distiller(nn.Module):
     requires_teacher: bool = True
     # TAKD: the config option naming the assistant chain the app builds before training
     assistants_option: str | None = None
+    # True when some steps leave trainable parameters without gradients (DDP must look for them)
+    may_leave_parameters_unused: bool = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None):
         super().__init__()

@@ -39,6 +39,8 @@ class FitNet(FeatureDistiller):
                                                                  self.option_key("teacher")))
         self.ce_weight, self.feat_weight = ce_weight, feat_weight
         self.hint_epochs, self.kd_weight, self.temperature = hint_epochs, kd_weight, temperature
+        # the hint stage trains only the layers up to the guided one
+        self.may_leave_parameters_unused = hint_epochs > 0
 
     @classmethod
     def check_values(cls, options):

@@ -1,7 +1,16 @@
-"""Process-group facts. A plain `python tools/train.py` is a world of one."""
+"""Process-group facts and the few collectives the trainer needs.
+
+A plain `python tools/train.py` is a world of one and none of this does anything. Under
+`torchrun`, `init_from_env()` joins the process group torchrun describes in the environment
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): NCCL when the run is on CUDA, gloo on CPU.
+"""
 from __future__ import annotations
 
+import atexit
+import datetime
 import os
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -15,8 +24,33 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def is_main_process() -> bool:
     return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or launch_world_size() > 1
+
+
+def launch_world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun), before any group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_from_env(use_cuda: bool) -> None:
+    """Join torchrun's process group once (idempotent; nothing to do outside torchrun)."""
+    if not launched_by_torchrun() or dist.is_initialized():
+        return
+    if use_cuda:
+        torch.cuda.set_device(local_rank())
+    # a rank stuck behind a failed peer should fail, not hang for the default 30 minutes
+    dist.init_process_group("nccl" if use_cuda else "gloo",
+                            timeout=datetime.timedelta(minutes=10))
+    atexit.register(dist.destroy_process_group)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> None:
@@ -24,5 +58,24 @@ def all_reduce_sum(tensor: torch.Tensor) -> None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
-def launched_by_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (e.g. the run directory, which must be one per job)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_tensors(tensors: Iterable[torch.Tensor]) -> None:
+    """Give every rank rank 0's values, e.g. BN running statistics: DDP syncs buffers at the
+    start of each forward, but the last training forward updated each rank's copy from its own
+    shard, and evaluation and checkpoints must all see one model."""
+    if world_size() > 1:
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)

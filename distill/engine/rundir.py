@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -17,7 +18,8 @@ log = logging.getLogger("distill")
 # Settings that may differ when a run is resumed; any other difference is a different experiment.
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.resume", "trainer.num_workers",
                      "trainer.log_every", "trainer.progress", "trainer.eval_batch_size", "logger",
-                     "run_dir", "zoo", "teacher.auto_train", "teacher.auto_train_epochs", "device")
+                     "run_dir", "zoo", "teacher.auto_train", "teacher.auto_train_epochs", "device",
+                     "world_size")   # the global batch is the same on any number of ranks
 RUN_ARTIFACTS = ("metrics.jsonl", "summary.json", "student.safetensors", "checkpoints", "wandb",
                  ".hydra")
 
@@ -39,7 +41,7 @@ def check_run_dir(run_dir: Path, config: dict, *, resume: bool) -> dict | None:
     that holds a different experiment or cannot be written. Called before any work starts."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{os.getpid()}"   # one per process: DDP ranks check at once
         probe.touch()
         probe.unlink()
     except OSError as exc:

@@ -12,26 +12,53 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
-class EpochSampler(Sampler[int]):
-    """A random order per epoch that depends on (seed, epoch) only and can start mid-epoch.
+def steps_per_epoch(size: int, global_batch: int, world_size: int) -> int:
+    """Global batches per epoch. A last batch with fewer samples than ranks is dropped: every
+    rank must take part in every step."""
+    full, rest = divmod(size, global_batch)
+    return full + (1 if rest >= world_size else 0)
 
-    Because the order is a pure function of (seed, epoch), a resumed run needs no sampler state:
-    it sets the epoch and the position and sees exactly the samples the interrupted run would
-    have seen next.
+
+class EpochSampler(Sampler[int]):
+    """This rank's share of a random order that depends on (seed, epoch) only, from any batch on.
+
+    The order is one permutation of the whole training set per epoch, cut into global batches of
+    `global_batch`; each of the `world_size` ranks takes its contiguous slice of every global
+    batch (the last one split as evenly as possible). So N ranks see together exactly the
+    samples one process sees with the same global batch, and a resumed run needs no sampler
+    state: it sets the epoch and the batch and continues where the interrupted run would have.
     """
 
-    def __init__(self, size: int, seed: int):
-        self.size = size
-        self.seed = seed
+    def __init__(self, size: int, seed: int, *, global_batch: int, rank: int = 0,
+                 world_size: int = 1):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} ranks")
+        self.size, self.seed = size, seed
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+        self.steps = steps_per_epoch(size, global_batch, world_size)
         self.epoch = 0
-        self.start = 0
+        self.first_batch = 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        self.epoch, self.first_batch = epoch, first_batch
+
+    def _slices(self) -> Iterator[tuple[int, int]]:
+        per_rank = self.global_batch // self.world_size
+        for step in range(self.first_batch, self.steps):
+            start = step * self.global_batch
+            count = min(self.global_batch, self.size - start)
+            if count == self.global_batch:
+                yield start + self.rank * per_rank, per_rank
+            else:   # the last, partial batch: sizes differ by at most one sample
+                base, extra = divmod(count, self.world_size)
+                offset = self.rank * base + min(self.rank, extra)
+                yield start + offset, base + (1 if self.rank < extra else 0)
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.size, generator=generator)[self.start:].tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        for start, count in self._slices():
+            yield from order[start:start + count]
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return sum(count for _, count in self._slices())

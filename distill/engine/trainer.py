@@ -9,6 +9,10 @@ Position in the run is the global optimizer step alone: the epoch and the batch 
 derived from it, and the data order is a function of (seed, epoch), so a resumed run continues
 exactly where the checkpoint was taken, also mid-epoch (bit for bit on CPU with num_workers=0).
 Everything on disk is written by rank 0 only. Host syncs (`.item()`) happen only on log steps.
+
+Under torchrun (DDP), `trainer.batch_size` stays the GLOBAL batch: each of N ranks takes its
+slice of every global batch, so a run means the same thing on 1 or 8 processes, and the
+distiller (student and connectors, never the teacher) is wrapped in DistributedDataParallel.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from distill.data import DatasetBundle
@@ -50,6 +55,7 @@ class TrainerOptions:
     precision: str = "fp32"
     resume: bool = True
     progress: bool = True
+    sync_bn: bool = False      # DDP on GPUs: batch statistics over all ranks (SyncBatchNorm)
 
 
 @dataclass
@@ -82,20 +88,25 @@ class Trainer:
         self.main = dist_utils.is_main_process()
 
         self.seed = seed
-        self.sampler = EpochSampler(len(data.train), seed)
+        self.world_size, rank = dist_utils.world_size(), dist_utils.rank()
+        self.sampler = EpochSampler(len(data.train), seed, global_batch=options.batch_size,
+                                    rank=rank, world_size=self.world_size)
         # Each DataLoader iterator draws a worker base seed from its generator (the global RNG
         # if it has none). Own generators keep the global RNG, which the per-sample
         # augmentation uses and checkpoints carry, independent of when loaders are iterated.
         self.worker_seeds = torch.Generator()
-        self.train_loader = DataLoader(data.train, batch_size=options.batch_size,
+        self.train_loader = DataLoader(data.train, batch_size=options.batch_size // self.world_size,
                                        sampler=self.sampler, num_workers=options.num_workers,
                                        generator=self.worker_seeds, drop_last=False,
                                        pin_memory=device.type == "cuda")
-        self.val_loader = DataLoader(data.val, batch_size=options.eval_batch_size, shuffle=False,
+        # each rank evaluates every world_size-th image; the counts are summed over ranks
+        self.val_loader = DataLoader(data.val, batch_size=options.eval_batch_size,
+                                     sampler=list(range(rank, len(data.val), self.world_size)),
                                      num_workers=options.num_workers,
                                      generator=torch.Generator().manual_seed(seed),
                                      pin_memory=device.type == "cuda")
-        self.steps_per_epoch = math.ceil(len(data.train) / options.batch_size)
+        self.steps_per_epoch = self.sampler.steps
+        self.model = self._wrap(distiller, sync_bn=options.sync_bn)
         self.optimizer = build_optimizer(distiller.trainable_parameters(), **optimizer)
         self.scheduler = build_scheduler(self.optimizer, steps_per_epoch=self.steps_per_epoch,
                                          epochs=options.epochs, **scheduler)
@@ -107,6 +118,27 @@ class Trainer:
         self.tracker_resume: dict = {}
         if checkpoint is not None:
             self._restore(checkpoint)
+
+    def _wrap(self, distiller: Distiller, *, sync_bn: bool) -> nn.Module:
+        """The distiller as the training step calls it: itself, or in DDP when there are ranks.
+        The teacher is never synchronised: it is frozen and identical everywhere."""
+        if self.world_size == 1:
+            return distiller
+        if sync_bn:
+            for name, child in distiller.named_children():
+                if name != "teacher":
+                    setattr(distiller, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+        frozen = [n for n, _ in distiller.named_parameters() if n.startswith("teacher.")]
+        frozen += [n for n, _ in distiller.named_buffers() if n.startswith("teacher.")]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            distiller, frozen)
+        return nn.parallel.DistributedDataParallel(
+            distiller, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=distiller.may_leave_parameters_unused)
+
+    def _sync_buffers(self) -> None:
+        dist_utils.broadcast_tensors(b for n, b in self.distiller.named_buffers()
+                                     if not n.startswith("teacher."))
 
     # --- checkpoints -----------------------------------------------------------------------
     def _restore(self, ckpt: dict) -> None:
@@ -172,7 +204,7 @@ class Trainer:
                                  total=self.total_steps(), completed=self.state.global_step) as bar:
                 while not self._done():
                     epoch, first_batch = divmod(self.state.global_step, self.steps_per_epoch)
-                    self.sampler.set_epoch(epoch, first_batch * self.opt.batch_size)
+                    self.sampler.set_epoch(epoch, first_batch)
                     self.worker_seeds.manual_seed(epoch_seed(self.seed, epoch))
                     epoch_terms = self._train_epoch(epoch, bar)
                     self._end_epoch(epoch, epoch_terms)
@@ -200,7 +232,7 @@ class Trainer:
             targets = targets.to(self.device, non_blocking=True)
             ctx = StepContext(epoch=epoch, step=self.state.global_step, epochs=self.opt.epochs)
             with self.autocast() if self.autocast else contextlib.nullcontext():
-                _, losses = self.distiller(images, targets, ctx)
+                _, losses = self.model(images, targets, ctx)
             loss = sum(losses.values())
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -219,9 +251,9 @@ class Trainer:
             end_of_epoch = self.state.global_step % self.steps_per_epoch == 0 or self._done()
             if self.state.global_step % self.opt.log_every == 0 or end_of_epoch:
                 now = time.perf_counter()
-                terms = {k: float(v) / steps for k, v in sums.items()}   # the host sync
+                terms = _mean_over_ranks(sums, steps)   # the host sync
                 _check_finite(terms, self.state.global_step)
-                speed = window_images * dist_utils.world_size() / max(now - window_start, 1e-9)
+                speed = window_images * self.world_size / max(now - window_start, 1e-9)
                 self.trackers.log({**{f"train/{k}": v for k, v in terms.items()},
                                    "train/lr": lr, "train/images_per_sec": speed,
                                    "train/epoch": epoch}, step=self.state.global_step,
@@ -232,10 +264,11 @@ class Trainer:
             if self._done():
                 break
         self.state.train_seconds += time.perf_counter() - epoch_start
-        self.state.train_images += images_seen * dist_utils.world_size()
-        return {k: float(v) / max(steps, 1) for k, v in sums.items()}
+        self.state.train_images += images_seen * self.world_size
+        return _mean_over_ranks(sums, max(steps, 1))
 
     def _end_epoch(self, epoch: int, epoch_terms: dict[str, float]) -> None:
+        self._sync_buffers()
         metrics = evaluate(self.distiller.student, self.val_loader, self.device,
                            reduce=dist_utils.all_reduce_sum, autocast=self.autocast)
         # a run stopped by max_steps mid-epoch still ends with an evaluated, checkpointed model
@@ -267,8 +300,9 @@ class Trainer:
             "teacher_top1": self.state.teacher_top1,
             "train_images_per_sec": (self.state.train_images / self.state.train_seconds
                                      if self.state.train_seconds else None),
-            "world_size": dist_utils.world_size(),
-            "global_batch_size": self.opt.batch_size * dist_utils.world_size(),
+            "world_size": self.world_size,
+            "global_batch_size": self.opt.batch_size,   # trainer.batch_size is global
+            "per_rank_batch_size": self.opt.batch_size // self.world_size,
             "epochs": _whole_or_fraction(self.state.global_step / self.steps_per_epoch),
             "steps": self.state.global_step,
             "stopped_early": not completed_all,   # trainer.max_steps ended it
@@ -286,6 +320,16 @@ class Trainer:
                        if not k.startswith(("logger", "zoo", "run_dir"))}
             self.trackers.finish(hparams, {k: v for k, v in summary.items() if k != "history"})
         return summary
+
+
+def _mean_over_ranks(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+    """Each loss term's mean over the steps taken and over all ranks (one all-reduce)."""
+    if not sums:
+        return {}
+    names = list(sums)   # the same order on every rank: each rank's distiller made the same terms
+    values = torch.stack([torch.as_tensor(sums[n], dtype=torch.float64) for n in names])
+    dist_utils.all_reduce_sum(values)
+    return {n: float(v) / (steps * dist_utils.world_size()) for n, v in zip(names, values)}
 
 
 def _whole_or_fraction(x: float) -> int | float:

@@ -1,0 +1,47 @@
+"""Run by tests/test_ddp.py under torchrun with 1 or 2 processes: a few KD steps of the real
+Trainer on fake data, no augmentation, with BN-free models (per-rank BatchNorm statistics would
+make 2 x B/2 differ from 1 x B by design; SyncBatchNorm is GPU-only).
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR
+"""
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distill.data import TensorImageDataset
+from distill.data.fake import fake
+from distill.distillers import build_distiller
+from distill.engine import distributed as dist_utils
+from distill.engine.trainer import Trainer, TrainerOptions
+
+GLOBAL_BATCH, STEPS = 32, 5
+
+
+def tiny_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+def main(run_dir: Path) -> None:
+    dist_utils.init_from_env(use_cuda=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = fake(train_size=200, val_size=64)
+    plain = TensorImageDataset(data.train.images, data.train.labels, data.val.transform)
+    data = dataclasses.replace(data, train=plain)
+    distiller = build_distiller("kd", tiny_net(0), tiny_net(1), {})
+    trainer = Trainer(
+        distiller, data, options=TrainerOptions(epochs=2, batch_size=GLOBAL_BATCH,
+                                                max_steps=STEPS, progress=False),
+        optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+        scheduler={"name": "multistep", "milestones": []}, run_dir=run_dir,
+        device=torch.device("cpu"), loggers={}, config={}, run_name="ddp", seed=0)
+    trainer.fit()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,82 @@
+"""DDP through torchrun on CPU (gloo), two processes: the same training as one process, and the
+command line under torchrun writing one run directory."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torchrun(nproc: int, *args: str, env: dict | None = None, cwd: Path | None = None):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                   "PYTHONUNBUFFERED": "1", **(env or {})}
+    environment.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", *args], cwd=cwd or REPO,
+                          env=environment, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(tmp_path):
+    """2 x B/2 == 1 x B after k steps: same samples per step, gradients averaged over ranks,
+    top-1 counted over the whole validation set (BN-free models: see tests/ddp_worker.py)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from ddp_worker import GLOBAL_BATCH, STEPS, tiny_net
+
+    for n in (1, 2):
+        torchrun(n, "tests/ddp_worker.py", str(tmp_path / f"n{n}"))
+    one, two = (load_file(str(tmp_path / f"n{n}" / "student.safetensors")) for n in (1, 2))
+    init = tiny_net(0).state_dict()
+    assert all((one[k] - init[k]).abs().max() > 1e-3 for k in one if k.endswith("weight"))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    s1, s2 = (json.loads((tmp_path / f"n{n}" / "summary.json").read_text()) for n in (1, 2))
+    assert (s1["world_size"], s2["world_size"]) == (1, 2)
+    assert s1["steps"] == s2["steps"] == STEPS
+    assert s1["global_batch_size"] == s2["global_batch_size"] == GLOBAL_BATCH
+    assert (s1["per_rank_batch_size"], s2["per_rank_batch_size"]) == (GLOBAL_BATCH, GLOBAL_BATCH // 2)
+    assert s1["teacher_top1"] == s2["teacher_top1"]
+    assert s1["last_top1"] == pytest.approx(s2["last_top1"])
+
+
+def test_torchrun_command_line_run(tmp_path):
+    """`torchrun --nproc_per_node=2 tools/train.py ...`: the missing teacher is auto-trained
+    under DDP, the job has one run directory, rank 0 alone writes it, and the teacher's top-1 is
+    over the whole validation set (equal to a one-process evaluation)."""
+    run_dir = tmp_path / "run"
+    torchrun(2, str(REPO / "tools" / "train.py"), "dataset=fake", "distiller=kd",
+             "student=resnet8", "teacher=resnet8", "teacher.auto_train=true",
+             "teacher.auto_train_epochs=1", "trainer.max_steps=3", "trainer.batch_size=64",
+             "trainer.progress=false",
+             "logger=jsonl", f"hydra.run.dir={run_dir}",
+             env={"DISTILL_ZOO": str(tmp_path / "zoo")}, cwd=tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 64
+    assert summary["per_rank_batch_size"] == 32 and summary["steps"] == 3
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events].count("teacher") == 1, "one writer: rank 0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "zoo"]
+    import yaml
+    recorded = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert recorded["world_size"] == 2 and recorded["trainer"]["batch_size"] == 64
+
+    from distill.data.fake import fake
+    from distill.engine.evaluation import evaluate
+    from distill.models import create_model
+    from distill.zoo import TeacherZoo
+
+    entry = TeacherZoo(tmp_path / "zoo").find("fake", "resnet8")
+    assert entry is not None and entry.meta["epochs"] == 1
+    teacher = create_model("resnet8", num_classes=10)
+    teacher.load_state_dict(load_file(str(entry.weights)))
+    loader = torch.utils.data.DataLoader(fake().val, batch_size=256)
+    assert summary["teacher_top1"] == pytest.approx(
+        evaluate(teacher, loader, torch.device("cpu"))["top1"])
