@@ -268,6 +268,7 @@ def _hydra_task(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     try:
         run_dir = hydra_cfg.runtime.output_dir   # the job's real directory (also under -m)
+        dist_utils.adopt_slurm_tasks()           # hydra/launcher=slurm with several GPUs
         if dist_utils.launched_by_torchrun():
             dist_utils.init_from_env(use_cuda=resolve_device(cfg.device).type == "cuda")
             # one directory per job: a sweep's time stamp may differ between ranks by a second

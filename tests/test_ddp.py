@@ -80,3 +80,46 @@ def test_torchrun_command_line_run(tmp_path):
     loader = torch.utils.data.DataLoader(fake().val, batch_size=256)
     assert summary["teacher_top1"] == pytest.approx(
         evaluate(teacher, loader, torch.device("cpu"))["top1"])
+
+
+# --- clusters: what can be checked without one ----------------------------------------------------
+def test_slurm_launcher_config_composes_with_one_task_per_gpu():
+    from hydra import compose, initialize_config_dir
+
+    import distill.config  # noqa: F401
+
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4",
+                                          "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.tasks_per_node == 4 and launcher.partition == "gpu"
+
+
+def test_slurm_tasks_become_a_torchrun_style_world(monkeypatch):
+    """The variables a 2-node x 2-GPU submitit job sees on its 4th task."""
+    from distill.engine import distributed as dist_utils
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(key, "")   # recorded, so the exported values are removed afterwards
+        monkeypatch.delenv(key)
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4",
+             "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]",
+             "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    assert dist_utils.adopt_slurm_tasks()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
+    assert os.environ["MASTER_ADDR"] == "gpu07" and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
+    assert dist_utils.launched_by_torchrun() and dist_utils.launch_world_size() == 4
+    assert not dist_utils.adopt_slurm_tasks(), "a second call (RANK set) changes nothing"
+
+
+def test_single_task_slurm_jobs_stay_single_process(monkeypatch):
+    from distill.engine import distributed as dist_utils
+
+    monkeypatch.setenv("RANK", "")
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert not dist_utils.adopt_slurm_tasks() and "RANK" not in os.environ

@@ -41,6 +41,20 @@ def launch_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def adopt_slurm_tasks() -> bool:
+    """A SLURM job started by Hydra's submitit launcher with several tasks (one per GPU) is one
+    DDP world: export the variables torchrun would have set (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR = the job's first node, MASTER_PORT from the job id) from SLURM's. Every GPU
+    stays visible; each task takes GPU LOCAL_RANK. Returns whether it did."""
+    if (os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or "RANK" in os.environ
+            or int(os.environ.get("SLURM_NTASKS", "1")) < 2):
+        return False
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return True
+
+
 def init_from_env(use_cuda: bool) -> None:
     """Join torchrun's process group once (idempotent; nothing to do outside torchrun)."""
     if not launched_by_torchrun() or dist.is_initialized():
