@@ -27,7 +27,8 @@ from distill.distillers import DISTILLERS, BuildInfo, build_distiller
 from distill.engine import distributed as dist_utils
 from distill.engine.optim import OPTIMIZERS, SCHEDULES
 from distill.engine.rundir import check_run_dir, start_run_dir
-from distill.engine.trainer import PRECISIONS, Trainer, TrainerOptions
+from distill.engine.trainer import (
+    DATA_PATHS, PRECISIONS, Trainer, TrainerOptions, data_path_transforms)
 from distill.errors import ConfigError, unknown_name_error
 from distill.models import create_model, list_models, model_spec
 from distill.registry import check_options
@@ -75,6 +76,7 @@ def validate(cfg: DictConfig) -> dict:
         ("trainer.num_workers", trainer.num_workers >= 0, "zero or positive"),
         ("trainer.log_every", trainer.log_every >= 1, "at least 1"),
         ("trainer.precision", trainer.precision in PRECISIONS, ", ".join(PRECISIONS)),
+        ("trainer.data_path", trainer.data_path in DATA_PATHS, ", ".join(DATA_PATHS)),
     ]
     for key, ok, allowed in checks:
         if not ok:
@@ -181,6 +183,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     seed_everything(cfg.seed)
     dataset = resolved["dataset"]
     data = build_data(dataset)
+    data_path_transforms(data, cfg.trainer.data_path)   # trainer.data_path=memory must fit
     zoo = TeacherZoo(cfg.zoo.root)
 
     distiller_cls = DISTILLERS.get(cfg.distiller.name)

@@ -59,6 +59,8 @@ class TrainerConfig:
     resume: bool = True               # re-running in the same run_dir continues from its checkpoint
     progress: bool = True
     sync_bn: bool = False             # DDP on GPUs: BN statistics over all ranks
+    data_path: str = "auto"           # auto | memory (batched on the device) | loader
+    channels_last: bool = True        # NHWC convolutions (measured faster: docs/bench-cpu.md)
 
 
 @dataclass

@@ -167,6 +167,12 @@ def test_bad_layers_stop_the_run_before_a_teacher_is_trained_for_it(tmp_path):
     assert not (tmp_path / "zoo").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_the_dataloader_path_in_contiguous_format_trains_too(tmp_path):
+    summary = run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.data_path=loader",
+                           "trainer.channels_last=false", "trainer.epochs=3"))
+    assert summary["best_top1"] > 50.0   # 10 classes: chance is 10%
+
+
 def test_rkd_survives_a_last_batch_of_one(tmp_path):
     """256 fake images in batches of 51 leave one image for the epoch's last step."""
     summary = run(make_cfg(tmp_path, *FAST, "distiller=rkd", "teacher.auto_train=true",

@@ -27,14 +27,14 @@ class TopKAccuracy:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, *, reduce=None,
-             autocast=None) -> dict[str, float]:
+             autocast=None, memory_format=torch.preserve_format) -> dict[str, float]:
     """Top-1/top-5 (percent) and mean CE loss of `model` over `loader`. Restores train mode."""
     was_training = model.training
     model.eval()
     metric = TopKAccuracy(device)
     loss_sum = torch.zeros((), device=device)
     for images, targets in loader:
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         if autocast is not None:
             with autocast():

@@ -19,7 +19,8 @@ log = logging.getLogger("distill")
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.resume", "trainer.num_workers",
                      "trainer.log_every", "trainer.progress", "trainer.eval_batch_size", "logger",
                      "run_dir", "zoo", "teacher.auto_train", "teacher.auto_train_epochs", "device",
-                     "world_size")   # the global batch is the same on any number of ranks
+                     "world_size",   # the global batch is the same on any number of ranks
+                     "trainer.data_path")   # the same augmentation, another random stream
 RUN_ARTIFACTS = ("metrics.jsonl", "summary.json", "student.safetensors", "checkpoints", "wandb",
                  ".hydra")
 

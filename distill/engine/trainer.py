@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from distill.data import DatasetBundle
+from distill.data.batched import BatchTransform, DeviceBatches, batch_transform_of
 from distill.distillers import Distiller, StepContext
 from distill.engine import distributed as dist_utils
 from distill.engine.checkpoint import atomic_torch_save, rng_state, save_weights, set_rng_state
@@ -37,6 +38,7 @@ from distill.engine.evaluation import evaluate
 from distill.engine.optim import build_optimizer, build_scheduler
 from distill.engine.progress import ProgressDisplay
 from distill.engine.sampler import EpochSampler, epoch_seed
+from distill.errors import ConfigError
 from distill.tracking import Trackers, build_trackers
 
 log = logging.getLogger("distill")
@@ -56,6 +58,8 @@ class TrainerOptions:
     resume: bool = True
     progress: bool = True
     sync_bn: bool = False      # DDP on GPUs: batch statistics over all ranks (SyncBatchNorm)
+    data_path: str = "auto"    # memory (in-memory datasets, batched on the device) | loader
+    channels_last: bool = True  # NHWC convolutions: faster on this CPU and on tensor-core GPUs
 
 
 @dataclass
@@ -95,17 +99,28 @@ class Trainer:
         # if it has none). Own generators keep the global RNG, which the per-sample
         # augmentation uses and checkpoints carry, independent of when loaders are iterated.
         self.worker_seeds = torch.Generator()
-        self.train_loader = DataLoader(data.train, batch_size=options.batch_size // self.world_size,
-                                       sampler=self.sampler, num_workers=options.num_workers,
-                                       generator=self.worker_seeds, drop_last=False,
-                                       pin_memory=device.type == "cuda")
+        per_rank = options.batch_size // self.world_size
         # each rank evaluates every world_size-th image; the counts are summed over ranks
-        self.val_loader = DataLoader(data.val, batch_size=options.eval_batch_size,
-                                     sampler=list(range(rank, len(data.val), self.world_size)),
-                                     num_workers=options.num_workers,
-                                     generator=torch.Generator().manual_seed(seed),
-                                     pin_memory=device.type == "cuda")
+        val_indices = list(range(rank, len(data.val), self.world_size))
+        on_device = data_path_transforms(data, options.data_path)
+        if on_device is not None:
+            train_tf, val_tf = on_device
+            self.train_loader = DeviceBatches(data.train, train_tf, self.sampler,
+                                              batch_size=per_rank, device=device, seed=seed, rank=rank)
+            self.val_loader = DeviceBatches(data.val, val_tf, val_indices,
+                                            batch_size=options.eval_batch_size, device=device)
+        else:
+            self.train_loader = DataLoader(data.train, batch_size=per_rank, sampler=self.sampler,
+                                           num_workers=options.num_workers,
+                                           generator=self.worker_seeds, drop_last=False,
+                                           pin_memory=device.type == "cuda")
+            self.val_loader = DataLoader(data.val, batch_size=options.eval_batch_size,
+                                         sampler=val_indices, num_workers=options.num_workers,
+                                         generator=torch.Generator().manual_seed(seed),
+                                         pin_memory=device.type == "cuda")
         self.steps_per_epoch = self.sampler.steps
+        self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+        distiller.to(memory_format=self.memory_format)
         self.model = self._wrap(distiller, sync_bn=options.sync_bn)
         self.optimizer = build_optimizer(distiller.trainable_parameters(), **optimizer)
         self.scheduler = build_scheduler(self.optimizer, steps_per_epoch=self.steps_per_epoch,
@@ -205,6 +220,8 @@ class Trainer:
                 while not self._done():
                     epoch, first_batch = divmod(self.state.global_step, self.steps_per_epoch)
                     self.sampler.set_epoch(epoch, first_batch)
+                    if isinstance(self.train_loader, DeviceBatches):
+                        self.train_loader.set_epoch(epoch, first_batch)
                     self.worker_seeds.manual_seed(epoch_seed(self.seed, epoch))
                     epoch_terms = self._train_epoch(epoch, bar)
                     self._end_epoch(epoch, epoch_terms)
@@ -214,7 +231,8 @@ class Trainer:
 
     def _evaluate_teacher(self) -> None:
         metrics = evaluate(self.distiller.teacher, self.val_loader, self.device,
-                           reduce=dist_utils.all_reduce_sum, autocast=self.autocast)
+                           reduce=dist_utils.all_reduce_sum, autocast=self.autocast,
+                           memory_format=self.memory_format)
         self.state.teacher_top1 = metrics["top1"]
         log.info("teacher top-1 %.2f%% (top-5 %.2f%%)", metrics["top1"], metrics["top5"])
         self.trackers.log({"teacher/top1": metrics["top1"], "teacher/top5": metrics["top5"]},
@@ -228,7 +246,7 @@ class Trainer:
         steps = images_seen = window_images = 0
         epoch_start = window_start = time.perf_counter()
         for images, targets in self.train_loader:
-            images = images.to(self.device, non_blocking=True)
+            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
             ctx = StepContext(epoch=epoch, step=self.state.global_step, epochs=self.opt.epochs)
             with self.autocast() if self.autocast else contextlib.nullcontext():
@@ -270,7 +288,8 @@ class Trainer:
     def _end_epoch(self, epoch: int, epoch_terms: dict[str, float]) -> None:
         self._sync_buffers()
         metrics = evaluate(self.distiller.student, self.val_loader, self.device,
-                           reduce=dist_utils.all_reduce_sum, autocast=self.autocast)
+                           reduce=dist_utils.all_reduce_sum, autocast=self.autocast,
+                           memory_format=self.memory_format)
         # a run stopped by max_steps mid-epoch still ends with an evaluated, checkpointed model
         completed = self.state.global_step / self.steps_per_epoch
         self.state.last_top1 = metrics["top1"]
@@ -320,6 +339,25 @@ class Trainer:
                        if not k.startswith(("logger", "zoo", "run_dir"))}
             self.trackers.finish(hparams, {k: v for k, v in summary.items() if k != "history"})
         return summary
+
+
+DATA_PATHS = ("auto", "memory", "loader")
+
+
+def data_path_transforms(data: DatasetBundle, data_path: str
+                         ) -> tuple[BatchTransform, BatchTransform] | None:
+    """The (train, val) batch transforms of the in-memory path, or None for the DataLoader path.
+    `auto` takes the in-memory path whenever both splits allow it; `memory` insists."""
+    if data_path == "loader":
+        return None
+    train_tf, val_tf = batch_transform_of(data.train), batch_transform_of(data.val)
+    if train_tf is None or val_tf is None:
+        if data_path == "memory":
+            raise ConfigError("this dataset is not held in memory as uint8 tensors with the "
+                              "crop/flip/normalise recipe", key="trainer.data_path",
+                              allowed="auto or loader for this dataset")
+        return None
+    return train_tf, val_tf
 
 
 def _mean_over_ranks(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:

@@ -1,0 +1,130 @@
+"""The in-memory data path: small datasets (CIFAR, digits, fake) live on the training device as
+one uint8 tensor, and each batch is gathered, augmented and normalised there in a few batched
+ops, instead of per image in Python (DataLoader + torchvision per sample). A 2-core machine
+stops being data-bound, and a GPU is not starved by CPU workers.
+
+The augmentation is the CIFAR recipe the datasets declare with `tensor_train_transform`
+(zero-padded random crop, optional horizontal flip, then normalisation), read from that very
+pipeline so the two paths cannot drift apart; any other pipeline keeps the DataLoader path.
+The random numbers of a batch are a function of (seed, epoch, batch, rank) only, so a resumed
+run replays them exactly without saving any generator state.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from distill.data import TensorImageDataset
+
+
+@dataclass(frozen=True)
+class BatchTransform:
+    """Pad-and-crop (`padding` > 0), flip, normalise: a whole uint8 batch [B,3,H,W] at once."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    padding: int = 0
+    flip: bool = False
+
+    @property
+    def augments(self) -> bool:
+        return self.padding > 0 or self.flip
+
+    @classmethod
+    def from_pipeline(cls, transform) -> BatchTransform | None:
+        """The batch form of `tensor_train_transform` / `tensor_eval_transform` pipelines;
+        None for anything else (those keep the per-sample path)."""
+        ops = list(getattr(transform, "transforms", [transform]))
+        padding, flip = 0, False
+        if ops and isinstance(ops[0], v2.RandomCrop):
+            crop = ops.pop(0)
+            pad = crop.padding
+            zero_fill = all(v in (0, None) for v in _fill_values(crop.fill))
+            if (crop.padding_mode != "constant" or not zero_fill or crop.pad_if_needed
+                    or not pad or len(set(pad)) != 1):
+                return None
+            padding = pad[0]
+        if ops and isinstance(ops[0], v2.RandomHorizontalFlip) and ops[0].p == 0.5:
+            ops.pop(0)
+            flip = True
+        kinds = [type(op) for op in ops]
+        if kinds != [v2.ToDtype, v2.Normalize, v2.ToPureTensor] or not ops[0].scale:
+            return None
+        return cls(tuple(ops[1].mean), tuple(ops[1].std), padding, flip)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+        if self.padding:
+            images = self._random_crop(images, generator)
+        if self.flip:
+            flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+    def _random_crop(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Each image's own crop of its zero-padded copy (torchvision's RandomCrop(padding=p))."""
+        n, _, h, w = images.shape
+        p = self.padding
+        padded = F.pad(images, (p, p, p, p))
+        top = torch.randint(0, 2 * p + 1, (n,), device=images.device, generator=generator)
+        left = torch.randint(0, 2 * p + 1, (n,), device=images.device, generator=generator)
+        rows = (top[:, None] + torch.arange(h, device=images.device))[:, :, None]   # [n,h,1]
+        cols = (left[:, None] + torch.arange(w, device=images.device))[:, None, :]  # [n,1,w]
+        batch = torch.arange(n, device=images.device)[:, None, None]
+        # gathered as [n,h,w,c]; made plain NCHW so the memory format is the trainer's choice
+        return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def _fill_values(fill) -> Sequence:
+    return list(fill.values()) if isinstance(fill, dict) else [fill]
+
+
+def batch_transform_of(dataset) -> BatchTransform | None:
+    """The batch form of an in-memory dataset's pipeline, or None (then: the DataLoader path)."""
+    if not isinstance(dataset, TensorImageDataset) or dataset.transform is None:
+        return None
+    return BatchTransform.from_pipeline(dataset.transform)
+
+
+class DeviceBatches:
+    """Batches of an in-memory dataset, made on `device`: the images move there once.
+
+    `indices` (a sampler, re-read on each iteration) gives this rank's order; `batch_size` is
+    the per-rank batch. `set_epoch(epoch, first_batch)` mirrors the sampler's, and seeds each
+    batch's augmentation from (seed, epoch, batch, rank).
+    """
+
+    def __init__(self, dataset: TensorImageDataset, transform: BatchTransform, indices,
+                 *, batch_size: int, device: torch.device, seed: int = 0, rank: int = 0):
+        self.images = dataset.images.to(device)
+        self.labels = dataset.labels.to(device)
+        self.transform, self.indices = transform, indices
+        self.batch_size, self.device = batch_size, device
+        self.seed, self.rank = seed, rank
+        self.epoch, self.first_batch = 0, 0
+        self.generator = torch.Generator(device=device)
+
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        self.epoch, self.first_batch = epoch, first_batch
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.as_tensor(list(self.indices), dtype=torch.long).to(self.device)
+        for i, start in enumerate(range(0, len(order), self.batch_size)):
+            index = order[start:start + self.batch_size]
+            if self.transform.augments:
+                batch = self.first_batch + i
+                self.generator.manual_seed(
+                    ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + batch) * 1_009 + self.rank)
+            yield self.transform(self.images[index], self.generator), self.labels[index]
+
+
+__all__ = ["BatchTransform", "DeviceBatches", "batch_transform_of"]

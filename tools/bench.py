@@ -1,0 +1,175 @@
+"""Throughput of the trainer against the kernel floor, per method and batch size.
+
+    python tools/bench.py --methods kd --batches 64,128 --out docs/bench-cpu.md
+
+(a) floor: the distiller's training step alone (student forward + backward + SGD step, the
+    teacher's forward, the method's losses) on batches already on the device: no data
+    pipeline, no logging, no bookkeeping. Nothing the trainer does can be faster.
+(b) trainer: `distill.app.run`, the function tools/train.py calls, on fake CIFAR-size data for
+    a fixed number of steps; images/s from its own train-loop timing windows (metrics.jsonl),
+    the first window (warm-up) left out.
+The ratio (b)/(a) is what the framework costs. Each figure is the median of --repeats runs,
+interleaved (floor, trainer, floor, trainer, ...) so drifts of a noisy machine hit both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from distill.distillers import BuildInfo, StepContext, build_distiller  # noqa: E402
+from distill.models import create_model, model_spec  # noqa: E402
+
+
+def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, steps: int,
+                         warmup: int, device: torch.device,
+                         memory_format: torch.memory_format = torch.channels_last) -> float:
+    torch.manual_seed(0)
+    info = BuildInfo(model_spec(student), model_spec(teacher), (3, 32, 32))
+    distiller = build_distiller(method, create_model(student, num_classes=100),
+                                None if method == "none" else create_model(teacher, num_classes=100),
+                                {}, info).to(device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01, momentum=0.9,
+                                weight_decay=5e-4)
+    images = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
+    targets = torch.randint(0, 100, (batch,), device=device)
+    ctx = StepContext(epoch=30, step=0, epochs=240)   # past DKD's warm-up
+    distiller.train()
+
+    def step() -> None:
+        _, losses = distiller(images, targets, ctx)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def trainer_images_per_sec(method: str, teacher: str, student: str, batch: int, steps: int,
+                           warmup: int, workdir: Path, data_path: str, device: str) -> float:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from distill.app import run
+
+    weights = workdir / f"{teacher}.safetensors"
+    if not weights.exists():
+        save_file(create_model(teacher, num_classes=100).state_dict(), str(weights))
+    run_dir = workdir / f"run-{time.monotonic_ns()}"
+    # log every `warmup` steps: the first window is the warm-up and is left out
+    overrides = [f"distiller={method}", f"teacher={teacher}", f"student={student}",
+                 "dataset=fake", "dataset.num_classes=100", f"dataset.train_size={batch * (steps + warmup)}",
+                 "dataset.val_size=100", f"trainer.batch_size={batch}", "trainer.epochs=1",
+                 f"trainer.max_steps={steps + warmup}", f"trainer.log_every={warmup}",
+                 "trainer.progress=false", f"trainer.data_path={data_path}", "logger=jsonl",
+                 f"teacher.checkpoint={weights}", f"zoo.root={workdir / 'zoo'}", f"device={device}"]
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    OmegaConf.set_struct(cfg, False)
+    cfg.run_dir = str(run_dir)
+    run(cfg)
+    windows = [e["train/images_per_sec"] for e in map(json.loads, (run_dir / "metrics.jsonl").open())
+               if e.get("event") == "train"]
+    return statistics.median(windows[1:])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        cpu += f"; GPU {torch.cuda.get_device_name()}"
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", default="resnet56")
+    parser.add_argument("--student", default="resnet20")
+    parser.add_argument("--methods", default="none,kd,dkd,fitnet,at,rkd")
+    parser.add_argument("--batches", default="64,128")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data-paths", default="memory",
+                        help="trainer data paths to measure: memory, loader or both")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, help="write the markdown table here")
+    args = parser.parse_args()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if args.device == "auto" else args.device)
+    import logging
+    logging.getLogger("distill").setLevel(logging.WARNING)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods.split(","):
+            for batch in map(int, args.batches.split(",")):
+                floors, trainers = [], {p: [] for p in args.data_paths.split(",")}
+                for _ in range(args.repeats):
+                    floors.append(floor_images_per_sec(method, args.teacher, args.student, batch,
+                                                       args.steps, args.warmup, device))
+                    for path in trainers:
+                        trainers[path].append(trainer_images_per_sec(
+                            method, args.teacher, args.student, batch, args.steps, args.warmup,
+                            Path(tmp), path, str(device)))
+                floor = statistics.median(floors)
+                row = {"method": method, "batch": batch, "floor": floor}
+                for path, values in trainers.items():
+                    row[path] = statistics.median(values)
+                rows.append(row)
+                print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in row.items()), flush=True)
+
+    paths = list(args.data_paths.split(","))
+    header = ("| method | batch | floor img/s | "
+              + " | ".join(f"trainer ({p}) img/s | {p} / floor" for p in paths) + " |")
+    lines = [f"{args.teacher} -> {args.student}, CIFAR-size (3x32x32, 100 classes), "
+             f"{device.type}; {machine()}; median of {args.repeats} interleaved runs of "
+             f"{args.steps} steps after {args.warmup} warm-up steps.", "",
+             "```", "python tools/bench.py " + " ".join(sys.argv[1:]), "```", "",
+             header, "|" + "---|" * (3 + 2 * len(paths))]
+    for row in rows:
+        cells = [row["method"], str(row["batch"]), f"{row['floor']:.0f}"]
+        for p in paths:
+            cells += [f"{row[p]:.0f}", f"{row[p] / row['floor']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+
+
+if __name__ == "__main__":
+    main()
