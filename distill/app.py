@@ -98,6 +98,9 @@ def validate(cfg: DictConfig) -> dict:
                           key="trainer.batch_size",
                           allowed=f"a multiple of {world}: it is the global batch, split evenly "
                                   "over the ranks")
+    if world > 1 and cfg.device.startswith("cuda:"):
+        raise ConfigError(f"invalid value {cfg.device!r} under torchrun", key="device",
+                          allowed="auto or cuda: each process takes GPU LOCAL_RANK")
     if trainer.sync_bn and world > 1 and resolve_device(cfg.device).type != "cuda":
         raise ConfigError("SyncBatchNorm runs on GPUs only", key="trainer.sync_bn",
                           allowed="false on CPU")
@@ -211,9 +214,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
 
     run_name = "/".join([dataset["name"], run_path(cfg.distiller.name, cfg.teacher.name,
                                                    cfg.student.name, cfg.tag), f"seed{cfg.seed}"])
-    if dist_utils.is_main_process():
-        start_run_dir(run_dir, resolved, resuming=checkpoint is not None, overrides=overrides)
-    dist_utils.barrier()
+    dist_utils.on_main(lambda: start_run_dir(run_dir, resolved, resuming=checkpoint is not None,
+                                             overrides=overrides))
     seed_everything(cfg.seed)  # model init consumed randomness; training starts from the seed
     if dist_utils.rank() > 0:  # other augmentations (and teacher noise) on other ranks
         seed_everything(cfg.seed + 7919 * dist_utils.rank())
@@ -233,10 +235,10 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     summary = trainer.fit()
     log.info("done: best top-1 %.2f%%, last %.2f%%, %.0f images/s, %.1f s", summary["best_top1"],
              summary["last_top1"], summary["train_images_per_sec"] or 0, summary["wall_seconds"])
-    if (cfg.distiller.name == "none" and cfg.zoo.publish and not already_finished
-            and dist_utils.is_main_process()):
-        publish_to_zoo(zoo, dataset, cfg, run_dir, summary, data.num_classes)
-    dist_utils.barrier()   # e.g. a teacher trained for a run is in the zoo for every rank
+    if cfg.distiller.name == "none" and cfg.zoo.publish and not already_finished:
+        # before any rank goes on: e.g. a teacher trained for a run is in the zoo for all
+        dist_utils.on_main(lambda: publish_to_zoo(zoo, dataset, cfg, run_dir, summary,
+                                                  data.num_classes))
     return summary
 
 

@@ -209,14 +209,13 @@ def build_assistant_chain(cfg: DictConfig, dataset: dict, num_classes: int, zoo:
             for option, value in parent_teacher.items():
                 acfg.teacher[option] = value
             summary = train(acfg, overrides=[])
-            if dist_utils.is_main_process():
-                zoo.publish(dataset["name"], zoo_name, Path(acfg.run_dir) / "student.safetensors", {
-                    "top1": summary["last_top1"], "best_top1": summary["best_top1"],
+            meta = {"top1": summary["last_top1"], "best_top1": summary["best_top1"],
                     "epochs": summary["epochs"], "seed": cfg.seed,
                     "run_dir": str(Path(acfg.run_dir).resolve()), "num_classes": num_classes,
                     "split": split_identity(dataset), "distilled_from": parent_name,
-                    "teacher_weights": parent_weights, "kd": kd_options})
-            dist_utils.barrier()
+                    "teacher_weights": parent_weights, "kd": kd_options}
+            weights = Path(acfg.run_dir) / "student.safetensors"
+            dist_utils.on_main(lambda: zoo.publish(dataset["name"], zoo_name, weights, meta))
             entry = zoo.find(dataset["name"], zoo_name)
         check_split(entry, zoo_name, dataset)
         log.info("TAKD: assistant %s from the zoo: %s (top-1 %s)", zoo_name, entry.weights,

@@ -2,7 +2,9 @@
 Trainer on fake data, no augmentation, with BN-free models (per-rank BatchNorm statistics would
 make 2 x B/2 differ from 1 x B by design; SyncBatchNorm is GPU-only).
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR [memory|loader]
+
+200 images in global batches of 32: six full batches, then one of 8 (4 per rank), all taken.
 """
 import dataclasses
 import sys
@@ -17,7 +19,7 @@ from distill.distillers import build_distiller
 from distill.engine import distributed as dist_utils
 from distill.engine.trainer import Trainer, TrainerOptions
 
-GLOBAL_BATCH, STEPS = 32, 5
+GLOBAL_BATCH, STEPS = 32, 7
 
 
 def tiny_net(seed: int) -> nn.Module:
@@ -27,7 +29,7 @@ def tiny_net(seed: int) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
-def main(run_dir: Path) -> None:
+def main(run_dir: Path, data_path: str) -> None:
     dist_utils.init_from_env(use_cuda=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = fake(train_size=200, val_size=64)
@@ -36,7 +38,8 @@ def main(run_dir: Path) -> None:
     distiller = build_distiller("kd", tiny_net(0), tiny_net(1), {})
     trainer = Trainer(
         distiller, data, options=TrainerOptions(epochs=2, batch_size=GLOBAL_BATCH,
-                                                max_steps=STEPS, progress=False),
+                                                max_steps=STEPS, progress=False,
+                                                data_path=data_path),
         optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
         scheduler={"name": "multistep", "milestones": []}, run_dir=run_dir,
         device=torch.device("cpu"), loggers={}, config={}, run_name="ddp", seed=0)
@@ -44,4 +47,4 @@ def main(run_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "memory")

@@ -97,3 +97,13 @@ def test_data_path_choice():
     with pytest.raises(ConfigError) as err:
         data_path_transforms(untransformed, "memory")
     assert err.value.key == "trainer.data_path"
+
+
+def test_any_seed_works():
+    """Batch seeds mix (seed, epoch, batch, rank); they must stay in int64 for any run seed."""
+    data = fake(train_size=40)
+    sampler = EpochSampler(40, 20240101, global_batch=16)
+    loader = DeviceBatches(data.train, batch_transform_of(data.train), sampler, batch_size=16,
+                           device=torch.device("cpu"), seed=20240101)
+    loader.set_epoch(7, 0)
+    assert [len(y) for _, y in loader] == [16, 16, 8]

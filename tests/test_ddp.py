@@ -26,14 +26,16 @@ def torchrun(nproc: int, *args: str, env: dict | None = None, cwd: Path | None =
     return proc
 
 
-def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(tmp_path):
-    """2 x B/2 == 1 x B after k steps: same samples per step, gradients averaged over ranks,
-    top-1 counted over the whole validation set (BN-free models: see tests/ddp_worker.py)."""
+@pytest.mark.parametrize("data_path", ["memory", "loader"])
+def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(tmp_path, data_path):
+    """2 x B/2 == 1 x B after k steps, a whole epoch with its partial last batch: same samples
+    per step, gradients averaged over ranks, top-1 counted over the whole validation set
+    (BN-free models: see tests/ddp_worker.py)."""
     sys.path.insert(0, str(REPO / "tests"))
     from ddp_worker import GLOBAL_BATCH, STEPS, tiny_net
 
     for n in (1, 2):
-        torchrun(n, "tests/ddp_worker.py", str(tmp_path / f"n{n}"))
+        torchrun(n, "tests/ddp_worker.py", str(tmp_path / f"n{n}"), data_path)
     one, two = (load_file(str(tmp_path / f"n{n}" / "student.safetensors")) for n in (1, 2))
     init = tiny_net(0).state_dict()
     assert all((one[k] - init[k]).abs().max() > 1e-3 for k in one if k.endswith("weight"))

@@ -173,6 +173,22 @@ def test_the_dataloader_path_in_contiguous_format_trains_too(tmp_path):
     assert summary["best_top1"] > 50.0   # 10 classes: chance is 10%
 
 
+def test_runs_recorded_before_a_config_key_existed_still_resume(tmp_path):
+    """A checkpoint whose config lacks keys added later (here trainer.sync_bn and
+    trainer.channels_last) ran with their defaults: resuming it is not a different experiment."""
+    cfg = make_cfg(tmp_path, *FAST, "distiller=none", "trainer.max_steps=2")
+    run(cfg)
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("sync_bn", "channels_last"):
+        del ckpt["config"]["trainer"][key]
+    torch.save(ckpt, path)
+    summary = run(make_cfg(tmp_path, *FAST, "distiller=none"))
+    assert summary["steps"] == 8 and not summary["stopped_early"]
+    with pytest.raises(ConfigError, match="trainer.sync_bn"):   # a non-default value is a change
+        run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2", "trainer.sync_bn=true"))
+
+
 def test_rkd_survives_a_last_batch_of_one(tmp_path):
     """256 fake images in batches of 51 leave one image for the epoch's last step."""
     summary = run(make_cfg(tmp_path, *FAST, "distiller=rkd", "teacher.auto_train=true",

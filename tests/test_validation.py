@@ -56,3 +56,10 @@ def test_pretrained_teacher_with_a_replaced_head_is_refused(tmp_path, monkeypatc
     assert err.value.key == "teacher.pretrained"
     assert "student.pretrained=true" in str(err.value) and "student=tv_resnet18" in str(err.value)
     del torch
+
+
+def test_a_gpu_index_is_refused_under_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError) as err:
+        run(make_cfg(tmp_path, *BASE, "device=cuda:1"))
+    assert err.value.key == "device" and "LOCAL_RANK" in str(err.value)

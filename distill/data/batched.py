@@ -29,6 +29,7 @@ class BatchTransform:
     std: tuple[float, ...]
     padding: int = 0
     flip: bool = False
+    crop_size: tuple[int, int] | None = None   # the crop is the image size (checked per batch)
 
     @property
     def augments(self) -> bool:
@@ -39,7 +40,7 @@ class BatchTransform:
         """The batch form of `tensor_train_transform` / `tensor_eval_transform` pipelines;
         None for anything else (those keep the per-sample path)."""
         ops = list(getattr(transform, "transforms", [transform]))
-        padding, flip = 0, False
+        padding, flip, crop_size = 0, False, None
         if ops and isinstance(ops[0], v2.RandomCrop):
             crop = ops.pop(0)
             pad = crop.padding
@@ -48,13 +49,15 @@ class BatchTransform:
                     or not pad or len(set(pad)) != 1):
                 return None
             padding = pad[0]
+            crop_size = tuple(crop.size)
         if ops and isinstance(ops[0], v2.RandomHorizontalFlip) and ops[0].p == 0.5:
             ops.pop(0)
             flip = True
         kinds = [type(op) for op in ops]
-        if kinds != [v2.ToDtype, v2.Normalize, v2.ToPureTensor] or not ops[0].scale:
+        if (kinds != [v2.ToDtype, v2.Normalize, v2.ToPureTensor] or not ops[0].scale
+                or _dtype_of(ops[0]) is not torch.float32):
             return None
-        return cls(tuple(ops[1].mean), tuple(ops[1].std), padding, flip)
+        return cls(tuple(ops[1].mean), tuple(ops[1].std), padding, flip, crop_size)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
@@ -70,6 +73,8 @@ class BatchTransform:
     def _random_crop(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Each image's own crop of its zero-padded copy (torchvision's RandomCrop(padding=p))."""
         n, _, h, w = images.shape
+        if self.crop_size is not None and self.crop_size != (h, w):
+            raise ValueError(f"crop size {self.crop_size} differs from the images' {(h, w)}")
         p = self.padding
         padded = F.pad(images, (p, p, p, p))
         top = torch.randint(0, 2 * p + 1, (n,), device=images.device, generator=generator)
@@ -79,6 +84,11 @@ class BatchTransform:
         batch = torch.arange(n, device=images.device)[:, None, None]
         # gathered as [n,h,w,c]; made plain NCHW so the memory format is the trainer's choice
         return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def _dtype_of(to_dtype: v2.ToDtype):
+    dtype = to_dtype.dtype
+    return dtype.get(torch.Tensor, dtype.get("others")) if isinstance(dtype, dict) else dtype
 
 
 def _fill_values(fill) -> Sequence:
@@ -122,8 +132,8 @@ class DeviceBatches:
             index = order[start:start + self.batch_size]
             if self.transform.augments:
                 batch = self.first_batch + i
-                self.generator.manual_seed(
-                    ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + batch) * 1_009 + self.rank)
+                mixed = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + batch) * 1_009 + self.rank
+                self.generator.manual_seed(mixed % (2**63 - 1))   # any seed: stays in int64
             yield self.transform(self.images[index], self.generator), self.labels[index]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -84,6 +84,22 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """Run `fn` (a side effect: files, the zoo) on rank 0 only; every rank then returns its
+    result or raises its exception, so an error there stops all ranks instead of leaving the
+    others waiting at the next collective."""
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            error = exc
+    result, error = broadcast_object((result, error)) if world_size() > 1 else (result, error)
+    if error is not None:
+        raise error
+    return result
 
 
 def broadcast_tensors(tensors: Iterable[torch.Tensor]) -> None:

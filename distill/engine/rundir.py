@@ -19,10 +19,37 @@ log = logging.getLogger("distill")
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.resume", "trainer.num_workers",
                      "trainer.log_every", "trainer.progress", "trainer.eval_batch_size", "logger",
                      "run_dir", "zoo", "teacher.auto_train", "teacher.auto_train_epochs", "device",
+                     "trainer.channels_last",   # memory layout only
                      "world_size",   # the global batch is the same on any number of ranks
                      "trainer.data_path")   # the same augmentation, another random stream
 RUN_ARTIFACTS = ("metrics.jsonl", "summary.json", "student.safetensors", "checkpoints", "wandb",
                  ".hydra")
+
+
+def _schema_defaults() -> dict[str, Any]:
+    """Default of every key of the config schema, by dotted path: a run recorded before a key
+    existed ran with its default."""
+    from omegaconf import OmegaConf
+
+    from distill.config import TrainConfig
+
+    def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(tree, dict):
+            return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): tree}
+
+    schema = OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False)
+    return {k: v for k, v in flatten(schema).items() if v != "???"}
+
+
+_DEFAULTS: dict[str, Any] | None = None
+
+
+def _default_of(path: str) -> Any:
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        _DEFAULTS = _schema_defaults()
+    return _DEFAULTS.get(path, object())
 
 
 def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -32,6 +59,8 @@ def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
             path = f"{prefix}{key}"
             if any(path == k or path.startswith(k + ".") for k in RESUMABLE_CHANGES):
                 continue
+            if key not in old and key in new and _default_of(path) == new[key]:
+                continue   # added to the schema after that run was recorded
             diffs += config_differences(old.get(key), new.get(key), path + ".")
         return diffs
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]

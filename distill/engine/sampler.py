@@ -27,6 +27,8 @@ class EpochSampler(Sampler[int]):
     batch (the last one split as evenly as possible). So N ranks see together exactly the
     samples one process sees with the same global batch, and a resumed run needs no sampler
     state: it sets the epoch and the batch and continues where the interrupted run would have.
+    (When the last batch does not split evenly, DDP's average of the ranks' batch means weighs
+    its samples slightly unequally; every other step is the one-process step.)
     """
 
     def __init__(self, size: int, seed: int, *, global_batch: int, rank: int = 0,

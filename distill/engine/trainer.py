@@ -164,6 +164,8 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = RunState(**ckpt["state"])
         set_rng_state(ckpt["rng"])
+        if dist_utils.rank() > 0:   # the checkpoint holds rank 0's stream; others get their own
+            torch.manual_seed(epoch_seed(self.seed + 7919 * dist_utils.rank(), self.state.global_step))
         # TensorBoard drops events past the checkpoint, so resumed curves are not duplicated
         self.tracker_resume = {**ckpt["trackers"], "tensorboard": {"step": self.state.global_step + 1}}
         log.info("resuming %s at step %d (epoch %d)", self.run_dir, self.state.global_step,
@@ -222,7 +224,8 @@ class Trainer:
                     self.sampler.set_epoch(epoch, first_batch)
                     if isinstance(self.train_loader, DeviceBatches):
                         self.train_loader.set_epoch(epoch, first_batch)
-                    self.worker_seeds.manual_seed(epoch_seed(self.seed, epoch))
+                    self.worker_seeds.manual_seed(   # rank 0: the single-process seed
+                        epoch_seed(self.seed + 7919 * dist_utils.rank(), epoch))
                     epoch_terms = self._train_epoch(epoch, bar)
                     self._end_epoch(epoch, epoch_terms)
             return self._finish()
