@@ -28,7 +28,7 @@ from distill.engine import distributed as dist_utils
 from distill.engine.optim import OPTIMIZERS, SCHEDULES
 from distill.engine.rundir import check_run_dir, start_run_dir
 from distill.engine.trainer import (
-    DATA_PATHS, PRECISIONS, Trainer, TrainerOptions, data_path_transforms)
+    COMPILE_CHOICES, DATA_PATHS, PRECISIONS, Trainer, TrainerOptions, data_path_transforms)
 from distill.errors import ConfigError, unknown_name_error
 from distill.models import create_model, list_models, model_spec
 from distill.registry import check_options
@@ -77,6 +77,10 @@ def validate(cfg: DictConfig) -> dict:
         ("trainer.log_every", trainer.log_every >= 1, "at least 1"),
         ("trainer.precision", trainer.precision in PRECISIONS, ", ".join(PRECISIONS)),
         ("trainer.data_path", trainer.data_path in DATA_PATHS, ", ".join(DATA_PATHS)),
+        ("trainer.compile", trainer.compile in COMPILE_CHOICES, ", ".join(COMPILE_CHOICES)),
+        ("trainer.compile_backend", trainer.compile == "none"
+         or trainer.compile_backend in torch._dynamo.list_backends(exclude_tags=()),
+         ", ".join(torch._dynamo.list_backends(exclude_tags=()))),
     ]
     for key, ok, allowed in checks:
         if not ok:

@@ -61,6 +61,8 @@ class TrainerConfig:
     sync_bn: bool = False             # DDP on GPUs: BN statistics over all ranks
     data_path: str = "auto"           # auto | memory (batched on the device) | loader
     channels_last: bool = True        # NHWC convolutions (measured faster: docs/bench-cpu.md)
+    compile: str = "none"             # none | teacher | student | both (torch.compile)
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager, eager: to debug)
 
 
 @dataclass

@@ -189,6 +189,27 @@ def test_runs_recorded_before_a_config_key_existed_still_resume(tmp_path):
         run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2", "trainer.sync_bn=true"))
 
 
+def test_compiled_student_and_teacher_train_like_eager_ones(tmp_path):
+    """trainer.compile=both (dynamo's `eager` backend here: the graph capture without inductor's
+    minute of C++ compiling) keeps FitNet's hooks, connector and checkpoints working, and gives
+    the weights of the uncompiled run."""
+    base = [*FAST, "distiller=fitnet", "teacher.auto_train=true", "teacher.auto_train_epochs=1",
+            "trainer.max_steps=3"]
+    import torch._dynamo
+
+    plain = run(make_cfg(tmp_path, *base, run="plain"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = run(make_cfg(tmp_path, *base, "trainer.compile=both",
+                            "trainer.compile_backend=eager", run="compiled"))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2   # student and teacher
+    assert not torch._dynamo.utils.counters["graph_break"], "the feature hooks broke the graph"
+    assert compiled["steps"] == plain["steps"] == 3
+    a = load_file(str(tmp_path / "plain" / "student.safetensors"))
+    b = load_file(str(tmp_path / "compiled" / "student.safetensors"))
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
 def test_rkd_survives_a_last_batch_of_one(tmp_path):
     """256 fake images in batches of 51 leave one image for the epoch's last step."""
     summary = run(make_cfg(tmp_path, *FAST, "distiller=rkd", "teacher.auto_train=true",

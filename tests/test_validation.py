@@ -63,3 +63,9 @@ def test_a_gpu_index_is_refused_under_torchrun(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as err:
         run(make_cfg(tmp_path, *BASE, "device=cuda:1"))
     assert err.value.key == "device" and "LOCAL_RANK" in str(err.value)
+
+
+def test_unknown_compile_backend_names_the_choices(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        run(make_cfg(tmp_path, *BASE, "trainer.compile=student", "trainer.compile_backend=inductr"))
+    assert err.value.key == "trainer.compile_backend" and "inductor" in str(err.value)

@@ -34,12 +34,17 @@ from distill.models import create_model, model_spec  # noqa: E402
 
 def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, steps: int,
                          warmup: int, device: torch.device,
-                         memory_format: torch.memory_format = torch.channels_last) -> float:
+                         memory_format: torch.memory_format = torch.channels_last,
+                         compile: str = "none") -> float:
     torch.manual_seed(0)
     info = BuildInfo(model_spec(student), model_spec(teacher), (3, 32, 32))
     distiller = build_distiller(method, create_model(student, num_classes=100),
                                 None if method == "none" else create_model(teacher, num_classes=100),
                                 {}, info).to(device, memory_format=memory_format)
+    if compile in ("teacher", "both") and distiller.teacher is not None:
+        distiller.teacher.compile()
+    if compile in ("student", "both"):
+        distiller.student.compile()
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01, momentum=0.9,
                                 weight_decay=5e-4)
     images = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
@@ -64,7 +69,8 @@ def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, st
 
 
 def trainer_images_per_sec(method: str, teacher: str, student: str, batch: int, steps: int,
-                           warmup: int, workdir: Path, data_path: str, device: str) -> float:
+                           warmup: int, workdir: Path, data_path: str, device: str,
+                           compile: str = "none") -> float:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
@@ -81,7 +87,8 @@ def trainer_images_per_sec(method: str, teacher: str, student: str, batch: int, 
                  "dataset.val_size=100", f"trainer.batch_size={batch}", "trainer.epochs=1",
                  f"trainer.max_steps={steps + warmup}", f"trainer.log_every={warmup}",
                  "trainer.progress=false", f"trainer.data_path={data_path}", "logger=jsonl",
-                 f"teacher.checkpoint={weights}", f"zoo.root={workdir / 'zoo'}", f"device={device}"]
+                 f"teacher.checkpoint={weights}", f"zoo.root={workdir / 'zoo'}", f"device={device}",
+                 f"trainer.compile={compile}"]
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     OmegaConf.set_struct(cfg, False)
@@ -124,6 +131,8 @@ def main() -> None:
     parser.add_argument("--data-paths", default="memory",
                         help="trainer data paths to measure: memory, loader or both")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", default="none", choices=("none", "teacher", "student", "both"),
+                        help="torch.compile in both measurements (warm-up steps absorb the compile)")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     args = parser.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,11 +147,12 @@ def main() -> None:
                 floors, trainers = [], {p: [] for p in args.data_paths.split(",")}
                 for _ in range(args.repeats):
                     floors.append(floor_images_per_sec(method, args.teacher, args.student, batch,
-                                                       args.steps, args.warmup, device))
+                                                       args.steps, args.warmup, device,
+                                                       compile=args.compile))
                     for path in trainers:
                         trainers[path].append(trainer_images_per_sec(
                             method, args.teacher, args.student, batch, args.steps, args.warmup,
-                            Path(tmp), path, str(device)))
+                            Path(tmp), path, str(device), args.compile))
                 floor = statistics.median(floors)
                 row = {"method": method, "batch": batch, "floor": floor}
                 for path, values in trainers.items():
@@ -155,7 +165,8 @@ def main() -> None:
     header = ("| method | batch | floor img/s | "
               + " | ".join(f"trainer ({p}) img/s | {p} / floor" for p in paths) + " |")
     lines = [f"{args.teacher} -> {args.student}, CIFAR-size (3x32x32, 100 classes), "
-             f"{device.type}; {machine()}; median of {args.repeats} interleaved runs of "
+             f"{device.type}; {machine()}; torch.compile: {args.compile}; "
+             f"median of {args.repeats} interleaved runs of "
              f"{args.steps} steps after {args.warmup} warm-up steps.", "",
              "```", "python tools/bench.py " + " ".join(sys.argv[1:]), "```", "",
              header, "|" + "---|" * (3 + 2 * len(paths))]

@@ -60,6 +60,8 @@ class TrainerOptions:
     sync_bn: bool = False      # DDP on GPUs: batch statistics over all ranks (SyncBatchNorm)
     data_path: str = "auto"    # memory (in-memory datasets, batched on the device) | loader
     channels_last: bool = True  # NHWC convolutions: faster on this CPU and on tensor-core GPUs
+    compile: str = "none"      # torch.compile the teacher, the student, or both
+    compile_backend: str = "inductor"
 
 
 @dataclass
@@ -121,6 +123,11 @@ class Trainer:
         self.steps_per_epoch = self.sampler.steps
         self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
         distiller.to(memory_format=self.memory_format)
+        # in place (nn.Module.compile): state-dict keys, hooks and checkpoints stay as they are
+        if options.compile in ("teacher", "both") and distiller.teacher is not None:
+            distiller.teacher.compile(backend=options.compile_backend)
+        if options.compile in ("student", "both"):
+            distiller.student.compile(backend=options.compile_backend)
         self.model = self._wrap(distiller, sync_bn=options.sync_bn)
         self.optimizer = build_optimizer(distiller.trainable_parameters(), **optimizer)
         self.scheduler = build_scheduler(self.optimizer, steps_per_epoch=self.steps_per_epoch,
@@ -345,6 +352,7 @@ class Trainer:
 
 
 DATA_PATHS = ("auto", "memory", "loader")
+COMPILE_CHOICES = ("none", "teacher", "student", "both")
 
 
 def data_path_transforms(data: DatasetBundle, data_path: str
