@@ -99,6 +99,48 @@ def trainer_images_per_sec(method: str, teacher: str, student: str, batch: int, 
     return statistics.median(windows[1:])
 
 
+def torchdistill_images_per_sec(teacher: str, student: str, batch: int, steps: int, warmup: int,
+                                device: torch.device) -> float:
+    """KD in torchdistill (pip package; its DistillationBox, KDLoss T=4 alpha=0.9, SGD) on the same
+    models and the same fake data with the same per-image pipeline, DataLoader without workers:
+    how a torchdistill user trains. Timed over `steps` after `warmup` steps."""
+    from torch.utils.data import RandomSampler
+    from torchdistill.core.distillation import get_distillation_box
+
+    from distill.data.fake import fake
+
+    torch.manual_seed(0)
+    data = fake(num_classes=100, train_size=batch * (steps + warmup), val_size=100)
+    models = {"forward_proc": "forward_batch_only", "sequential": [], "frozen_modules": [],
+              "forward_hook": {"input": [], "output": []}, "wrapper": None}
+    kd = {"student_module_path": ".", "student_module_io": "output", "teacher_module_path": ".",
+          "teacher_module_io": "output", "temperature": 4.0, "alpha": 0.9, "reduction": "batchmean"}
+    config = {
+        "num_epochs": 1,
+        "train_data_loader": {"dataset_id": "train", "kwargs": {"batch_size": batch, "num_workers": 0,
+                                                                "drop_last": True},
+                              "sampler": {"class_or_func": RandomSampler, "kwargs": {}}},
+        "teacher": {**models, "requires_grad": False},
+        "student": {**models, "adaptations": None, "requires_grad": True},
+        "optimizer": {"key": "SGD", "kwargs": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}},
+        "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {
+            "criterion": {"key": "KDLoss", "kwargs": kd}, "weight": 1.0}}}},
+    }
+    box = get_distillation_box(create_model(teacher, num_classes=100).to(device),
+                               create_model(student, num_classes=100).to(device),
+                               {"train": data.train}, config, device, None, False, 1)
+    box.pre_epoch_process(epoch=0)
+    start = time.perf_counter()
+    for i, (images, targets, supp) in enumerate(box.train_data_loader):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        loss = box.forward_process(images.to(device), targets.to(device), supp)
+        box.post_forward_process(loss=loss)
+    sync(device)
+    return batch * steps / (time.perf_counter() - start)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -134,9 +176,17 @@ def main() -> None:
     parser.add_argument("--compile", default="none", choices=("none", "teacher", "student", "both"),
                         help="torch.compile in both measurements (warm-up steps absorb the compile)")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
+    parser.add_argument("--against-torchdistill", action="store_true",
+                        help="also time KD in torchdistill (pip install torchdistill==1.1.5)")
     args = parser.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if args.device == "auto" else args.device)
+    if args.against_torchdistill:
+        try:
+            import torchdistill  # noqa: F401
+        except ImportError:
+            sys.exit("error: --against-torchdistill: torchdistill is not installed "
+                     "(pip install torchdistill==1.1.5)")
     import logging
     logging.getLogger("distill").setLevel(logging.WARNING)
 
@@ -149,10 +199,13 @@ def main() -> None:
                     floors.append(floor_images_per_sec(method, args.teacher, args.student, batch,
                                                        args.steps, args.warmup, device,
                                                        compile=args.compile))
-                    for path in trainers:
+                    for path in args.data_paths.split(","):
                         trainers[path].append(trainer_images_per_sec(
                             method, args.teacher, args.student, batch, args.steps, args.warmup,
                             Path(tmp), path, str(device), args.compile))
+                    if args.against_torchdistill and method == "kd":
+                        trainers.setdefault("torchdistill", []).append(torchdistill_images_per_sec(
+                            args.teacher, args.student, batch, args.steps, args.warmup, device))
                 floor = statistics.median(floors)
                 row = {"method": method, "batch": batch, "floor": floor}
                 for path, values in trainers.items():
@@ -162,6 +215,8 @@ def main() -> None:
                                for k, v in row.items()), flush=True)
 
     paths = list(args.data_paths.split(","))
+    if args.against_torchdistill:
+        paths.append("torchdistill")
     header = ("| method | batch | floor img/s | "
               + " | ".join(f"trainer ({p}) img/s | {p} / floor" for p in paths) + " |")
     lines = [f"{args.teacher} -> {args.student}, CIFAR-size (3x32x32, 100 classes), "
@@ -173,7 +228,7 @@ def main() -> None:
     for row in rows:
         cells = [row["method"], str(row["batch"]), f"{row['floor']:.0f}"]
         for p in paths:
-            cells += [f"{row[p]:.0f}", f"{row[p] / row['floor']:.2f}"]
+            cells += [f"{row[p]:.0f}", f"{row[p] / row['floor']:.2f}"] if p in row else ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     print(table)
