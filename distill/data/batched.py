@@ -11,6 +11,7 @@ run replays them exactly without saving any generator state.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -66,9 +67,14 @@ class BatchTransform:
         if self.flip:
             flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        mean, std = self._stats(images.device)
         return (images.float() / 255.0 - mean) / std
+
+    @functools.lru_cache(maxsize=4)
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as [1,C,1,1] tensors on `device`, made once (not a copy every batch)."""
+        return (torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
+                torch.tensor(self.std, device=device).view(1, -1, 1, 1))
 
     def _random_crop(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Each image's own crop of its zero-padded copy (torchvision's RandomCrop(padding=p))."""

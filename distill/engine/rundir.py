@@ -1,6 +1,7 @@
 """The run directory: is it a run to resume, a different experiment, or old files to set aside?"""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -26,6 +27,7 @@ RUN_ARTIFACTS = ("metrics.jsonl", "summary.json", "student.safetensors", "checkp
                  ".hydra")
 
 
+@functools.cache
 def _schema_defaults() -> dict[str, Any]:
     """Default of every key of the config schema, by dotted path: a run recorded before a key
     existed ran with its default."""
@@ -42,14 +44,8 @@ def _schema_defaults() -> dict[str, Any]:
     return {k: v for k, v in flatten(schema).items() if v != "???"}
 
 
-_DEFAULTS: dict[str, Any] | None = None
-
-
 def _default_of(path: str) -> Any:
-    global _DEFAULTS
-    if _DEFAULTS is None:
-        _DEFAULTS = _schema_defaults()
-    return _DEFAULTS.get(path, object())
+    return _schema_defaults().get(path, object())
 
 
 def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
