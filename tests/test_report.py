@@ -1,0 +1,336 @@
+"""tools/report.py: run directories in the real on-disk format -> grouped, averaged tables.
+
+The fake sweep below plants known accuracies; every expected figure is computed here again from
+the planted numbers with `statistics`, not with the code under test.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from distill import report
+
+REPO = Path(__file__).resolve().parents[1]
+REPORT = REPO / "tools" / "report.py"
+TRAIN = REPO / "tools" / "train.py"
+PAIRS = {"resnet32 -> resnet8": ("resnet32", "resnet8"), "resnet56 -> resnet20": ("resnet56", "resnet20")}
+# (pair, method) -> per-seed (best, last); methods as the table labels them
+PLANTED = {
+    ("resnet32 -> resnet8", "none"): [(70.1, 69.5), (71.3, 70.2), (69.8, 69.0)],
+    ("resnet32 -> resnet8", "kd"): [(73.4, 72.9), (74.0, 73.1), (72.8, 72.2)],
+    ("resnet32 -> resnet8", "dkd (beta=2)"): [(74.5, 74.0), (75.1, 74.6), (74.2, 73.3)],
+    ("resnet32 -> resnet8", "dkd (beta=8)"): [(73.0, 72.0), (73.6, 73.1), (72.5, 71.9)],
+    ("resnet56 -> resnet20", "none"): [(69.1, 68.6), (68.7, 68.1), (69.9, 69.2)],
+    ("resnet56 -> resnet20", "kd"): [(71.2, 70.7), (70.9, 70.5), (71.8, 71.0)],
+    ("resnet56 -> resnet20", "dkd (beta=2)"): [(72.0, 71.6), (71.7, 71.5), (72.4, 72.1)],
+    ("resnet56 -> resnet20", "dkd (beta=8)"): [(70.8, 70.1), (71.5, 70.9), (70.2, 70.0)],
+}
+TEACHER_TOP1 = {"resnet32": 71.5, "resnet56": 72.3}
+EPOCHS = 4
+
+
+def config(teacher: str, student: str, method: str, seed: int, run_dir: Path) -> dict:
+    """The resolved config a run saves in .hydra/config.yaml (the keys a real one has)."""
+    name, _, beta = method.partition(" (beta=")
+    distiller = {"name": name, "ce_weight": 1.0}
+    if name == "kd":
+        # a per-pair value, as experiment files tune them: it must not split the kd row
+        distiller.update(kd_weight=0.9, temperature=4.0 if student == "resnet8" else 2.0)
+    if name == "dkd":
+        distiller.update(alpha=1.0, beta=float(beta.rstrip(")")), temperature=4.0, warmup_epochs=20)
+    return {
+        "dataset": {"name": "cifar100", "root": "data", "download": True, "augment": True,
+                    "train_fraction": 1.0,
+                    "recipe": {"epochs": EPOCHS, "batch_size": 64, "lr": 0.05,
+                               "weight_decay": 0.0005, "milestones": [2, 3]}},
+        "teacher": {"name": teacher, "pretrained": False, "checkpoint": None, "auto_train": False,
+                    "auto_train_epochs": None},
+        "student": {"name": student, "pretrained": False},
+        "distiller": distiller,
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005,
+                      "nesterov": False},
+        "scheduler": {"name": "multistep", "milestones": [2, 3], "gamma": 0.1,
+                      "warmup_epochs": 0.0, "min_lr_ratio": 0.0},
+        "trainer": {"epochs": EPOCHS, "batch_size": 64, "eval_batch_size": 256, "max_steps": None,
+                    "num_workers": seed, "log_every": 20, "precision": "fp32", "resume": True,
+                    "progress": seed == 0, "sync_bn": False, "data_path": "auto",
+                    "channels_last": True, "compile": "none", "compile_backend": "inductor"},
+        "logger": {"tensorboard": {"flush_secs": 30}},
+        "zoo": {"root": "zoo", "publish": True},
+        "seed": seed, "device": "auto", "tag": f"t{seed}", "tuned": {"dkd": {"beta": 2.0}},
+        "run_dir": str(run_dir),
+    }
+
+
+def curve(last: float, epochs: int = EPOCHS) -> list[float]:
+    return [last * (e + 1) / epochs for e in range(epochs)]
+
+
+def write_run(run_dir: Path, cfg: dict, best: float | None, last: float | None,
+              teacher_top1: float | None, epochs_done: int = EPOCHS, summary: bool = True,
+              stopped_early: bool = False) -> None:
+    """A run directory as distill writes it: .hydra/config.yaml, metrics.jsonl, summary.json."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(cfg), run_dir / ".hydra" / "config.yaml")
+    top1 = curve(last or 0.0, cfg["trainer"]["epochs"])[:epochs_done]
+    history = [{"epoch": e + 1, "step": 2 * (e + 1), "top1": t, "top5": 99.0}
+               for e, t in enumerate(top1)]
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for h in history:
+            f.write(json.dumps({"event": "train", "step": h["step"], "train/loss": 1.0}) + "\n")
+            f.write(json.dumps({"event": "epoch", "step": h["step"], "epoch": h["epoch"],
+                                "val/top1": h["top1"], "val/top5": 99.0}) + "\n")
+    if not summary:
+        return
+    data = {"best_top1": best, "last_top1": last, "teacher_top1": teacher_top1,
+            "train_images_per_sec": 500.0, "world_size": 1, "global_batch_size": 64,
+            "epochs": epochs_done, "steps": 2 * epochs_done, "stopped_early": stopped_early,
+            "wall_seconds": 60.0 + cfg["seed"], "student_params": 1234,
+            "connector_params": 0, "history": history}
+    (run_dir / "summary.json").write_text(json.dumps(data, indent=2))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """Two sweep folders (job dirs 0, 1, ... as Hydra numbers them) plus three unfinished runs."""
+    root = tmp_path_factory.mktemp("report")
+    job = 0
+    for (pair, method), seeds in PLANTED.items():
+        teacher, student = PAIRS[pair]
+        folder = root / ("sweep-8" if student == "resnet8" else "sweep-20")
+        for seed, (best, last) in enumerate(seeds):
+            run_dir = folder / str(job)
+            job += 1
+            write_run(run_dir, config(teacher, student, method, seed, run_dir), best, last,
+                      None if method == "none" else TEACHER_TOP1[teacher])
+    unfinished = root / "sweep-8"
+    cfg = config("resnet32", "resnet8", "kd", 3, unfinished / "crashed")
+    cfg["trainer"]["epochs"] = 200
+    write_run(unfinished / "crashed", cfg, None, 1.0, None, epochs_done=37, summary=False)
+    cfg = config("resnet32", "resnet8", "kd", 4, unfinished / "smoke")
+    cfg["trainer"]["max_steps"] = 2
+    write_run(unfinished / "smoke", cfg, 2.0, 2.0, 71.5, epochs_done=1, stopped_early=True)
+    cfg = config("resnet32", "resnet8", "kd", 5, unfinished / "short")
+    cfg["trainer"]["epochs"] = 8
+    write_run(unfinished / "short", cfg, 3.0, 3.0, 71.5, epochs_done=EPOCHS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def rows(sweep) -> list[report.Row]:
+    runs, _ = report.load_runs([sweep / "sweep-8", sweep / "sweep-20"])
+    return report.summarize(report.group_runs(runs))
+
+
+def find(rows: list[report.Row], pair: str, method: str) -> report.Row:
+    teacher, student = PAIRS[pair]
+    found = [r for r in rows if r.method == method and r.student == student
+             and r.teacher in (teacher, None)]
+    assert len(found) == 1, [(r.pair, r.method) for r in rows]
+    return found[0]
+
+
+def test_one_row_per_method_and_pair_dkd_betas_apart(rows):
+    assert {(r.pair, r.method) for r in rows} == {
+        (pair if method != "none" else PAIRS[pair][1], method) for pair, method in PLANTED}
+    # kd's temperature differs between the pairs only: one kd row, the value in its settings
+    assert find(rows, "resnet32 -> resnet8", "kd").settings == "temperature=4"
+    assert find(rows, "resnet56 -> resnet20", "kd").settings == "temperature=2"
+
+
+@pytest.mark.parametrize("pair_method", list(PLANTED), ids=lambda pm: f"{pm[0]}|{pm[1]}")
+def test_mean_and_sample_std_over_seeds(rows, pair_method):
+    row = find(rows, *pair_method)
+    best, last = zip(*PLANTED[pair_method])
+    assert row.n == 3 and row.seeds == [0, 1, 2]
+    assert row.mean("best") == pytest.approx(statistics.mean(best))
+    assert row.std("best") == pytest.approx(statistics.stdev(best))
+    assert row.mean("last") == pytest.approx(statistics.mean(last))
+    assert row.std("last") == pytest.approx(statistics.stdev(last))
+    assert row.wall_seconds == pytest.approx(61.0)
+    teacher = PAIRS[pair_method[0]][0]
+    assert row.teacher_top1 == (None if pair_method[1] == "none" else TEACHER_TOP1[teacher])
+    epochs, top1 = zip(*row.curve)
+    assert epochs == tuple(range(1, EPOCHS + 1))
+    assert top1 == pytest.approx([statistics.mean(c) for c in zip(*(curve(v) for v in last))])
+
+
+def test_gain_is_the_difference_of_means_over_the_vanilla_student(rows):
+    for pair, method in PLANTED:
+        row = find(rows, pair, method)
+        if method == "none":
+            assert row.gain == {"best": None, "last": None}
+            continue
+        for i, metric in enumerate(("best", "last")):
+            ours = statistics.mean(s[i] for s in PLANTED[pair, method])
+            vanilla = statistics.mean(s[i] for s in PLANTED[pair, "none"])
+            assert row.gain[metric] == pytest.approx(ours - vanilla)
+
+
+def test_unfinished_runs_are_listed_with_the_reason_and_not_averaged(sweep, rows):
+    _, unfinished = report.load_runs([sweep])
+    reasons = {u.path.name: u.reason for u in unfinished}
+    assert reasons == {
+        "crashed": "no summary.json (last epoch 37 of 200 in metrics.jsonl)",
+        "smoke": "stopped early (trainer.max_steps=2) after 1 of 4 epochs",
+        "short": "4 of 8 epochs done"}
+    assert find(rows, "resnet32 -> resnet8", "kd").n == 3
+    text = report.render_markdown(rows, unfinished)
+    assert "### Unfinished runs (not averaged in)" in text
+    for u in unfinished:
+        assert f"`{u.path}`: {u.reason}" in text
+
+
+def test_markdown_table_has_a_column_per_pair_and_a_cell_per_method(rows):
+    text = report.render_markdown(rows, [], metric="last")
+    header = next(line for line in text.splitlines() if line.startswith("| method |"))
+    assert header == "| method | resnet32 -> resnet8 | resnet56 -> resnet20 |"
+    table = {line.split(" | ")[0].lstrip("| "): line for line in text.split("\n\n")[2].splitlines()}
+    assert table["teacher"] == "| teacher | 71.50 | 72.30 |"
+    for method in ("none", "kd", "dkd (beta=2)", "dkd (beta=8)"):
+        cells = []
+        for pair in PAIRS:
+            last = [s[1] for s in PLANTED[pair, method]]
+            cell = f"{statistics.mean(last):.2f} ± {statistics.stdev(last):.2f} (3)"
+            if method != "none":
+                vanilla = statistics.mean(s[1] for s in PLANTED[pair, "none"])
+                cell += f" {statistics.mean(last) - vanilla:+.2f}"
+            cells.append(cell)
+        assert table[method] == f"| {method} | " + " | ".join(cells) + " |"
+    # --metric best switches the cells and the gain
+    best = report.render_markdown(rows, [], metric="best")
+    kd = [s[0] for s in PLANTED["resnet32 -> resnet8", "kd"]]
+    none = [s[0] for s in PLANTED["resnet32 -> resnet8", "none"]]
+    assert (f"| kd | {statistics.mean(kd):.2f} ± {statistics.stdev(kd):.2f} (3) "
+            f"{statistics.mean(kd) - statistics.mean(none):+.2f} |") in best
+
+
+def test_one_seed_shows_no_std_and_unknown_models_show_no_flops(tmp_path):
+    cfg = config("resnet32", "no_such_net", "none", 0, tmp_path / "run")
+    write_run(tmp_path / "run", cfg, 50.0, 40.0, None)
+    runs, _ = report.load_runs([tmp_path])
+    [row] = report.summarize(report.group_runs(runs))
+    assert report.cell(row, "last") == "40.00 (1)"
+    assert row.std("last") is None
+    assert "| 1 | 50.00 (1) | 40.00 (1) |" in report.render_markdown([row], [])
+    assert report.csv_record(row)["flops"] == ""
+    assert "| 1.23K | ? |" in report.render_markdown([row], [])
+
+
+def test_flops_of_a_cifar_model():
+    # resnet8: 3x3 convs and a 10-way fc at 32x32; counted multiply-adds are 2 FLOPs
+    assert report.flops("resnet8", 10, 32) == pytest.approx(25_003_264)
+    assert report.flops("resnet8", 10, 32) < report.flops("resnet20", 100, 32)
+
+
+def test_vanilla_run_serves_every_pair_with_its_student(tmp_path):
+    """Vanilla training has no teacher: its config's teacher.* must not matter."""
+    for i, (teacher, method) in enumerate([("resnet56", "none"), ("resnet32", "kd"),
+                                           ("resnet44", "kd")]):
+        cfg = config(teacher, "resnet8", method, 0, tmp_path / str(i))
+        cfg["teacher"]["checkpoint"] = f"{teacher}.safetensors"
+        write_run(tmp_path / str(i), cfg, 60.0 + i, 50.0 + i, None if i == 0 else 70.0)
+    runs, _ = report.load_runs([tmp_path])
+    rows = report.summarize(report.group_runs(runs))
+    assert [r.method for r in rows] == ["none", "kd", "kd"]
+    assert [r.gain["last"] for r in rows] == [None, 1.0, 2.0]
+    text = report.render_markdown(rows, [])
+    assert "| none | 50.00 (1) | 50.00 (1) |" in text
+
+
+def test_csv_is_the_long_form_table(rows, tmp_path):
+    report.write_csv(rows, tmp_path / "out" / "table.csv")
+    with open(tmp_path / "out" / "table.csv", newline="") as f:
+        records = list(csv.DictReader(f))
+    assert len(records) == len(PLANTED)
+    assert list(records[0]) == list(report.CSV_COLUMNS)
+    for pair, method in PLANTED:
+        teacher, student = PAIRS[pair]
+        [rec] = [r for r in records if r["method"] == method and r["student"] == student]
+        best, last = zip(*PLANTED[pair, method])
+        assert rec["teacher"] == ("" if method == "none" else teacher)
+        assert rec["n"] == "3" and rec["seeds"] == "0 1 2"
+        assert float(rec["best_mean"]) == pytest.approx(statistics.mean(best))
+        assert float(rec["last_std"]) == pytest.approx(statistics.stdev(last))
+        assert rec["num_classes"] == "100" and rec["image_size"] == "32"
+        assert int(rec["flops"]) > 0
+        if method == "none":
+            assert rec["gain_last"] == ""
+        else:
+            vanilla = statistics.mean(s[1] for s in PLANTED[pair, "none"])
+            assert float(rec["gain_last"]) == pytest.approx(statistics.mean(last) - vanilla)
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("report_tool", REPORT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tool_writes_markdown_csv_and_png(sweep, tmp_path, capsys):
+    png, table = tmp_path / "fig.png", tmp_path / "t.csv"
+    code = load_tool().main([str(sweep), "--csv", str(table), "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| method | resnet32 -> resnet8 | resnet56 -> resnet20 |" in out
+    assert "no summary.json (last epoch 37 of 200 in metrics.jsonl)" in out
+    assert table.read_text().count("\n") == len(PLANTED) + 1
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def run_tool(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPORT), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for args, says in [((str(tmp_path / "missing"),), f"no such directory: {tmp_path / 'missing'}"),
+                       ((str(tmp_path / "empty"),), "no run directories")]:
+        r = run_tool(*args, cwd=tmp_path)
+        assert r.returncode == 2, r
+        assert "Traceback" not in r.stderr, r
+        assert r.stderr.splitlines()[0].startswith("error: ") and says in r.stderr, r
+        assert r.stdout == ""
+
+
+def test_real_tiny_sweep_through_the_command_line(tmp_path):
+    """tools/train.py -m (fake data, 2 epochs, 2 seeds of none and kd; the first vanilla run
+    publishes the teacher the kd runs use), then tools/report.py on the sweep folder."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "CUDA_VISIBLE_DEVICES")}
+    env.update(DISTILL_ZOO=str(tmp_path / "zoo"), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    train = subprocess.run(
+        [sys.executable, str(TRAIN), "-m", "distiller=none,kd", "seed=0,1", "dataset=fake",
+         "dataset.train_size=32", "dataset.val_size=16", "trainer.batch_size=16",
+         "trainer.epochs=2", "student=resnet8", "teacher=resnet8", "logger=jsonl",
+         "trainer.progress=false", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-3000:]
+    r = run_tool(str(tmp_path / "sweep"), "--csv", str(tmp_path / "t.csv"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "| method | resnet8 -> resnet8 |" in r.stdout
+    summaries = {}
+    for job in sorted((tmp_path / "sweep").glob("[0-9]*")):
+        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+        summaries.setdefault(cfg.distiller.name, []).append(
+            json.loads((job / "summary.json").read_text())["last_top1"])
+    with open(tmp_path / "t.csv", newline="") as f:
+        records = {rec["distiller"]: rec for rec in csv.DictReader(f)}
+    assert set(records) == {"none", "kd"}
+    for name, last in summaries.items():
+        assert records[name]["n"] == "2"
+        assert float(records[name]["last_mean"]) == pytest.approx(statistics.mean(last))
+        assert float(records[name]["last_std"]) == pytest.approx(statistics.stdev(last))
+    assert float(records["kd"]["gain_last"]) == pytest.approx(
+        statistics.mean(summaries["kd"]) - statistics.mean(summaries["none"]))
