@@ -95,6 +95,6 @@ def check_positive(value: Any, key: str) -> int:
 
 
 # Importing the builders registers them (they import the names above).
-from distill.data import cifar, digits, fake, folders  # noqa: E402,F401
+from distill.data import cifar, digits, fake, folders, mnist5k  # noqa: E402,F401
 
 __all__ = ["DATASETS", "DatasetBundle", "TensorImageDataset", "build_datasets"]
