@@ -128,6 +128,9 @@ def good_args(name: str, home: Path) -> list[str]:
         return ["-m", f"distiller={','.join(METHODS)}", "dataset=fake", "student=resnet8",
                 "teacher=resnet14", "teacher.auto_train=true", "teacher.auto_train_epochs=1",
                 *SMOKE, f"hydra.sweep.dir={home}/sweep"]
+    if name == "benchmark":   # the command line narrows the benchmark's grid to one job
+        return ["-m", "benchmark=digits", "distiller=none", "seed=1", "trainer.epochs=1", *SMOKE,
+                f"hydra.sweep.dir={home}/sweep"]
     if name == "console-script":
         return ["--cfg", "job", "distiller=none", "student=resnet8", "dataset=digits"]
     if name == "help":
@@ -295,6 +298,18 @@ def test_multirun_gives_each_job_a_complete_run_dir(results):
     assert by_method["none"].get("teacher_top1") is None
     # the vanilla job (or the kd job's auto-train) left the teacher in this run's private zoo
     assert (r.home / "zoo" / "fake" / "resnet8").is_dir()
+
+
+@needs_runs("benchmark")
+def test_benchmark_grid_narrowed_from_the_command_line(results):
+    r = results["benchmark"]
+    assert r.returncode == 0, r
+    jobs = sorted(p.parent.parent for p in (r.home / "sweep").rglob(".hydra/config.yaml"))
+    assert jobs == [r.home / "sweep" / "none" / "seed1"], jobs   # subdir: <distiller>/seed<N>
+    cfg = OmegaConf.load(jobs[0] / ".hydra" / "config.yaml")
+    assert (cfg.dataset.name, cfg.student.name, cfg.dataset.train_fraction) == \
+        ("digits", "resnet8", 0.05), "the benchmark's experiment=demo applies"
+    assert json.loads((jobs[0] / "summary.json").read_text())["steps"] == 2
 
 
 # the loss terms each method logs (besides train/loss)

@@ -21,7 +21,7 @@ from distill.models import list_models
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 
-FILE_GROUPS = ("dataset", "distiller", "experiment", "logger", "optimizer", "scheduler", "trainer")
+FILE_GROUPS = ("benchmark", "dataset", "distiller", "experiment", "logger", "optimizer", "scheduler", "trainer")
 # teacher/student options come from the model registry; a sample keeps this fast
 MODEL_SAMPLE = ("resnet8", "resnet20", "resnet56", "resnet110", "resnet32x4", "wrn_40_2", "vgg13",
                 "mobilenetv2", "shufflenetv1", "shufflenetv2", "tv_resnet18")
@@ -307,3 +307,32 @@ def test_command_line_beats_the_experiment_and_dkd_defaults_without_one():
     assert resolved("experiment=cifar100/res56_res20", "distiller=dkd",
                     "distiller.beta=3")["distiller"]["beta"] == 3
     assert resolved("distiller=dkd")["distiller"]["beta"] == 8.0
+
+
+# --- benchmark sweeps (benchmark=<name>, used with -m) ---------------------------------------
+def sweep_params(benchmark: str) -> dict[str, list[str]]:
+    params = make(f"benchmark={benchmark}", hydra_cfg=True).hydra.sweeper.params
+    return {k: [v.strip() for v in str(params[k]).split(",")] for k in params}
+
+
+def test_cifar100_benchmark_sweeps_every_reference_pair():
+    params = sweep_params("cifar100")
+    assert sorted(params["experiment"]) == sorted(f"cifar100/{p}" for p in CIFAR100_PAIRS)
+    assert params["distiller"] == ["none", "kd", "dkd", "fitnet", "at", "rkd"]
+    assert params["seed"] == ["0", "1", "2"]
+    for experiment in params["experiment"]:   # every point of the grid composes and resolves
+        assert resolved(f"experiment={experiment}", "benchmark=cifar100",
+                        "distiller=dkd")["dataset"]["name"] == "cifar100"
+
+
+def test_digits_benchmark_runs_every_registered_method():
+    from distill.distillers import DISTILLERS
+
+    params = sweep_params("digits")
+    assert params["experiment"] == ["demo"] and params["seed"] == ["0", "1", "2"]
+    assert sorted(params["distiller"]) == sorted(DISTILLERS.list())
+    # TAKD's chain must not start at the teacher itself (resnet32 in the demo)
+    takd = resolved("experiment=demo", "benchmark=digits", "distiller=takd")
+    assert takd["distiller"]["assistants"] == ["resnet14"]
+    assert resolved("distiller=takd")["distiller"]["assistants"] == ["resnet32"]
+    assert "assistants" not in resolved("benchmark=digits", "distiller=kd")["distiller"]

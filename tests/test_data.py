@@ -227,13 +227,14 @@ def test_safe_extract_refuses_escaping_members(tmp_path):
 # ----------------------------------------------------------------------------- folders
 
 
-def test_imagenet_folders(tmp_path):
+@pytest.mark.parametrize("name", ["imagenet", "folder"])   # folder: your own data, same layout
+def test_imagenet_folders(tmp_path, name):
     for split, n in (("train", 3), ("val", 2)):
         for cls in ("cat", "dog", "fish"):
             for i in range(n):
                 ext = "JPEG" if i % 2 == 0 else "png"
                 save_image(tmp_path / split / cls / f"{cls}_{i}.{ext}")
-    b = build_datasets("imagenet", root=str(tmp_path), image_size=32)
+    b = build_datasets(name, root=str(tmp_path), image_size=32)
     assert (len(b.train), len(b.val), b.num_classes, b.image_size) == (9, 6, 3, 32)
     for ds in (b.train, b.val):
         x, y = ds[0]
@@ -253,20 +254,21 @@ def test_imagenet_val_subset_uses_train_indices(tmp_path):
     assert b.num_classes == 3 and b.val[0][1] == b.train.class_to_idx["c"] == 2
 
 
-def test_imagenet_missing_or_empty(tmp_path):
+@pytest.mark.parametrize("name", ["imagenet", "folder"])
+def test_imagenet_missing_or_empty(tmp_path, name):
     with pytest.raises(ConfigError) as e:
-        build_datasets("imagenet", root=str(tmp_path), image_size=32)
+        build_datasets(name, root=str(tmp_path), image_size=32)
     assert e.value.key == "dataset.root" and "train/<class>" in str(e.value)
     (tmp_path / "train").mkdir()
     with pytest.raises(ConfigError, match="no class folders"):
-        build_datasets("imagenet", root=str(tmp_path))
+        build_datasets(name, root=str(tmp_path))
     (tmp_path / "train" / "a").mkdir()  # class folder without images
     (tmp_path / "val" / "a").mkdir(parents=True)
     with pytest.raises(ConfigError) as e:
-        build_datasets("imagenet", root=str(tmp_path))
+        build_datasets(name, root=str(tmp_path))
     assert e.value.key == "dataset.root"
     with pytest.raises(ConfigError) as e:
-        build_datasets("imagenet")
+        build_datasets(name)
     assert e.value.key == "dataset.root"
 
 
@@ -381,7 +383,7 @@ def test_fake_dataloader_batches_plain_tensors():
 
 def test_registry_names_and_errors():
     assert set(DATASETS.list()) >= {"cifar10", "cifar100", "digits", "fake", "imagenet",
-                                    "tiny_imagenet"}
+                                    "tiny_imagenet", "folder", "mnist5k"}
     with pytest.raises(ConfigError) as e:
         build_datasets("cifar1000")
     assert e.value.key == "dataset" and "cifar100" in str(e.value)

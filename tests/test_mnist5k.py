@@ -192,10 +192,12 @@ def test_real_file_stats_match_hardcoded(real):
 
 # ------------------------------------------------------------------ the command line
 def test_hinton_experiment_composes_for_both_methods(tmp_path):
-    kd = make_cfg(tmp_path, "experiment=hinton_mnist5k", "distiller=kd",
-                  "distiller.temperature=20")
+    kd = make_cfg(tmp_path, "experiment=hinton_mnist5k", "distiller=kd")
     assert (kd.dataset.name, kd.teacher.name, kd.student.name) == ("mnist5k", "resnet32", "resnet8")
-    assert kd.teacher.auto_train and kd.distiller.temperature == 20
+    assert kd.teacher.auto_train and kd.distiller.temperature == 20, "the paper's T=20"
+    assert make_cfg(tmp_path, "experiment=hinton_mnist5k", "distiller=kd",
+                    "distiller.temperature=3").distiller.temperature == 3, "the command line wins"
+    assert make_cfg(tmp_path, "distiller=kd").distiller.temperature == 4, "elsewhere T=4"
     assert kd.dataset.train_fraction == 1.0, "Hinton et al.'s students saw every training image"
     none = make_cfg(tmp_path, "experiment=hinton_mnist5k", "distiller=none")
     assert none.distiller.name == "none" and "temperature" not in none.distiller
@@ -205,7 +207,8 @@ def test_tiny_run_of_the_experiment_from_the_command_line(tmp_path, small_file):
     """The experiment file end to end on the small file: the zoo teacher (resnet32, one epoch
     on 40 images) is trained first, then two steps of KD at T=20 into resnet8."""
     args = [sys.executable, str(TRAIN), "experiment=hinton_mnist5k",
-            f"dataset.path={small_file[0]}", "distiller=kd", "distiller.temperature=20", "teacher.auto_train_epochs=1", *SMOKE,
+            f"dataset.path={small_file[0]}", "distiller=kd",
+            "teacher.auto_train_epochs=1", *SMOKE,
             f"hydra.run.dir={tmp_path}/run"]
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "FORCE_COLOR")}
     env.update(DISTILL_ZOO=str(tmp_path / "zoo"), DISTILL_DATA=str(tmp_path / "data"),

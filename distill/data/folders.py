@@ -84,7 +84,18 @@ IMAGENET_LAYOUT = "<root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG"
 @DATASETS.register("imagenet")
 def imagenet(root: str | None = None, image_size: int = 224) -> DatasetBundle:
     """ImageNet-style class folders: RandomResizedCrop+flip for train, resize/0.875+center-crop val."""
-    root = _require_root(root, "imagenet", IMAGENET_LAYOUT)
+    return _class_folders(root, image_size, "imagenet")
+
+
+@DATASETS.register("folder")
+def folder(root: str | None = None, image_size: int = 224) -> DatasetBundle:
+    """Your own data in class folders (<root>/train/<class>/*, <root>/val/<class>/*), read and
+    augmented like ImageNet, so torchvision teachers pretrained on ImageNet see what they expect."""
+    return _class_folders(root, image_size, "folder")
+
+
+def _class_folders(root: str | None, image_size: int, name: str) -> DatasetBundle:
+    root = _require_root(root, name, IMAGENET_LAYOUT)
     check_positive(image_size, "dataset.image_size")
     train = _image_folder(os.path.join(root, "train"), imagenet_train_transform(image_size),
                           IMAGENET_LAYOUT)
