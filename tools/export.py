@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Export a finished run's student (safetensors + ONNX) and compare it with its teacher.
+
+    python tools/export.py outputs/demo/kd                 # writes outputs/demo/kd/export/
+    python tools/export.py RUN_DIR --out DIR --batch 32 --threads 4 --no-onnx
+
+Prints params, FLOPs, CPU latency, test top-1 and file sizes side by side; the same numbers
+go to export.json. Exit status: 0 done, 2 bad input (nothing written), 1 the ONNX model does
+not match torch (nothing written).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from distill.app import print_error
+from distill.errors import ConfigError
+from distill.export import ExportError, Timing, export_run
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run of tools/train.py")
+    parser.add_argument("--out", help="output folder (default: RUN_DIR/export)")
+    parser.add_argument("--batch", type=int, default=64,
+                        help="batch size of the second latency measurement (default 64)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for the latency measurements (default 1: the most "
+                             "reproducible; more shows what this machine can do)")
+    parser.add_argument("--zoo", help="teacher zoo root (default: the run's zoo.root)")
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false",
+                        help="skip student.onnx (no onnx packages needed)")
+    parser.add_argument("--budget", type=float, default=1.0,
+                        help="seconds spent timing each model and batch size (default 1)")
+    args = parser.parse_args(argv)
+    for option in ("batch", "threads"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            parser.error(f"--{option} must be at least 1, got {value}")
+    return args
+
+
+def number(value: float | None, unit: str = "", scale: float = 1.0, digits: int = 2) -> str:
+    return "-" if value is None else f"{value / scale:,.{digits}f}{unit}"
+
+
+def ratio(student: float | None, teacher: float | None) -> str:
+    return f"{student / teacher:.2f}x" if student is not None and teacher else "-"
+
+
+def comparison_table(report: dict) -> Table:
+    student, teacher = report["student"], report["teacher"]
+    onnx = report["onnx"]
+    table = Table(title=f"{report['dataset']} ({'x'.join(map(str, report['input_shape']))}, "
+                        f"{report['num_classes']} classes): teacher {teacher['model']}"
+                        f"{' (unavailable)' if teacher['missing'] else ''}, "
+                        f"student {student['model']}")
+    for column in ("", "teacher", "student", "student / teacher"):
+        table.add_column(column, justify="left" if not column else "right")
+
+    def row(label: str, key: str, fmt) -> None:
+        s, t = student.get(key), teacher.get(key)
+        table.add_row(label, fmt(t), fmt(s), ratio(s, t))
+
+    row("params", "params", lambda v: number(v, digits=0))
+    row("FLOPs / image", "flops_per_image", lambda v: number(v, " M", 1e6, 1))
+    for b in report["batches"]:
+        s, t = student["latency_ms"][str(b)], (teacher.get("latency_ms") or {}).get(str(b))
+        table.add_row(f"CPU latency, batch {b}", number(t, " ms"), number(s, " ms"), ratio(s, t))
+    table.add_row("test top-1 (last)", number(teacher.get("top1"), " %"),
+                  number(student["top1"], " %"), "-")
+    row("weights file", "weights_bytes", lambda v: number(v, " MB", 1e6, 2))
+    table.add_row("ONNX file", "-", number(onnx["bytes"], " MB", 1e6, 2) if onnx else "skipped",
+                  "-")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = export_run(args.run_dir, args.out, batch=args.batch, onnx=args.onnx,
+                            threads=args.threads, zoo_root=args.zoo,
+                            timing=Timing(budget_s=args.budget))
+    except ConfigError as exc:
+        print_error(exc)
+        return 2
+    except ExportError as exc:
+        print_error(exc)
+        return 1
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(comparison_table(report))
+    notes = [(f"CPU latency: median ms per batch, torch.inference_mode, "
+              f"{report['cpu_threads']} CPU thread{'s' * (report['cpu_threads'] != 1)}, "
+              f"torch {report['torch']}"),
+             "FLOPs: torch.utils.flop_counter (2 per multiply-add of convs and matmuls)"]
+    load, cores = report["load_average_1m"], report["cpu_count"]
+    if load is not None and cores and load > cores:
+        notes.append(f"warning: the machine was busy (load average {load:.1f} on {cores} "
+                     f"cores): the latencies above are not reliable")
+    if report["teacher"]["missing"]:
+        notes.append(f"teacher {report['teacher']['model']} unavailable: "
+                     f"{report['teacher']['missing']}")
+    if report["stopped_early"]:
+        notes.append("this run was stopped early by trainer.max_steps: a smoke run")
+    onnx = report["onnx"]
+    if onnx and "max_abs_diff" in onnx:
+        notes.append(f"ONNX ({onnx['exporter']} exporter, dynamic batch): onnxruntime matches "
+                     f"torch on batches {', '.join(map(str, onnx['batches']))} "
+                     f"(max abs diff {onnx['max_abs_diff']:.1e})")
+    elif onnx:
+        notes.append(f"ONNX ({onnx['exporter']} exporter): {onnx['check']}")
+    notes.append(f"written: {report['out']}/ (student.safetensors, "
+                 f"{'student.onnx, ' if onnx else ''}export.json)")
+    for note in notes:
+        console.print(note, markup=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
