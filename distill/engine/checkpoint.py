@@ -2,14 +2,17 @@
 
 - Weights (student, teachers in the zoo) are safetensors: loading them cannot run code.
 - Training state (`checkpoints/last.pt`) holds only tensors and plain Python values, so it loads
-  with `torch.load(weights_only=True)`. It is written to a temporary file and renamed into place;
-  the previous one is kept as `prev.pt` so a crash mid-write never loses the run.
+  with `torch.load(weights_only=True)`: a pickle that would run code is refused, never executed.
+  It is written to a temporary file and renamed into place; the previous one is kept as
+  `prev.pt`, so a crash mid-write never loses the run, and a `last.pt` damaged later (truncated,
+  overwritten) makes resume fall back to `prev.pt` with a warning naming the bad file.
 """
 from __future__ import annotations
 
 import logging
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,14 @@ from safetensors.torch import load_file, save_file
 
 from distill.errors import ConfigError
 
+log = logging.getLogger("distill")
+
+# what Trainer._restore reads: a file without them is not one of our checkpoints
+CHECKPOINT_KEYS = ("student", "connectors", "optimizer", "scheduler", "scaler", "state", "rng",
+                   "trackers", "config")
+# newest first: resume takes the first that loads
+CHECKPOINT_FILES = ("last.pt", "prev.pt")
+
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,7 +38,11 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     if path.exists():
-        os.replace(path, path.with_name("prev.pt"))
+        # A last.pt that is not even a complete zip archive (truncated, garbage) was skipped by
+        # resume: demoting it to prev.pt would replace the good checkpoint resume came from.
+        # Kept aside for a post-mortem instead.
+        readable = zipfile.is_zipfile(path)
+        os.replace(path, path.with_name("prev.pt" if readable else path.name + ".unreadable"))
     os.replace(tmp, path)
 
 
@@ -39,6 +54,19 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict
     os.replace(tmp, path)
 
 
+def load_reason(exc: BaseException) -> str:
+    """The informative line of a load error: torch's weights_only refusal opens with a paragraph
+    about PyTorch 2.6 defaults (and advice to turn the safety off) before saying what it met."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip().removeprefix("WeightsUnpickler error:").strip()
+             for line in str(exc).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(boilerplate)]
+    reason = lines[0] if lines else type(exc).__name__
+    # miniz appends a paragraph of advice to its one-line diagnosis
+    reason = reason.split(". This is an internal miniz error")[0]
+    return f"{type(exc).__name__}: {reason[:200]}"
+
+
 def load_weights(path: str | Path, *, key: str = "teacher.checkpoint") -> dict[str, torch.Tensor]:
     """A state dict from safetensors, or from a torch pickle loaded with weights_only=True
     (teacher checkpoints from other tools: mdistiller's {'model': ...}, {'state_dict': ...})."""
@@ -46,12 +74,16 @@ def load_weights(path: str | Path, *, key: str = "teacher.checkpoint") -> dict[s
     if not path.is_file():
         raise ConfigError(f"no such file: {path}", key=key)
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - a damaged file is the user's input, not a bug
+            raise ConfigError(f"cannot read {path}: not a valid safetensors file "
+                              f"({load_reason(exc)})", key=key) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - refusing to unpickle code is the point
         raise ConfigError(f"refused to load {path}: it is not a plain weights file "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0]})", key=key,
+                          f"({load_reason(exc)})", key=key,
                           hint="convert it to safetensors, or save only the state_dict") from None
     for wrapper in ("model", "state_dict", "net", "student"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
@@ -86,15 +118,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_training_state(run_dir: Path) -> dict | None:
-    """The newest readable checkpoint in run_dir/checkpoints, or None for a fresh run."""
-    for name in ("last.pt", "prev.pt"):
-        path = run_dir / "checkpoints" / name
-        if not path.exists():
-            continue
+def read_checkpoint(path: Path) -> dict:
+    """One training checkpoint; raises ValueError saying why it cannot be resumed from."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, garbage, or a pickle that carries code
+        raise ValueError(load_reason(exc)) from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"not a distill training checkpoint (no {', '.join(missing)})")
+    return ckpt
+
+
+def load_latest_checkpoint(run_dir: Path) -> tuple[dict, Path] | None:
+    """The newest checkpoint in run_dir/checkpoints that loads, and its path; None when there is
+    none at all (a fresh run). Skipping a damaged one is a warning naming it; when every one is
+    damaged the run stops: silently starting over would throw the run away."""
+    folder = Path(run_dir) / "checkpoints"
+    present = [folder / name for name in CHECKPOINT_FILES if (folder / name).is_file()]
+    problems: list[str] = []
+    for path in present:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - fall back to the previous checkpoint
-            logging.getLogger(__name__).warning("checkpoint %s is unreadable (%s); trying the "
-                                                "previous one", path, exc)
+            ckpt = read_checkpoint(path)
+        except ValueError as exc:
+            problems.append(f"{path}: {exc}")
+            continue
+        for problem in problems:
+            log.warning("skipping unreadable checkpoint %s; resuming from %s instead",
+                        problem, path)
+        if path.name != CHECKPOINT_FILES[0] and not problems:
+            log.warning("resuming from %s: %s is missing (a crash between two renames)", path,
+                        folder / CHECKPOINT_FILES[0])
+        return ckpt, path
+    if problems:
+        raise ConfigError(
+            "cannot resume: no checkpoint in this run directory can be read\n  "
+            + "\n  ".join(problems), key="trainer.resume",
+            hint="nothing was changed; pass trainer.resume=false to start this run over (its "
+                 "files are kept under previous/), or choose another run directory")
     return None

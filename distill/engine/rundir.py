@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -11,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from distill.engine.checkpoint import load_training_state
+from distill.engine.checkpoint import load_latest_checkpoint
 from distill.errors import ConfigError
 
 log = logging.getLogger("distill")
@@ -22,7 +23,8 @@ RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.resume", "t
                      "run_dir", "zoo", "teacher.auto_train", "teacher.auto_train_epochs", "device",
                      "trainer.channels_last",   # memory layout only
                      "world_size",   # the global batch is the same on any number of ranks
-                     "trainer.data_path")   # the same augmentation, another random stream
+                     "trainer.data_path",   # the same augmentation, another random stream
+                     "trainer.on_nonfinite")   # e.g. resume a stopped run with skip
 RUN_ARTIFACTS = ("metrics.jsonl", "summary.json", "student.safetensors", "checkpoints", "wandb",
                  ".hydra")
 
@@ -72,7 +74,8 @@ def check_run_dir(run_dir: Path, config: dict, *, resume: bool) -> dict | None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"cannot write to {run_dir}: {exc.strerror}", key="run_dir") from None
-    checkpoint = load_training_state(run_dir) if resume else None
+    found = load_latest_checkpoint(run_dir) if resume else None
+    checkpoint = found[0] if found else None
     if checkpoint is not None:
         diffs = config_differences(checkpoint["config"], config)
         if diffs:
@@ -85,10 +88,18 @@ def check_run_dir(run_dir: Path, config: dict, *, resume: bool) -> dict | None:
     return checkpoint
 
 
-def start_run_dir(run_dir: Path, config: dict, *, resuming: bool, overrides: list[str]) -> None:
+def start_run_dir(run_dir: Path, config: dict, *, resuming: bool, overrides: list[str],
+                  resume_step: int | None = None) -> None:
     """Called once everything is built and checked. A fresh start moves an earlier run's files
-    aside instead of mixing old and new metrics; then the resolved config is recorded in .hydra/
-    (Hydra's own copy is off, so a refused command never overwrites the record of a run)."""
+    aside instead of mixing old and new metrics; a resumed one (from the checkpoint at
+    `resume_step`) drops the events it is about to log again. Then the resolved config is
+    recorded in .hydra/ (Hydra's own copy is off, so a refused command never overwrites the
+    record of a run)."""
+    if resuming and resume_step is not None:
+        dropped = trim_metrics(run_dir / "metrics.jsonl", resume_step)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d events past step %d; they are logged again",
+                     dropped, resume_step)
     if not resuming:
         old = [run_dir / name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
         old += list(run_dir.glob("events.out.tfevents.*"))
@@ -102,3 +113,27 @@ def start_run_dir(run_dir: Path, config: dict, *, resuming: bool, overrides: lis
     record.mkdir(exist_ok=True)
     (record / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (record / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Drop from metrics.jsonl the events past `step` (the checkpoint a run resumes from): the
+    resumed run replays those steps and logs them again, as TensorBoard's purge_step does for
+    its event files. A line cut short by a kill goes too. Returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and isinstance(event.get("step"), int) and event["step"] > step:
+            continue
+        kept.append(line)
+    text = "".join(line + "\n" for line in kept)
+    if text != path.read_text(encoding="utf-8"):   # also mends a last line with no newline
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
