@@ -21,14 +21,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # importing distill.config registers the schema, the model groups and the resolvers
-from distill.config import run_path
+from distill.config import check_known_keys, run_path
 from distill.data import DatasetBundle, build_datasets
 from distill.distillers import DISTILLERS, BuildInfo, build_distiller
 from distill.engine import distributed as dist_utils
 from distill.engine.optim import OPTIMIZERS, SCHEDULES
+from distill.engine.preemption import EXIT_PREEMPTED, Preempted
 from distill.engine.rundir import check_run_dir, start_run_dir
 from distill.engine.trainer import (
-    COMPILE_CHOICES, DATA_PATHS, PRECISIONS, Trainer, TrainerOptions, data_path_transforms)
+    COMPILE_CHOICES, DATA_PATHS, NONFINITE_POLICIES, PRECISIONS, Trainer, TrainerOptions,
+    data_path_transforms)
 from distill.errors import ConfigError, unknown_name_error
 from distill.models import create_model, list_models, model_spec
 from distill.registry import check_options
@@ -56,6 +58,7 @@ def validate(cfg: DictConfig) -> dict:
     """Every check that needs no data and no model, before any file is read or written:
     ranges that types cannot express, names, and each part's options. (Types were checked when
     Hydra composed the config.) Returns the resolved config."""
+    check_known_keys(cfg)
     resolved = resolve_config(cfg)
     opt, sched, trainer = cfg.optimizer, cfg.scheduler, cfg.trainer
     checks = [
@@ -81,6 +84,8 @@ def validate(cfg: DictConfig) -> dict:
         ("trainer.compile_backend", trainer.compile == "none"
          or trainer.compile_backend in torch._dynamo.list_backends(exclude_tags=()),
          ", ".join(torch._dynamo.list_backends(exclude_tags=()))),
+        ("trainer.on_nonfinite", trainer.on_nonfinite in NONFINITE_POLICIES,
+         ", ".join(NONFINITE_POLICIES)),
     ]
     for key, ok, allowed in checks:
         if not ok:
@@ -218,8 +223,9 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
 
     run_name = "/".join([dataset["name"], run_path(cfg.distiller.name, cfg.teacher.name,
                                                    cfg.student.name, cfg.tag), f"seed{cfg.seed}"])
-    dist_utils.on_main(lambda: start_run_dir(run_dir, resolved, resuming=checkpoint is not None,
-                                             overrides=overrides))
+    dist_utils.on_main(lambda: start_run_dir(
+        run_dir, resolved, resuming=checkpoint is not None, overrides=overrides,
+        resume_step=checkpoint["state"]["global_step"] if checkpoint else None))
     seed_everything(cfg.seed)  # model init consumed randomness; training starts from the seed
     if dist_utils.rank() > 0:  # other augmentations (and teacher noise) on other ranks
         seed_everything(cfg.seed + 7919 * dist_utils.rank())
@@ -291,9 +297,11 @@ def _hydra_task(cfg: DictConfig) -> float | None:
     except ConfigError as exc:
         print_error(exc)
         sys.exit(2)
-    except FloatingPointError as exc:
+    except FloatingPointError as exc:   # a non-finite loss (trainer.on_nonfinite=stop)
         print_error(exc)
         sys.exit(3)
+    except Preempted:   # the trainer logged the step and how to resume; a sweep stops here too
+        sys.exit(EXIT_PREEMPTED)
     return summary["best_top1"]
 
 

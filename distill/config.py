@@ -7,7 +7,8 @@ Every registered model becomes an entry of the `teacher` and `student` groups, s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -63,6 +64,7 @@ class TrainerConfig:
     channels_last: bool = True        # NHWC convolutions (measured faster: docs/bench-cpu.md)
     compile: str = "none"             # none | teacher | student | both (torch.compile)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager, eager: to debug)
+    on_nonfinite: str = "stop"        # stop | skip: a NaN/inf loss ends the run, or its step is skipped
 
 
 @dataclass
@@ -89,6 +91,35 @@ class TrainConfig:
     # e.g. tuned.dkd.beta); a method's YAML reads its entry, and the command line still wins.
     tuned: Any = field(default_factory=dict)
     run_dir: str = MISSING
+
+
+def check_known_keys(cfg: Any) -> None:
+    """Keys added with `+key=value` that the schema does not know (`+trainer.epoch=3`, `+foo=1`)
+    get past Hydra; stop them here, naming the key and its close matches, instead of training
+    with a typo or failing deep inside a builder."""
+    from distill.errors import ConfigError, close_matches
+
+    def walk(node: Any, schema: type, prefix: str) -> None:
+        known = {f.name: f for f in fields(schema)}
+        for key in node:
+            if key not in known:
+                similar = close_matches(str(key), known)
+                hint = f"; did you mean: {', '.join(similar)}?" if similar else ""
+                raise ConfigError(f"unknown key{hint}", key=f"{prefix}{key}",
+                                  allowed=", ".join(sorted(known)))
+            nested = _schema_type(known[key])
+            if nested is not None and node[key] is not None:
+                walk(node[key], nested, f"{prefix}{key}.")
+
+    walk(cfg, TrainConfig, "")
+
+
+def _schema_type(f: Any) -> type | None:
+    """The dataclass a field holds (made by its default_factory), or None for a free-form one."""
+    if f.default_factory is dataclasses.MISSING:
+        return None
+    value = f.default_factory()
+    return type(value) if is_dataclass(value) else None
 
 
 def run_path(distiller: str, teacher: str, student: str, tag: str = "") -> str:

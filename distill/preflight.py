@@ -10,10 +10,12 @@ from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
-from distill.errors import unknown_name_error
+from distill.errors import ConfigError, unknown_name_error
 
 GROUPS = ("dataset", "teacher", "student", "distiller", "optimizer", "scheduler", "trainer",
-          "logger", "experiment")
+          "logger", "experiment", "benchmark")
+# Hydra creates these folders before distill runs, so a bad one must be caught here
+_OUTPUT_DIR = re.compile(r"^(?P<key>hydra\.(?:run|sweep)\.dir)=(?P<value>.+)$")
 _CHOICE = re.compile(r"^\+{0,2}(?P<group>[a-z_]+)=(?P<value>.*)$")
 
 
@@ -34,8 +36,24 @@ def _values(raw: str) -> list[str]:
     return [v.strip().strip("'\"") for v in raw.split(",") if v.strip()]
 
 
+def check_output_dir(arg: str) -> None:
+    """A run or sweep folder that cannot be made (a file on its path) stops here, naming it,
+    instead of as a traceback from inside Hydra."""
+    match = _OUTPUT_DIR.match(arg)
+    if not match or "${" in match["value"]:
+        return
+    path = Path(match["value"]).expanduser().absolute()
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"cannot write {path}: {parent} is a file, not a folder",
+                                  key="run_dir", hint=f"choose another {match['key']}")
+            return
+
+
 def check_overrides(argv: list[str], config_dir: Path) -> None:
     for arg in argv:
+        check_output_dir(arg)
         match = _CHOICE.match(arg)
         if not match or match["group"] not in GROUPS:
             continue

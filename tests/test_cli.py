@@ -49,7 +49,7 @@ class Result:
 # id: (overrides, exit code (None: any non-zero, Hydra's own compose errors), key named first,
 #      regexes the output must match, xfail reason or None)
 # `{home}` is the command's temporary folder; `{t10}`/`{t100}` are resnet8 weight files for 10 and
-# 100 classes. Unless a case sets them, commands get dataset=fake distiller=none
+# 100 classes, `{evil}` a .pt pickle that would run code, `{garbage}` a damaged .safetensors. Unless a case sets them, commands get dataset=fake distiller=none
 # trainer.epochs=1, so a wrongly accepted command trains briefly instead of downloading.
 BAD = {
     "unknown-distiller": (["distiller=kdd"], 2, "distiller",
@@ -105,6 +105,30 @@ BAD = {
     "class-count-mismatch": (
         ["distiller=kd", "teacher=resnet8", "teacher.checkpoint={t100}"], 2, "teacher.checkpoint",
         [r"size mismatch", r"\b10 classes\b", r"\b100\b"], None),
+    "unknown-top-level-key": (["trainr.epochs=3"], None, None, [r"'trainr'"], None),
+    "unknown-trainer-key-with-plus": (
+        ["+trainer.epoch=3"], 2, "trainer.epoch", [r"did you mean:[^\n]*\bepochs\b"], None),
+    "unknown-top-level-key-with-plus": (["+lr=0.1"], 2, "lr", [r"unknown key"], None),
+    "int-not-a-number": (
+        ["trainer.batch_size=abc"], None, None, [r"trainer\.batch_size", r"'abc'", r"Integer"],
+        None),
+    "missing-mandatory-value": (
+        ["student.name=???"], 2, "student.name", [r"Missing mandatory value"], None),
+    "null-for-a-required-value": (
+        ["optimizer.lr=null"], None, None, [r"optimizer\.lr", r"not Optional"], None),
+    "null-data-root": (
+        ["dataset=cifar100", "dataset.root=null"], 2, "dataset.root", [r"expected a string"],
+        None),
+    "unwritable-run-dir": (
+        ["hydra.run.dir={t10}/run"], 2, "run_dir", [r"cannot write", re.escape("resnet8_10")],
+        None),
+    "teacher-checkpoint-carries-code": (
+        ["distiller=kd", "teacher=resnet8", "teacher.checkpoint={evil}"], 2,
+        "teacher.checkpoint", [r"refused to load", r"not a plain weights file", r"posix\.system"],
+        None),
+    "teacher-checkpoint-damaged": (
+        ["distiller=kd", "teacher=resnet8", "teacher.checkpoint={garbage}"], 2,
+        "teacher.checkpoint", [r"not a valid safetensors file"], None),
 }
 
 
@@ -155,7 +179,8 @@ def _run(name: str, home: Path, weights: dict[str, Path]) -> Result:
         program, args = [str(CONSOLE_SCRIPT)], good_args(name, home)
     else:
         program, args = [sys.executable, str(TRAIN)], good_args(name, home)
-    args = [*args, f"hydra.run.dir={home}/run"]
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        args = [*args, f"hydra.run.dir={home}/run"]
     env = {k: v for k, v in os.environ.items()
            if k not in ("HYDRA_FULL_ERROR", "FORCE_COLOR", "CUDA_VISIBLE_DEVICES")}
     env.update(DISTILL_ZOO=str(home / "zoo"), DISTILL_DATA=str(home / "data"),
@@ -171,9 +196,21 @@ def _run(name: str, home: Path, weights: dict[str, Path]) -> Result:
                   ANSI.sub("", proc.stderr), home)
 
 
+class PlantedCode:
+    """Unpickling this runs a shell command that creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 @pytest.fixture(scope="module")
 def teacher_weights(tmp_path_factory) -> dict[str, Path]:
-    """resnet8 weights for 10 classes (fits dataset=fake) and for 100 classes (does not)."""
+    """resnet8 weights for 10 classes (fits dataset=fake) and for 100 classes (does not); a
+    checkpoint that would run code when unpickled (creating `marker`), and a damaged one."""
+    import torch
     from safetensors.torch import save_file
 
     from distill.models import create_model
@@ -183,6 +220,11 @@ def teacher_weights(tmp_path_factory) -> dict[str, Path]:
     for classes in (10, 100):
         paths[f"t{classes}"] = folder / f"resnet8_{classes}.safetensors"
         save_file(create_model("resnet8", num_classes=classes).state_dict(), paths[f"t{classes}"])
+    paths["marker"] = folder / "PLANTED_CODE_RAN"
+    paths["evil"] = folder / "evil.pt"
+    torch.save({"model": PlantedCode(paths["marker"])}, paths["evil"])
+    paths["garbage"] = folder / "damaged.safetensors"
+    paths["garbage"].write_bytes(paths["t10"].read_bytes()[:1000])
     return paths
 
 
@@ -210,7 +252,7 @@ def results(request, tmp_path_factory, teacher_weights) -> dict[str, Result]:
 @pytest.mark.parametrize("case", [
     pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=spec[4])) if spec[4] else c
     for c, spec in BAD.items()])
-def test_bad_input(results, case):
+def test_bad_input(results, teacher_weights, case):
     _, code, key, patterns, _ = BAD[case]
     r = results[case]
     assert r.returncode != 0, r
@@ -225,6 +267,10 @@ def test_bad_input(results, case):
     for pattern in patterns:
         assert re.search(pattern, r.output), f"no match for {pattern!r}\n{r}"
     assert not (r.home / "run" / "summary.json").exists(), "a bad command must not train"
+    # refused before the run record is written: nothing half-written to mistake for a run
+    assert not (r.home / "run" / ".hydra").exists(), "the run record was written"
+    assert not (r.home / "run" / "metrics.jsonl").exists(), "metrics were written"
+    assert not teacher_weights["marker"].exists(), "a planted pickle ran"
 
 
 # --- good input -------------------------------------------------------------------------------

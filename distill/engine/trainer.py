@@ -8,7 +8,14 @@
 Position in the run is the global optimizer step alone: the epoch and the batch within it are
 derived from it, and the data order is a function of (seed, epoch), so a resumed run continues
 exactly where the checkpoint was taken, also mid-epoch (bit for bit on CPU with num_workers=0).
-Everything on disk is written by rank 0 only. Host syncs (`.item()`) happen only on log steps.
+Everything on disk is written by rank 0 only. Host syncs (`.item()`) happen only on log steps
+(and once per step under trainer.on_nonfinite=skip).
+
+A non-finite loss stops the run at the next log step (trainer.on_nonfinite=stop), before any
+checkpoint could take the broken weights, naming the first bad step and each term's value; or,
+with on_nonfinite=skip, the step is dropped: no optimizer update, the student's buffers (BN
+statistics) put back, and RunState.skipped_steps counts it. SIGTERM / SIGUSR1 stop the run after
+the current step with a checkpoint (distill/engine/preemption.py).
 
 Under torchrun (DDP), `trainer.batch_size` stays the GLOBAL batch: each of N ranks takes its
 slice of every global batch, so a run means the same thing on 1 or 8 processes, and the
@@ -36,6 +43,7 @@ from distill.engine import distributed as dist_utils
 from distill.engine.checkpoint import atomic_torch_save, rng_state, save_weights, set_rng_state
 from distill.engine.evaluation import evaluate
 from distill.engine.optim import build_optimizer, build_scheduler
+from distill.engine.preemption import Preempted, PreemptionGuard, signal_name
 from distill.engine.progress import ProgressDisplay
 from distill.engine.sampler import EpochSampler, epoch_seed
 from distill.errors import ConfigError
@@ -62,6 +70,7 @@ class TrainerOptions:
     channels_last: bool = True  # NHWC convolutions: faster on this CPU and on tensor-core GPUs
     compile: str = "none"      # torch.compile the teacher, the student, or both
     compile_backend: str = "inductor"
+    on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss does (NONFINITE_POLICIES)
 
 
 @dataclass
@@ -76,6 +85,7 @@ class RunState:
     train_images: int = 0
     wall_seconds: float = 0.0      # summed over every process that worked on this run
     finished: bool = False
+    skipped_steps: int = 0         # steps dropped for a non-finite loss (on_nonfinite=skip)
     history: list[dict] = field(default_factory=list)
 
 
@@ -136,6 +146,8 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=options.precision == "fp16")
         self.state = RunState()
+        self.checkpoint_step: int | None = None   # the step of checkpoints/last.pt, when known
+        self.stop_signal = 0                      # set when a signal asks the run to stop
         self.trackers = Trackers()
         self.tracker_resume: dict = {}
         if checkpoint is not None:
@@ -170,6 +182,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = RunState(**ckpt["state"])
+        self.checkpoint_step = self.state.global_step
         set_rng_state(ckpt["rng"])
         if dist_utils.rank() > 0:   # the checkpoint holds rank 0's stream; others get their own
             torch.manual_seed(epoch_seed(self.seed + 7919 * dist_utils.rank(), self.state.global_step))
@@ -179,6 +192,7 @@ class Trainer:
                  self.state.global_step // self.steps_per_epoch + 1)
 
     def save_checkpoint(self) -> None:
+        self.checkpoint_step = self.state.global_step
         if not self.main:
             return
         atomic_torch_save({
@@ -214,6 +228,11 @@ class Trainer:
             log.info("%s is already finished; nothing to do", self.run_dir)
             return json.loads((self.run_dir / "summary.json").read_text())
         self.state.finished = False   # e.g. resumed with more epochs than it had
+        # outermost, so trackers are closed before a submitit handler may requeue and exit
+        with PreemptionGuard(self.device) as guard:
+            return self._train(guard)
+
+    def _train(self, guard: PreemptionGuard) -> dict[str, Any]:
         if self.main:
             self.trackers = build_trackers(self.loggers, self.run_dir, config=self.config,
                                            run_name=self.run_name,
@@ -233,11 +252,28 @@ class Trainer:
                         self.train_loader.set_epoch(epoch, first_batch)
                     self.worker_seeds.manual_seed(   # rank 0: the single-process seed
                         epoch_seed(self.seed + 7919 * dist_utils.rank(), epoch))
-                    epoch_terms = self._train_epoch(epoch, bar)
-                    self._end_epoch(epoch, epoch_terms)
+                    epoch_terms = self._train_epoch(epoch, bar, guard)
+                    if self.stop_signal and self.state.global_step % self.steps_per_epoch:
+                        # mid-epoch: save the step, no evaluation (it may not fit the grace
+                        # period); the resumed run evaluates at the end of this epoch
+                        self._tick_wall_clock()
+                        self.save_checkpoint()
+                    else:
+                        self._end_epoch(epoch, epoch_terms)
+                    if self.stop_signal:
+                        raise self._preempted()
             return self._finish()
         finally:
             self.trackers.close()
+
+    def _preempted(self) -> Preempted:
+        step = self.state.global_step
+        message = (f"preempted by {signal_name(self.stop_signal)} at step {step}; checkpoint "
+                   f"written; re-run the same command to resume")
+        self.trackers.log({"preempted_at_step": step}, step=step, event="preempted")
+        if self.main:
+            log.warning(message)
+        return Preempted(message)
 
     def _evaluate_teacher(self) -> None:
         metrics = evaluate(self.distiller.teacher, self.val_loader, self.device,
@@ -248,52 +284,99 @@ class Trainer:
         self.trackers.log({"teacher/top1": metrics["top1"], "teacher/top5": metrics["top5"]},
                           step=self.state.global_step, event="teacher")
 
-    def _train_epoch(self, epoch: int, bar: ProgressDisplay) -> dict[str, float]:
-        """Train from the current position to the end of `epoch` (or max_steps); returns the
-        mean of every loss term over the steps taken."""
+    def _train_epoch(self, epoch: int, bar: ProgressDisplay, guard: PreemptionGuard
+                     ) -> dict[str, float]:
+        """Train from the current position to the end of `epoch` (or max_steps, or a stop
+        signal); returns the mean of every loss term over the steps applied."""
         self.distiller.train()
+        skip_nonfinite = self.opt.on_nonfinite == "skip"
+        buffers = [b for n, b in self.distiller.named_buffers() if not n.startswith("teacher.")]
         sums: dict[str, torch.Tensor] = {}
-        steps = images_seen = window_images = 0
+        window: list[tuple[int, torch.Tensor]] = []   # (step, its terms) since the last log step
+        applied = images_seen = window_images = 0
         epoch_start = window_start = time.perf_counter()
         for images, targets in self.train_loader:
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
             ctx = StepContext(epoch=epoch, step=self.state.global_step, epochs=self.opt.epochs)
+            saved = [b.clone() for b in buffers] if skip_nonfinite else []
             with self.autocast() if self.autocast else contextlib.nullcontext():
                 _, losses = self.model(images, targets, ctx)
             loss = sum(losses.values())
             self.optimizer.zero_grad(set_to_none=True)
+            # backward even for a step about to be skipped: DDP expects every forward's backward
             self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            if skip_nonfinite and _nonfinite_on_any_rank(loss):
+                for buffer, value in zip(buffers, saved):
+                    buffer.copy_(value)
+                self.state.skipped_steps += 1
+                if self.main:
+                    log.warning("step %d skipped: non-finite loss (%s); %d skipped so far",
+                                self.state.global_step + 1, _format_terms(
+                                    list(losses), [float(v.detach()) for v in losses.values()]),
+                                self.state.skipped_steps)
+            else:
+                self.scaler.step(self.optimizer)   # fp16: GradScaler still skips inf gradients
+                self.scaler.update()
+                applied += 1
+                window.append((self.state.global_step + 1,
+                               torch.stack([v.detach().float() for v in losses.values()])))
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0) + value.detach()
+                sums["loss"] = sums.get("loss", 0) + loss.detach()
             lr = self.optimizer.param_groups[0]["lr"]   # the lr this step used
             self.scheduler.step()
             self.state.global_step += 1
-            steps += 1
             images_seen += images.shape[0]
             window_images += images.shape[0]
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0) + value.detach()
-            sums["loss"] = sums.get("loss", 0) + loss.detach()
 
             end_of_epoch = self.state.global_step % self.steps_per_epoch == 0 or self._done()
-            if self.state.global_step % self.opt.log_every == 0 or end_of_epoch:
+            log_step = self.state.global_step % self.opt.log_every == 0 or end_of_epoch
+            # every rank stops after the same step (under DDP they compare on log steps only);
+            # at the last step there is nothing to stop
+            self.stop_signal = 0 if self._done() else guard.stop_signal(collective=log_step)
+            if log_step or self.stop_signal:   # checked before any checkpoint takes the weights
                 now = time.perf_counter()
-                terms = _mean_over_ranks(sums, steps)   # the host sync
-                _check_finite(terms, self.state.global_step)
+                terms = _mean_over_ranks(sums, max(applied, 1))   # the host sync
+                if not all(math.isfinite(v) for v in terms.values()):
+                    raise self._nonfinite_error(window, list(losses))
+                window.clear()
                 speed = window_images * self.world_size / max(now - window_start, 1e-9)
+                skipped = ({"train/skipped_steps": self.state.skipped_steps}
+                           if skip_nonfinite else {})
                 self.trackers.log({**{f"train/{k}": v for k, v in terms.items()},
                                    "train/lr": lr, "train/images_per_sec": speed,
-                                   "train/epoch": epoch}, step=self.state.global_step,
-                                  event="train")
+                                   "train/epoch": epoch, **skipped},
+                                  step=self.state.global_step, event="train")
                 bar.update(self.state.global_step, epoch=epoch + 1, epochs=self.opt.epochs,
                            terms=terms, images_per_sec=speed)
                 window_images, window_start = 0, now
-            if self._done():
+            if self._done() or self.stop_signal:
                 break
         self.state.train_seconds += time.perf_counter() - epoch_start
         self.state.train_images += images_seen * self.world_size
-        return _mean_over_ranks(sums, max(steps, 1))
+        return _mean_over_ranks(sums, max(applied, 1))
+
+    def _nonfinite_error(self, window: list[tuple[int, torch.Tensor]],
+                         names: list[str]) -> FloatingPointError:
+        """The error for a non-finite mean loss: the first bad step since the last log step and
+        each term's value there (mean over ranks), and where the last good checkpoint is. Every
+        rank gets here together: the all-reduced mean was non-finite on all of them."""
+        values = torch.stack([v for _, v in window]).double()
+        dist_utils.all_reduce_sum(values)
+        values /= self.world_size
+        bad = (~torch.isfinite(values)).any(dim=1).nonzero().flatten().tolist()
+        row = bad[0] if bad else len(window) - 1
+        message = (f"non-finite loss at step {window[row][0]}: "
+                   f"{_format_terms(names, values[row].tolist())}")
+        if self.checkpoint_step is None:
+            message += "; no checkpoint was written before it"
+        else:
+            message += (f"; the last good checkpoint is {self.run_dir / 'checkpoints' / 'last.pt'}"
+                        f" (step {self.checkpoint_step})")
+        if self.opt.on_nonfinite == "stop":
+            message += "; set trainer.on_nonfinite=skip to skip such steps"
+        return FloatingPointError(message)
 
     def _end_epoch(self, epoch: int, epoch_terms: dict[str, float]) -> None:
         self._sync_buffers()
@@ -335,6 +418,7 @@ class Trainer:
             "epochs": _whole_or_fraction(self.state.global_step / self.steps_per_epoch),
             "steps": self.state.global_step,
             "stopped_early": not completed_all,   # trainer.max_steps ended it
+            "skipped_steps": self.state.skipped_steps,   # non-finite losses (on_nonfinite=skip)
             "wall_seconds": self.state.wall_seconds,
             "student_params": sum(p.numel() for p in student.parameters()),
             "connector_params": self.distiller.connector_parameter_count(),
@@ -352,6 +436,7 @@ class Trainer:
 
 
 DATA_PATHS = ("auto", "memory", "loader")
+NONFINITE_POLICIES = ("stop", "skip")
 COMPILE_CHOICES = ("none", "teacher", "student", "both")
 
 
@@ -385,10 +470,15 @@ def _whole_or_fraction(x: float) -> int | float:
     return int(x) if x == int(x) else round(x, 4)
 
 
-def _check_finite(terms: dict[str, float], step: int) -> None:
-    bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
-    if bad:
-        raise FloatingPointError(f"non-finite loss at step {step}: {bad} (all terms: {terms})")
+def _nonfinite_on_any_rank(loss: torch.Tensor) -> bool:
+    """Whether any rank's loss is NaN/inf: all ranks skip a step together. One host sync."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.int32).reshape(1)
+    dist_utils.all_reduce_sum(bad)
+    return bool(bad.item())
+
+
+def _format_terms(names, values) -> str:
+    return ", ".join(f"{name}={value:.4g}" for name, value in zip(names, values))
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,118 @@
+"""trainer.on_nonfinite: a NaN loss stops the run naming the step and each term (the last good
+checkpoint stays as it was and resumes), or, with `skip`, the step leaves no trace and is counted.
+
+The NaN is injected into the KD term at chosen steps by wrapping KD.forward (the teacher is an
+untrained resnet8 from a weights file, so no teacher training is needed).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from _compose import make_cfg
+from distill.app import run
+from distill.distillers.kd import KD
+from distill.errors import ConfigError
+from distill.models import create_model
+
+# 128 fake images in batches of 32: 4 steps an epoch, 8 in all
+BASE = ["dataset=fake", "dataset.train_size=128", "dataset.val_size=64", "distiller=kd",
+        "student=resnet8", "teacher=resnet8", "trainer.epochs=2", "zoo.publish=false"]
+
+
+@pytest.fixture
+def kd_args(tmp_path) -> list[str]:
+    weights = tmp_path / "teacher.safetensors"
+    torch.manual_seed(1)
+    save_file(create_model("resnet8", num_classes=10).state_dict(), str(weights))
+    return [*BASE, f"teacher.checkpoint={weights}"]
+
+
+@pytest.fixture
+def nan_at(monkeypatch):
+    """nan_at(5, 9): the KD term is NaN at global steps 5 and 9 (0-based; logged as step 6, 10)."""
+    def inject(*steps: int) -> None:
+        forward = KD.forward
+
+        def forward_with_nan(self, images, targets, ctx):
+            logits, terms = forward(self, images, targets, ctx)
+            if ctx.step in steps:
+                terms["kd"] = terms["kd"] * float("nan")
+            return logits, terms
+
+        monkeypatch.setattr(KD, "forward", forward_with_nan)
+    return inject
+
+
+def _events(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _state(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+
+
+def _all_finite(tensors) -> bool:
+    return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+def test_stop_names_step_and_terms_keeps_the_checkpoint_and_resumes_with_skip(
+        tmp_path, kd_args, nan_at):
+    nan_at(6)   # in the second epoch: the first one's checkpoint (step 4) is the last good one
+    run_dir = tmp_path / "run"
+    with pytest.raises(FloatingPointError) as err:
+        run(make_cfg(tmp_path, *kd_args))
+    message = str(err.value)
+    assert message.startswith("non-finite loss at step 7: ce=")
+    ce = float(message.split("ce=")[1].split(",")[0])
+    assert 0 < ce < 10 and "kd=nan" in message
+    assert f"the last good checkpoint is {run_dir / 'checkpoints' / 'last.pt'} (step 4)" in message
+    assert "set trainer.on_nonfinite=skip" in message
+    ckpt = _state(run_dir)
+    assert ckpt["state"]["global_step"] == 4 and not ckpt["state"]["finished"]
+    assert _all_finite(ckpt["student"].values())
+    assert not (run_dir / "student.safetensors").exists()
+
+    # what the message suggests: the same command with skip resumes from step 4 and finishes
+    summary = run(make_cfg(tmp_path, *kd_args, "trainer.on_nonfinite=skip"))
+    assert [e["resumed_at_step"] for e in _events(run_dir) if e["event"] == "resume"] == [4]
+    assert summary["steps"] == 8 and summary["skipped_steps"] == 1
+    assert _all_finite(load_file(str(run_dir / "student.safetensors")).values())
+
+
+def test_skip_counts_skipped_steps_in_logs_summary_and_checkpoint(tmp_path, kd_args, nan_at):
+    nan_at(1, 6)
+    summary = run(make_cfg(tmp_path, *kd_args, "trainer.on_nonfinite=skip", "trainer.log_every=2"))
+    run_dir = tmp_path / "run"
+    assert summary["steps"] == 8 and summary["skipped_steps"] == 2
+    assert json.loads((run_dir / "summary.json").read_text())["skipped_steps"] == 2
+    assert _state(run_dir)["state"]["skipped_steps"] == 2
+    train = [e for e in _events(run_dir) if e["event"] == "train"]
+    skipped = [(e["step"], e["train/skipped_steps"]) for e in train]
+    assert skipped == [(2, 1), (4, 1), (6, 1), (8, 2)]
+    assert all(e["train/kd"] == e["train/kd"] for e in train), "logged means leave skips out"
+    assert _all_finite(load_file(str(run_dir / "student.safetensors")).values())
+
+
+def test_a_skipped_step_leaves_weights_and_bn_statistics_as_they_were(tmp_path, kd_args, nan_at):
+    """Five good steps == five good steps and a skipped sixth, bit for bit (BN statistics
+    included: the skipped step's forward updated them, and they are put back)."""
+    run(make_cfg(tmp_path, *kd_args, "trainer.max_steps=5", run="five"))
+    nan_at(5)
+    summary = run(make_cfg(tmp_path, *kd_args, "trainer.max_steps=6", "trainer.on_nonfinite=skip",
+                           run="six"))
+    assert summary["skipped_steps"] == 1
+    five = load_file(str(tmp_path / "five" / "student.safetensors"))
+    six = load_file(str(tmp_path / "six" / "student.safetensors"))
+    assert any("running_mean" in k for k in five)
+    assert all(torch.equal(five[k], six[k]) for k in five)
+
+
+def test_unknown_policy_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        run(make_cfg(tmp_path, *BASE, "trainer.on_nonfinite=ignore"))
+    assert err.value.key == "trainer.on_nonfinite" and err.value.allowed == "stop, skip"
+    assert "'ignore'" in str(err.value)
