@@ -5,6 +5,7 @@ torchvision models); this names the bad value and its close matches in one short
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from distill.errors import ConfigError, unknown_name_error
 GROUPS = ("dataset", "teacher", "student", "distiller", "optimizer", "scheduler", "trainer",
           "logger", "experiment", "benchmark")
 # Hydra creates these folders before distill runs, so a bad one must be caught here
-_OUTPUT_DIR = re.compile(r"^(?P<key>hydra\.(?:run|sweep)\.dir)=(?P<value>.+)$")
+_OUTPUT_DIR = re.compile(r"^\+{0,2}(?P<key>run_dir|hydra\.(?:run|sweep)\.dir)=(?P<value>.+)$")
 _CHOICE = re.compile(r"^\+{0,2}(?P<group>[a-z_]+)=(?P<value>.*)$")
 
 
@@ -47,6 +48,9 @@ def check_output_dir(arg: str) -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise ConfigError(f"cannot write {path}: {parent} is a file, not a folder",
+                                  key="run_dir", hint=f"choose another {match['key']}")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"cannot write {path}: {parent} is not writable",
                                   key="run_dir", hint=f"choose another {match['key']}")
             return
 

@@ -116,3 +116,31 @@ def test_unknown_policy_is_a_config_error(tmp_path):
         run(make_cfg(tmp_path, *BASE, "trainer.on_nonfinite=ignore"))
     assert err.value.key == "trainer.on_nonfinite" and err.value.allowed == "stop, skip"
     assert "'ignore'" in str(err.value)
+
+
+def test_non_finite_weights_behind_a_finite_loss_never_reach_a_checkpoint(
+        tmp_path, kd_args, monkeypatch):
+    """Non-finite gradients with a finite loss (fp32 has no GradScaler to catch them): the
+    update at the last step of epoch 2 poisons a weight; the epoch-end checkpoint is refused and
+    the one of epoch 1 stays."""
+    step = torch.optim.SGD.step
+    calls = {"n": 0}
+
+    def poisoning_step(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 8:   # the last step of the run: its loss was computed before it
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", poisoning_step)
+    run_dir = tmp_path / "run"
+    with pytest.raises(FloatingPointError) as err:
+        run(make_cfg(tmp_path, *kd_args))
+    message = str(err.value)
+    assert message.startswith("non-finite weights after step 8 (e.g. student.")
+    assert f"{run_dir / 'checkpoints' / 'last.pt'} (step 4)" in message
+    ckpt = _state(run_dir)
+    assert ckpt["state"]["global_step"] == 4 and _all_finite(ckpt["student"].values())
+    assert not (run_dir / "student.safetensors").exists()

@@ -2,8 +2,8 @@
 
 SIGTERM (what SLURM, Kubernetes and torchrun send first) and SIGUSR1 set a flag instead of
 killing the process. The trainer asks `stop_signal()` after every optimizer step; under DDP the
-ranks add up their flags there, so every rank finishes the same step and stops together even
-when the signal reached only some of them. Rank 0 then writes `checkpoints/last.pt` (renamed into
+ranks add up their flags on log steps, so every rank finishes the same step and stops together
+even when the signal reached only some of them. Rank 0 then writes `checkpoints/last.pt` (renamed into
 place, so never half-written), and `Preempted` ends the run with EXIT_PREEMPTED. Re-running the
 same command in the same run directory resumes from that step, bit for bit on CPU.
 
@@ -67,6 +67,9 @@ class PreemptionGuard:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # A second SIGTERM changes nothing on purpose: SLURM and torchrun may both deliver one
+        # to a worker, and dying on the second would lose the checkpoint. A hung run still
+        # stops on SIGINT (Ctrl-C), which is not caught here, or SIGKILL.
         self.received = self.received or signum
 
     def __enter__(self) -> PreemptionGuard:

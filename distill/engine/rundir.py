@@ -111,8 +111,16 @@ def start_run_dir(run_dir: Path, config: dict, *, resuming: bool, overrides: lis
             log.warning("starting over in %s: the earlier run's files are now in %s", run_dir, aside)
     record = run_dir / ".hydra"
     record.mkdir(exist_ok=True)
-    (record / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (record / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+    write_text_atomic(record / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    write_text_atomic(record / "overrides.yaml", yaml.safe_dump(list(overrides)))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file and rename it into place: a kill mid-write leaves the old file
+    (or none), never half of one that a later resume or report would trip on."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def trim_metrics(path: Path, step: int) -> int:
@@ -133,7 +141,5 @@ def trim_metrics(path: Path, step: int) -> int:
         kept.append(line)
     text = "".join(line + "\n" for line in kept)
     if text != path.read_text(encoding="utf-8"):   # also mends a last line with no newline
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     return len(lines) - len(kept)

@@ -45,6 +45,7 @@ from distill.engine.evaluation import evaluate
 from distill.engine.optim import build_optimizer, build_scheduler
 from distill.engine.preemption import Preempted, PreemptionGuard, signal_name
 from distill.engine.progress import ProgressDisplay
+from distill.engine.rundir import write_text_atomic
 from distill.engine.sampler import EpochSampler, epoch_seed
 from distill.errors import ConfigError
 from distill.tracking import Trackers, build_trackers
@@ -192,6 +193,7 @@ class Trainer:
                  self.state.global_step // self.steps_per_epoch + 1)
 
     def save_checkpoint(self) -> None:
+        self._check_weights_finite()   # on every rank: their weights are the same
         self.checkpoint_step = self.state.global_step
         if not self.main:
             return
@@ -261,6 +263,7 @@ class Trainer:
                     else:
                         self._end_epoch(epoch, epoch_terms)
                     if self.stop_signal:
+                        dist_utils.barrier()   # no rank exits before rank 0's checkpoint is on disk
                         raise self._preempted()
             return self._finish()
         finally:
@@ -401,6 +404,21 @@ class Trainer:
         self._tick_wall_clock()
         self.save_checkpoint()
 
+    def _check_weights_finite(self) -> None:
+        """A finite loss can still come with non-finite gradients (fp32 has no GradScaler to
+        catch them), so before a checkpoint can take the weights they are checked themselves:
+        one host sync per epoch."""
+        bad = [n for n, p in self.distiller.named_parameters()
+               if not n.startswith("teacher.") and not torch.isfinite(p).all()]
+        if bad:
+            where = (f"the last good checkpoint is {self.run_dir / 'checkpoints' / 'last.pt'} "
+                     f"(step {self.checkpoint_step})" if self.checkpoint_step is not None
+                     else "no checkpoint was written before it")
+            raise FloatingPointError(
+                f"non-finite weights after step {self.state.global_step} (e.g. {bad[0]}; "
+                f"{len(bad)} tensors) although every loss was finite: non-finite gradients; "
+                f"{where}, left as it was; lower optimizer.lr or use trainer.precision=fp32")
+
     def _finish(self) -> dict[str, Any]:
         self.state.finished = True
         self._tick_wall_clock()
@@ -428,7 +446,7 @@ class Trainer:
             self.save_checkpoint()   # records `finished`, so re-running the command is a no-op
             save_weights(student.state_dict(), self.run_dir / "student.safetensors",
                          metadata={"top1": self.state.last_top1})
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             hparams = {k: v for k, v in _flatten(self.config).items()
                        if not k.startswith(("logger", "zoo", "run_dir"))}
             self.trackers.finish(hparams, {k: v for k, v in summary.items() if k != "history"})
