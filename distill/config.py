@@ -8,6 +8,7 @@ Every registered model becomes an entry of the `teacher` and `student` groups, s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
@@ -120,6 +121,24 @@ def _schema_type(f: Any) -> type | None:
         return None
     value = f.default_factory()
     return type(value) if is_dataclass(value) else None
+
+
+@functools.cache
+def schema_defaults() -> dict[str, Any]:
+    """Default of every key of the config schema, by dotted path: a run recorded before a key
+    existed ran with its default (resume and report compare old runs with it)."""
+    schema = OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False)
+    return {k: v for k, v in flatten(schema).items() if v != "???"}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> dotted keys: {"a": {"b": 1}, "c": [2]} -> {"a.b": 1, "c": [2]}. Lists
+    stay values; an empty dict yields no key. The one flattening of configs (run records,
+    schema defaults, tracker hparams)."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items()
+                for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
 
 
 def run_path(distiller: str, teacher: str, student: str, tag: str = "") -> str:

@@ -10,6 +10,7 @@ all of it succeeded, so a failed export never leaves a half-written file behind.
 
 The teacher is found the way training found it (`teacher.checkpoint`, else the zoo); when it
 cannot be found the student is still exported and the teacher's numbers say why they are missing.
+A vanilla run (distiller=none) has no teacher: its numbers say "vanilla run: no teacher".
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import yaml
@@ -38,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from distill.data.cifar import CIFAR10, CIFAR100
 from distill.data.digits import DIGITS_MEAN, DIGITS_STD
 from distill.data.fake import FAKE_MEAN, FAKE_STD
+from distill.data.mnist5k import MNIST5K_MEAN, MNIST5K_STD
 from distill.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from distill.engine.checkpoint import save_weights
 from distill.errors import ConfigError
@@ -50,17 +52,41 @@ RUN_DIR_CONTENT = ".hydra/config.yaml, summary.json and student.safetensors"
 ONNX_CHECK_BATCHES = (1, 3)   # neither is the batch of 2 exported with: proves the batch is dynamic
 ONNX_ATOL = 1e-4              # per unit of logit magnitude: float32 rounding grows with it
 
-# What each dataset feeds a model, read from the dataset modules' constants instead of building
-# the dataset: the CIFAR and ImageNet builders need their data files, and an export needs none.
-# (image size, class count, mean, std); None where the dataset's config decides.
-DATASET_INPUTS: dict[str, tuple[int | None, int | None, tuple | None, tuple | None]] = {
-    "digits": (32, 10, DIGITS_MEAN, DIGITS_STD),
-    "cifar10": (32, 10, CIFAR10.mean, CIFAR10.std),
-    "cifar100": (32, 100, CIFAR100.mean, CIFAR100.std),
-    "fake": (32, 10, FAKE_MEAN, FAKE_STD),
-    "tiny_imagenet": (64, 200, IMAGENET_MEAN, IMAGENET_STD),
-    "imagenet": (224, None, IMAGENET_MEAN, IMAGENET_STD),
+VANILLA_NO_TEACHER = "vanilla run: no teacher"
+
+
+class DatasetInputs(NamedTuple):
+    """What a dataset feeds a model; None where only the run's dataset config can tell."""
+    image_size: int | None
+    num_classes: int | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+
+# The one table of per-dataset facts (tools/export.py and tools/report.py both read it), taken
+# from the dataset modules' constants instead of building the dataset: the CIFAR and ImageNet
+# builders need their data files, and neither an export nor a report does. A run's recorded
+# dataset.image_size / dataset.num_classes win over it (see dataset_inputs).
+DATASET_INPUTS: dict[str, DatasetInputs] = {
+    "digits": DatasetInputs(32, 10, DIGITS_MEAN, DIGITS_STD),
+    "mnist5k": DatasetInputs(32, 10, MNIST5K_MEAN, MNIST5K_STD),
+    "cifar10": DatasetInputs(32, 10, CIFAR10.mean, CIFAR10.std),
+    "cifar100": DatasetInputs(32, 100, CIFAR100.mean, CIFAR100.std),
+    "fake": DatasetInputs(32, 10, FAKE_MEAN, FAKE_STD),   # size and classes: config keys
+    "tiny_imagenet": DatasetInputs(64, 200, IMAGENET_MEAN, IMAGENET_STD),
+    # ILSVRC-2012; a subset's count comes from the classifier in student.safetensors
+    "imagenet": DatasetInputs(224, 1000, IMAGENET_MEAN, IMAGENET_STD),
+    # class folders: read like ImageNet; size from dataset.image_size, classes from the weights
+    "folder": DatasetInputs(None, None, IMAGENET_MEAN, IMAGENET_STD),
 }
+UNKNOWN_DATASET = DatasetInputs(None, None, None, None)
+
+
+def dataset_inputs(dataset: dict) -> DatasetInputs:
+    """DATASET_INPUTS' entry for a run's dataset config, its own image_size / num_classes on top."""
+    known = DATASET_INPUTS.get(dataset.get("name"), UNKNOWN_DATASET)
+    return known._replace(image_size=dataset.get("image_size") or known.image_size,
+                          num_classes=dataset.get("num_classes") or known.num_classes)
 
 
 class ExportError(Exception):
@@ -117,8 +143,9 @@ def read_run(path: str | Path) -> TrainedRun:
         raise run_dir_error(path, "summary.json or .hydra/config.yaml is not a run's "
                                   "(no dataset/teacher/student names)")
     student, dataset = config["student"]["name"], config["dataset"]
-    size, _, mean, std = DATASET_INPUTS.get(dataset["name"], (None, None, None, None))
-    size = dataset.get("image_size") or size or model_spec(student).input_size
+    inputs = dataset_inputs(dataset)
+    mean, std = inputs.mean, inputs.std
+    size = inputs.image_size or model_spec(student).input_size
     if size is None:
         raise ConfigError(f"cannot tell the input size of dataset '{dataset['name']}'",
                           key="dataset.image_size")
@@ -138,7 +165,7 @@ def class_count(weights: Path, model: str, dataset: dict) -> int:
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise run_dir_error(weights.parent, f"student.safetensors is unreadable: "
                                             f"{str(exc).splitlines()[0]}") from None
-    count = dataset.get("num_classes") or DATASET_INPUTS.get(dataset["name"], (None,) * 4)[1]
+    count = dataset_inputs(dataset).num_classes
     if count is None:
         raise ConfigError(f"cannot tell the class count of {weights}", key="student")
     return count
@@ -152,15 +179,18 @@ def load_student(run: TrainedRun) -> nn.Module:
 @dataclass(frozen=True)
 class FoundTeacher:
     model: nn.Module | None
-    name: str
+    name: str | None         # None for a vanilla run
     weights: Path | None     # None for torchvision's pretrained weights or when not found
     top1: float | None
     missing: str | None = None   # why there is no model
 
 
 def find_teacher(run: TrainedRun, zoo_root: str | Path | None = None) -> FoundTeacher:
-    """The run's teacher from where training took it; never trains one."""
+    """The run's teacher from where training took it; never trains one. A vanilla run
+    (distiller=none) has none: its teacher.* keys are the unused defaults."""
     cfg = run.config
+    if (cfg.get("distiller") or {}).get("name") == "none":
+        return FoundTeacher(None, None, None, None, missing=VANILLA_NO_TEACHER)
     name = cfg["teacher"]["name"]
     # defaults for keys older runs did not record; auto_train off: an export never trains
     teacher = OmegaConf.create({"pretrained": False, "checkpoint": None, "auto_train_epochs": None,
@@ -280,6 +310,16 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, expo
                               **names)
 
 
+def onnx_export_error(model: str, exporter: str, exc: BaseException) -> ConfigError:
+    """torch.onnx could not export this model (an operator or a pattern it does not support):
+    one line naming it and what to do, instead of the exporter's pages of traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+    return ConfigError(f"torch.onnx ({exporter} exporter) cannot export {model}: {reason}; pass "
+                       f"--no-onnx to export the weights without student.onnx (nothing was "
+                       f"written)", key="--no-onnx")
+
+
 def check_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...]) -> dict[str, Any]:
     """Run the file with onnxruntime on random batches and compare with torch; without
     onnxruntime, only validate the graph with onnx's checker."""
@@ -309,13 +349,29 @@ def check_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...]) -> di
 
 
 # --- writing ----------------------------------------------------------------------------------
+def check_output_folder(out: Path) -> None:
+    """A ConfigError (--out) when `out` cannot become the export folder: it is a file, or a
+    folder it would be created in is one. Checked before any work, so nothing is written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; the export is a folder", key="--out")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"cannot create {out}: {parent} is a file, not a folder",
+                                  key="--out")
+            return
+
+
 @contextlib.contextmanager
 def staged_export(out: Path) -> Iterator[Path]:
     """A staging folder beside `out` (same file system, so moves are atomic renames). When the
     block succeeds its files replace `out`'s, export.json last; stale ones (a student.onnx from
     an earlier export, now --no-onnx) are removed. When it fails, `out` is left as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", suffix=".tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", suffix=".tmp", dir=out.parent))
+    except OSError as exc:   # e.g. a read-only folder
+        raise ConfigError(f"cannot create {out}: {exc.strerror or exc}", key="--out") from None
     try:
         yield staging
         out.mkdir(exist_ok=True)
@@ -349,8 +405,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, batch: int
     cores (on a busy 2-core machine, 2-thread medians of resnet8 swung from 4 ms to 300 ms)."""
     run = read_run(run_dir)
     out = Path(out) if out is not None else run.path / "export"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} is a file; the export is a folder", key="--out")
+    check_output_folder(out)
     exporter = onnx_exporter() if onnx else None   # before any work: a missing package is input
     student = load_student(run)
     teacher = find_teacher(run, zoo_root)
@@ -359,7 +414,10 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, batch: int
         save_weights(student.state_dict(), staging / "student.safetensors", weights_metadata(run))
         onnx_report = None
         if exporter:
-            export_onnx(student, run.input_shape, staging / "student.onnx", exporter)
+            try:
+                export_onnx(student, run.input_shape, staging / "student.onnx", exporter)
+            except Exception as exc:  # noqa: BLE001 - torch.onnx raises many types for one cause
+                raise onnx_export_error(run.student, exporter, exc) from None
             onnx_report = {"file": "student.onnx", "exporter": exporter,
                            **check_onnx(student, staging / "student.onnx", run.input_shape),
                            "bytes": (staging / "student.onnx").stat().st_size}

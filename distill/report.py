@@ -13,9 +13,12 @@ The order of the work, one function each:
     summarize(groups)         -> one Row per group: mean/std over seeds, gain over vanilla, ...
     render_markdown / write_csv / plot_rows
 Everything is a pure function of the files read, except `flops`, which builds the model.
+Per-dataset facts (class count, image size) come from distill.export's DATASET_INPUTS, FLOPs
+from distill.export.flops_per_image: one definition of each for both tools.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import fnmatch
 import functools
@@ -30,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from distill.config import flatten, schema_defaults
 from distill.errors import ConfigError
 
 # Config keys that do not change what a run measures. Runs differing only in these are seeds of
@@ -49,12 +53,12 @@ IGNORED_KEYS = (
     "trainer.compile*",          # torch.compile: same math, other kernels
     "trainer.channels_last",     # memory layout only
     "trainer.on_nonfinite",      # what to do on a NaN step; skipped steps are counted in the run
+    "world_size",                # ranks (recorded by distill.app): trainer.batch_size is the
+                                 # global batch, so 1 GPU and 2 GPUs run the same experiment
 )
 # Identity keys: the table's rows and columns, not "settings".
 NAME_KEYS = ("dataset.name", "teacher.name", "student.name", "distiller.name")
 VANILLA = "none"
-KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10, "mnist5k": 10,
-                 "tiny_imagenet": 200, "imagenet": 1000}
 METRICS = ("best", "last")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -96,6 +100,9 @@ def find_run_dirs(paths: list[str | Path]) -> list[Path]:
         for folder, subdirs, _ in os.walk(path):
             if os.path.isfile(os.path.join(folder, ".hydra", "config.yaml")):
                 below.append(Path(folder))
+                # a run never holds another run; what looks like one below it is an earlier
+                # run set aside by trainer.resume=false (RUN/previous/<time>/): not counted
+                subdirs[:] = []
             subdirs[:] = [d for d in subdirs if d not in ("checkpoints", "wandb", ".hydra")]
         found += [p for p in sorted(below, key=_natural_key) if p.resolve() not in
                   {f.resolve() for f in found}]
@@ -109,18 +116,11 @@ def _natural_key(path: Path) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): tree}
-
-
 def load_run(path: Path) -> Run | Unfinished:
     """The run in `path`, or why it cannot be counted."""
     try:
         config = flatten(yaml.safe_load((path / ".hydra" / "config.yaml").read_text()) or {})
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, ValueError, yaml.YAMLError) as exc:   # ValueError: not UTF-8
         return Unfinished(path, f"unreadable .hydra/config.yaml ({exc.__class__.__name__})")
     missing = [k for k in NAME_KEYS if not config.get(k)]
     if missing:
@@ -135,6 +135,8 @@ def load_run(path: Path) -> Run | Unfinished:
         summary = json.loads(summary_file.read_text())
     except (OSError, ValueError) as exc:
         return Unfinished(path, f"unreadable summary.json ({exc.__class__.__name__})")
+    if not isinstance(summary, dict):
+        return Unfinished(path, "summary.json is not an object")
     if not all(isinstance(summary.get(k), (int, float)) for k in ("best_top1", "last_top1")):
         return Unfinished(path, "summary.json without best_top1 / last_top1")
     done = summary.get("epochs")
@@ -143,8 +145,9 @@ def load_run(path: Path) -> Run | Unfinished:
                                 f" after {done} of {planned} epochs")
     if isinstance(done, (int, float)) and isinstance(planned, (int, float)) and done < planned:
         return Unfinished(path, f"{done:g} of {planned} epochs done")
-    curve = [(h["epoch"], h["top1"]) for h in summary.get("history") or []
-             if "epoch" in h and "top1" in h]
+    history = summary.get("history")
+    curve = [(h["epoch"], h["top1"]) for h in (history if isinstance(history, list) else [])
+             if isinstance(h, dict) and "epoch" in h and "top1" in h]
     return Run(path, config, summary, curve or curve_from_metrics(path))
 
 
@@ -159,9 +162,10 @@ def curve_from_metrics(path: Path) -> list[tuple[float, float]]:
                     event = json.loads(line)
                 except ValueError:
                     continue   # a line cut short by a kill
-                if event.get("event") == "epoch" and "val/top1" in event:
+                if (isinstance(event, dict) and event.get("event") == "epoch"
+                        and isinstance(event.get("epoch"), (int, float)) and "val/top1" in event):
                     points[event["epoch"]] = event["val/top1"]
-    except OSError:
+    except (OSError, ValueError):   # ValueError: not UTF-8
         return []
     return sorted(points.items())
 
@@ -180,9 +184,9 @@ def result_config(run: Run) -> dict[str, str]:
     A key missing from an older run's config is filled with its schema default (it ran with it),
     the same rule resuming uses. Vanilla training has no teacher: its teacher.* keys are dropped,
     so one vanilla run serves every pair with that student."""
-    from distill.engine.rundir import _schema_defaults  # imports torch: not at module import
+    # private, but the one place the schema defaults are computed (the rule resuming uses)
 
-    defaults = {**_schema_defaults(), **method_defaults(run.distiller)}
+    defaults = {**schema_defaults(), **method_defaults(run.distiller)}
     config = {**{k: v for k, v in defaults.items() if k not in run.config}, **run.config}
     return {k: format_value(v) for k, v in sorted(config.items())
             if not any(fnmatch.fnmatchcase(k, pattern) for pattern in IGNORED_KEYS)
@@ -286,8 +290,9 @@ class Row:
     teacher_top1: float | None
     student_params: int | None
     num_classes: int | None
-    image_size: int
+    image_size: int | None
     wall_seconds: float | None
+    skipped: list[int]              # per seed: steps trainer.on_nonfinite=skip dropped
     curve: list[tuple[float, float]]   # (epoch, mean val top-1 over seeds)
     runs: list[Path]
     config: dict[str, str] = field(repr=False, default_factory=dict)
@@ -305,6 +310,10 @@ class Row:
         claim a precision one run cannot have."""
         values = getattr(self, metric)
         return statistics.stdev(values) if len(values) > 1 else None
+
+    @property
+    def skipped_steps(self) -> int:
+        return sum(self.skipped)
 
     @property
     def pair(self) -> str:
@@ -334,6 +343,8 @@ def _mean_of(values: list) -> float | None:
 
 
 def _row(group: Group) -> Row:
+    from distill.export import dataset_inputs  # imports torch: not at module import
+
     runs, config = group.runs, group.config
     first = runs[0]
     epochs: dict[float, list[float]] = defaultdict(list)
@@ -342,6 +353,7 @@ def _row(group: Group) -> Row:
             epochs[epoch].append(top1)
     dataset_cfg = {k.removeprefix("dataset."): v for k, v in first.config.items()
                    if k.startswith("dataset.")}
+    inputs = dataset_inputs(dataset_cfg)
     return Row(
         dataset=config["dataset.name"], teacher=config.get("teacher.name"),
         student=config["student.name"], distiller=config["distiller.name"], method=group.label,
@@ -350,44 +362,42 @@ def _row(group: Group) -> Row:
         teacher_top1=_mean_of([r.summary.get("teacher_top1") for r in runs]),
         student_params=first.summary.get("student_params"),
         num_classes=num_classes(first.path, config["student.name"], dataset_cfg),
-        image_size=int(dataset_cfg.get("image_size") or 32),
+        image_size=int(inputs.image_size) if inputs.image_size else None,
         wall_seconds=_mean_of([r.summary.get("wall_seconds") for r in runs]),
+        skipped=[_count(r.summary.get("skipped_steps")) for r in runs],
         curve=[(e, statistics.fmean(v)) for e, v in sorted(epochs.items())],
         runs=[r.path for r in runs], config=config)
 
 
-def num_classes(run_dir: Path, student: str, dataset_cfg: dict[str, Any]) -> int | None:
-    """Classes of the trained student: the rows of its classifier in student.safetensors (read
-    from the file header only), else what the dataset config or its name says."""
-    try:
-        from distill.models import model_spec
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
-        weight = f"{model_spec(student).classifier}.weight"
-        with open(run_dir / "student.safetensors", "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        return int(header[weight]["shape"][0])
-    except (ConfigError, OSError, KeyError, ValueError, IndexError):
-        value = dataset_cfg.get("num_classes") or KNOWN_CLASSES.get(dataset_cfg.get("name"))
+
+def num_classes(run_dir: Path, student: str, dataset_cfg: dict[str, Any]) -> int | None:
+    """Classes of the trained student: the rows of its classifier in student.safetensors (as
+    export.class_count reads them, through safetensors), else what the dataset config or
+    DATASET_INPUTS says; None when nothing tells."""
+    from distill.export import class_count, dataset_inputs
+
+    try:
+        return int(class_count(run_dir / "student.safetensors", student, dataset_cfg))
+    except ConfigError:   # no or a damaged file, an unknown model, an unknown dataset
+        value = dataset_inputs(dataset_cfg).num_classes
         return int(value) if value else None
 
 
 @functools.cache
-def flops(model: str, classes: int | None, image_size: int) -> int | None:
-    """FLOPs of one forward pass of one image, as torch.utils.flop_counter counts them (a
-    multiply-add is 2). None when the model cannot be built."""
-    if classes is None:
+def flops(model: str, classes: int | None, image_size: int | None) -> int | None:
+    """export.flops_per_image of `model` built for `classes` at `image_size` (one forward pass
+    of one image; a multiply-add is 2). None when the model cannot be built or run."""
+    if classes is None or image_size is None:
         return None
     try:
-        import torch
-        from torch.utils.flop_counter import FlopCounterMode
-
+        from distill.export import flops_per_image
         from distill.models import create_model
 
         net = create_model(model, num_classes=classes).eval()
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            net(torch.zeros(1, 3, image_size, image_size))
-        return counter.get_total_flops()
+        return flops_per_image(net, (3, image_size, image_size))
     except Exception:   # noqa: BLE001 - any failure to build or run: the table shows "?"
         return None
 
@@ -459,8 +469,8 @@ def render_markdown(rows: list[Row], unfinished: list[Unfinished], metric: str =
 
     out += [f"### All groups ({metric} top-1 decides the gain)", "",
             ("| dataset | teacher | student | method | settings | n | best top-1 | last top-1 "
-             "| gain | teacher top-1 | student params | FLOPs | wall (mean) |"),
-            "|---" * 13 + "|"]
+             "| gain | teacher top-1 | student params | FLOPs | wall (mean) | skipped steps |"),
+            "|---" * 14 + "|"]
     for r in rows:
         gain = r.gain[metric]
         out.append("| " + " | ".join([
@@ -469,10 +479,18 @@ def render_markdown(rows: list[Row], unfinished: list[Unfinished], metric: str =
             "" if gain is None else f"{gain:+.2f}",
             "" if r.teacher_top1 is None else f"{r.teacher_top1:.2f}",
             _si(r.student_params), _si(flops(r.student, r.num_classes, r.image_size)),
-            _minutes(r.wall_seconds)]) + " |")
-    out += ["", "std: sample std over seeds (none shown for one seed); FLOPs: one forward pass of "
-                "one image at the dataset's size, as torch.utils.flop_counter counts them (a "
-                "multiply-add is 2); wall: mean over seeds.", ""]
+            _minutes(r.wall_seconds), str(r.skipped_steps) if r.skipped_steps else ""]) + " |")
+    out += ["", ("std: sample std over seeds (none shown for one seed); FLOPs: one forward pass "
+                 "of one image at the dataset's size, as torch.utils.flop_counter counts them (a "
+                 "multiply-add is 2); wall: mean over seeds; skipped steps: total over seeds."), ""]
+    skipping = [r for r in rows if r.skipped_steps]
+    if skipping:
+        which = "; ".join(f"{r.method} {r.pair}: {r.skipped_steps} step"
+                          f"{'s' * (r.skipped_steps != 1)} in {sum(1 for k in r.skipped if k)} "
+                          f"of {r.n} run{'s' * (r.n != 1)}" for r in skipping)
+        out += [("Skipped steps: trainer.on_nonfinite=skip dropped the optimizer steps whose "
+                 "loss was not finite, so these runs took fewer steps than planned (averaged in "
+                 f"all the same): {which}."), ""]
     repeated = [(r, seed) for r in rows for seed in dict.fromkeys(r.seeds) if r.seeds.count(seed) > 1]
     if repeated:
         out += ["Repeated seeds (the same config and seed run more than once; each run counts): "
@@ -502,7 +520,7 @@ def _teacher_cell(rows: list[Row], column: tuple) -> str:
 CSV_COLUMNS = ("dataset", "teacher", "student", "distiller", "method", "settings", "n", "seeds",
                "best_mean", "best_std", "last_mean", "last_std", "gain_best", "gain_last",
                "teacher_top1", "student_params", "flops", "num_classes", "image_size",
-               "wall_seconds", "runs")
+               "wall_seconds", "skipped_steps", "runs")
 
 
 def csv_record(row: Row) -> dict[str, Any]:
@@ -517,19 +535,43 @@ def csv_record(row: Row) -> dict[str, Any]:
             "gain_best": blank(row.gain["best"]), "gain_last": blank(row.gain["last"]),
             "teacher_top1": blank(row.teacher_top1), "student_params": blank(row.student_params),
             "flops": blank(flops(row.student, row.num_classes, row.image_size)),
-            "num_classes": blank(row.num_classes), "image_size": row.image_size,
-            "wall_seconds": blank(row.wall_seconds), "runs": " ".join(map(str, row.runs))}
+            "num_classes": blank(row.num_classes), "image_size": blank(row.image_size),
+            "wall_seconds": blank(row.wall_seconds), "skipped_steps": row.skipped_steps,
+            "runs": " ".join(map(str, row.runs))}
 
 
-def write_csv(rows: list[Row], path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+@contextlib.contextmanager
+def writing(path: str | Path, option: str):
+    """Creates `path`'s folder; an OSError while writing `path` becomes one ConfigError naming
+    the command-line `option` and why, e.g. a folder on the way that is a regular file."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield path
+    except OSError as exc:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = (f"{blocker} is a file, not a folder" if blocker is not None
+               else f"{path} is a folder" if path.is_dir() else exc.strerror or str(exc))
+        raise ConfigError(f"cannot write {path}: {why}", key=option) from None
+
+
+def check_writable(path: str | Path, option: str) -> None:
+    """Before any output is written: a ConfigError when `path` cannot be written (its folder
+    cannot be created, or it is a folder)."""
+    with writing(path, option) as target:
+        if target.is_dir():
+            raise IsADirectoryError(target)
+
+
+def write_csv(rows: list[Row], path: str | Path, option: str = "--csv") -> None:
+    with writing(path, option) as target, open(target, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(csv_record(r) for r in rows)
 
 
-def plot_rows(rows: list[Row], path: str | Path, metric: str = "last") -> None:
+def plot_rows(rows: list[Row], path: str | Path, metric: str = "last",
+              option: str = "--plot") -> None:
     """A PNG: top, grouped bars of mean top-1 with std error bars (a group per pair); below,
     one panel per pair with each method's val top-1 curve (mean over seeds)."""
     import matplotlib
@@ -574,6 +616,8 @@ def plot_rows(rows: list[Row], path: str | Path, metric: str = "last") -> None:
         ax.set_ylabel("val top-1 (%)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with writing(path, option) as target:
+            fig.savefig(target, dpi=100)
+    finally:
+        plt.close(fig)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _planted import PlantedCode
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +123,8 @@ BAD = {
     "unwritable-run-dir": (
         ["hydra.run.dir={t10}/run"], 2, "run_dir", [r"cannot write", re.escape("resnet8_10")],
         None),
+    "unwritable-run-dir-by-its-own-key": (
+        ["run_dir={t10}/run"], 2, "run_dir", [r"cannot write", r"is a file, not a folder"], None),
     "teacher-checkpoint-carries-code": (
         ["distiller=kd", "teacher=resnet8", "teacher.checkpoint={evil}"], 2,
         "teacher.checkpoint", [r"refused to load", r"not a plain weights file", r"posix\.system"],
@@ -194,16 +197,6 @@ def _run(name: str, home: Path, weights: dict[str, Path]) -> Result:
         return Result(program + args, -9, str(exc.stdout), f"timed out\n{exc.stderr}", home)
     return Result(program + args, proc.returncode, ANSI.sub("", proc.stdout),
                   ANSI.sub("", proc.stderr), home)
-
-
-class PlantedCode:
-    """Unpickling this runs a shell command that creates `marker`."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from _compose import make_cfg
 from distill.app import run
+from distill.data.mnist5k import MNIST5K_MEAN, MNIST5K_STD
+from distill.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from distill.errors import ConfigError
-from distill.export import Timing, export_run, flops_per_image, read_run, reload_exported
+from distill.export import (VANILLA_NO_TEACHER, Timing, export_run, flops_per_image, read_run,
+                            reload_exported)
 from distill.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +50,17 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(run_dir) -> dict:
     return export_run(run_dir, batch=3, threads=1, timing=QUICK)
+
+
+def copy_run(run_dir: Path, dest: Path, edit) -> Path:
+    """A copy of the finished run with its recorded config changed by `edit(config)`."""
+    (dest / ".hydra").mkdir(parents=True)
+    for name in ("summary.json", "student.safetensors"):
+        shutil.copy(run_dir / name, dest / name)
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    edit(config)
+    (dest / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    return dest
 
 
 def student_of(run_dir: Path) -> nn.Module:
@@ -162,21 +177,22 @@ def test_a_missing_teacher_still_exports_the_student(run_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "student.safetensors"]
 
 
+def broken_export(*args, **_kwargs):
+    """torch.onnx.export on a model it cannot export, after writing part of the file."""
+    Path(args[2]).write_bytes(b"half an onnx file")
+    raise RuntimeError("exporter crashed\n(pages of exporter diagnostics)")
+
+
 def test_a_failed_export_leaves_nothing_half_written(run_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
-
-    def broken_export(*_args, **_kwargs):
-        (Path(_args[2])).write_bytes(b"half an onnx file")   # as a crash mid-write would
-        raise RuntimeError("exporter crashed")
-
     monkeypatch.setattr(torch.onnx, "export", broken_export)
-    with pytest.raises(RuntimeError, match="exporter crashed"):
+    with pytest.raises(ConfigError, match="RuntimeError: exporter crashed; pass --no-onnx"):
         export_run(run_dir, out, batch=2, timing=QUICK)
     assert list(tmp_path.iterdir()) == []   # neither out/ nor a staging folder
     # an earlier export stays exactly as it was
     export_run(run_dir, out, batch=2, onnx=False, timing=QUICK)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(RuntimeError, match="exporter crashed"):
+    with pytest.raises(ConfigError, match="exporter crashed"):
         export_run(run_dir, out, batch=2, timing=QUICK)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -192,6 +208,76 @@ def test_cli_prints_teacher_and_student_side_by_side(run_dir, tmp_path, capsys):
                  "78,042"):
         assert text in printed
     assert (tmp_path / "out" / "export.json").is_file()
+
+
+def test_cli_a_model_torch_onnx_cannot_export_is_one_error_line_suggesting_no_onnx(
+        run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    out = tmp_path / "out"
+    assert load_tool().main([str(run_dir), "--out", str(out), "--budget", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.strip().splitlines()
+    assert line == ("error: --no-onnx: torch.onnx (dynamo exporter) cannot export resnet8: "
+                    "RuntimeError: exporter crashed; pass --no-onnx to export the weights "
+                    "without student.onnx (nothing was written)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_an_output_folder_that_cannot_be_created_is_one_error_line(run_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for out in (blocker / "export", blocker / "deeper" / "export"):
+        assert load_tool().main([str(run_dir), "--out", str(out), "--no-onnx"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.strip().splitlines() == [
+            f"error: --out: cannot create {out}: {blocker} is a file, not a folder"]
+    assert list(tmp_path.iterdir()) == [blocker]
+
+
+def test_vanilla_run_exports_without_a_teacher(run_dir, tmp_path, capsys):
+    """distiller=none: teacher.* are the unused defaults (resnet14 here, and the run's zoo does
+    hold one): no teacher is looked up, measured or shown."""
+    def vanilla(config):
+        config["distiller"] = {"name": "none"}
+
+    vanilla_run = copy_run(run_dir, tmp_path / "vanilla", vanilla)
+    report = export_run(vanilla_run, tmp_path / "out", batch=2, onnx=False, timing=QUICK)
+    assert report["teacher"]["model"] is None
+    assert report["teacher"]["missing"] == VANILLA_NO_TEACHER == "vanilla run: no teacher"
+    assert "params" not in report["teacher"] and report["teacher"]["top1"] is None
+    assert load_tool().main([str(vanilla_run), "--out", str(tmp_path / "cli"), "--no-onnx",
+                             "--batch", "2", "--budget", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "vanilla run: no teacher, student resnet8" in " ".join(printed.split())  # title wraps
+    assert "resnet14" not in printed and "unavailable" not in printed
+
+
+@pytest.mark.parametrize("dataset", ["mnist5k", "folder"])
+def test_input_facts_of_every_dataset_come_from_the_dataset_modules(run_dir, tmp_path, dataset):
+    """mnist5k's mean/std are distill.data.mnist5k's; a folder run is fed like ImageNet at its
+    config's dataset.image_size."""
+    def retarget(config):
+        config["dataset"] = ({"name": "mnist5k", "path": None, "augment": True}
+                             if dataset == "mnist5k" else
+                             {"name": "folder", "root": "/images", "image_size": 48})
+
+    moved = copy_run(run_dir, tmp_path / dataset, retarget)
+    found = read_run(moved)
+    expected = ((MNIST5K_MEAN, MNIST5K_STD, 32) if dataset == "mnist5k"
+                else (IMAGENET_MEAN, IMAGENET_STD, 48))
+    assert (found.mean, found.std, found.input_shape[1]) == expected
+    assert found.num_classes == 10   # from the weights
+    if dataset == "folder":
+        return
+    export_run(moved, tmp_path / "out", batch=2, onnx=False, zoo_root=tmp_path / "no-zoo",
+               timing=QUICK)
+    with safe_open(str(tmp_path / "out" / "student.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert tuple(json.loads(meta["mean"])) == MNIST5K_MEAN
+    assert tuple(json.loads(meta["std"])) == MNIST5K_STD
+    assert meta["dataset"] == "mnist5k" and json.loads(meta["input_shape"]) == [3, 32, 32]
 
 
 def test_cli_missing_run_dir_is_one_error_line_and_exit_2(tmp_path):

@@ -36,6 +36,7 @@ PLANTED = {
 }
 TEACHER_TOP1 = {"resnet32": 71.5, "resnet56": 72.3}
 EPOCHS = 4
+PREVIOUS = Path("previous") / "20260101-120000"   # where trainer.resume=false moves a run
 
 
 def config(teacher: str, student: str, method: str, seed: int, run_dir: Path) -> dict:
@@ -77,7 +78,7 @@ def curve(last: float, epochs: int = EPOCHS) -> list[float]:
 
 def write_run(run_dir: Path, cfg: dict, best: float | None, last: float | None,
               teacher_top1: float | None, epochs_done: int = EPOCHS, summary: bool = True,
-              stopped_early: bool = False) -> None:
+              stopped_early: bool = False, skipped_steps: int = 0) -> None:
     """A run directory as distill writes it: .hydra/config.yaml, metrics.jsonl, summary.json."""
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(cfg), run_dir / ".hydra" / "config.yaml")
@@ -94,6 +95,7 @@ def write_run(run_dir: Path, cfg: dict, best: float | None, last: float | None,
     data = {"best_top1": best, "last_top1": last, "teacher_top1": teacher_top1,
             "train_images_per_sec": 500.0, "world_size": 1, "global_batch_size": 64,
             "epochs": epochs_done, "steps": 2 * epochs_done, "stopped_early": stopped_early,
+            "skipped_steps": skipped_steps,
             "wall_seconds": 60.0 + cfg["seed"], "student_params": 1234,
             "connector_params": 0, "history": history}
     (run_dir / "summary.json").write_text(json.dumps(data, indent=2))
@@ -101,7 +103,8 @@ def write_run(run_dir: Path, cfg: dict, best: float | None, last: float | None,
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
-    """Two sweep folders (job dirs 0, 1, ... as Hydra numbers them) plus three unfinished runs."""
+    """Two sweep folders (job dirs 0, 1, ... as Hydra numbers them) plus three unfinished runs,
+    and one earlier run that `trainer.resume=false` set aside inside a job dir (PREVIOUS)."""
     root = tmp_path_factory.mktemp("report")
     job = 0
     for (pair, method), seeds in PLANTED.items():
@@ -122,6 +125,10 @@ def sweep(tmp_path_factory) -> Path:
     cfg = config("resnet32", "resnet8", "kd", 5, unfinished / "short")
     cfg["trainer"]["epochs"] = 8
     write_run(unfinished / "short", cfg, 3.0, 3.0, 71.5, epochs_done=EPOCHS)
+    # as distill.engine.rundir.start_run_dir moves a run aside: a finished run, its own
+    # .hydra/config.yaml and all, with a result far from the planted ones
+    aside = unfinished / "0" / PREVIOUS
+    write_run(aside, config("resnet32", "resnet8", "none", 0, unfinished / "0"), 5.0, 4.0, None)
     return root
 
 
@@ -190,6 +197,17 @@ def test_unfinished_runs_are_listed_with_the_reason_and_not_averaged(sweep, rows
         assert f"`{u.path}`: {u.reason}" in text
 
 
+def test_a_run_set_aside_under_previous_is_not_counted(sweep, rows):
+    aside = sweep / "sweep-8" / "0" / PREVIOUS
+    assert isinstance(report.load_run(aside), report.Run)   # it would count, if it were found
+    runs, unfinished = report.load_runs([sweep])
+    assert not [r.path for r in [*runs, *unfinished] if "previous" in r.path.parts]
+    row = find(rows, "resnet32 -> resnet8", "none")
+    last = [s[1] for s in PLANTED["resnet32 -> resnet8", "none"]]
+    assert row.n == 3 and row.mean("last") == pytest.approx(statistics.mean(last))
+    assert sweep / "sweep-8" / "0" in row.runs
+
+
 def test_markdown_table_has_a_column_per_pair_and_a_cell_per_method(rows):
     text = report.render_markdown(rows, [], metric="last")
     header = next(line for line in text.splitlines() if line.startswith("| method |"))
@@ -226,10 +244,42 @@ def test_one_seed_shows_no_std_and_unknown_models_show_no_flops(tmp_path):
     assert "| 1.23K | ? |" in report.render_markdown([row], [])
 
 
+def test_class_count_from_the_weights_else_the_shared_dataset_table(tmp_path):
+    """export.class_count reads student.safetensors; without it (or with a damaged one) the
+    count comes from export.DATASET_INPUTS, which knows every dataset distill ships."""
+    import torch
+    from safetensors.torch import save_file
+
+    from distill.export import DATASET_INPUTS
+    from distill.models import model_spec
+
+    assert report.num_classes(tmp_path, "resnet8", {"name": "mnist5k"}) == 10   # no file
+    assert report.num_classes(tmp_path, "resnet8", {"name": "imagenet"}) == 1000
+    assert report.num_classes(tmp_path, "resnet8", {"name": "folder", "image_size": 96}) is None
+    assert "folder" in DATASET_INPUTS and "mnist5k" in DATASET_INPUTS
+    weights = tmp_path / "student.safetensors"
+    weights.write_bytes((2 ** 62).to_bytes(8, "little") + b"{}")   # a header no file holds
+    assert report.num_classes(tmp_path, "resnet8", {"name": "cifar100"}) == 100
+    save_file({f"{model_spec('resnet8').classifier}.weight": torch.zeros(7, 64)}, str(weights))
+    assert report.num_classes(tmp_path, "resnet8", {"name": "cifar100"}) == 7
+
+
+def test_image_size_of_a_folder_run_is_its_config(tmp_path):
+    cfg = config("resnet32", "resnet8", "none", 0, tmp_path / "run")
+    cfg["dataset"] = {"name": "folder", "root": "/images", "image_size": 40,
+                      "recipe": cfg["dataset"]["recipe"]}
+    write_run(tmp_path / "run", cfg, 50.0, 40.0, None)
+    runs, _ = report.load_runs([tmp_path])
+    [row] = report.summarize(report.group_runs(runs))
+    assert row.image_size == 40 and row.num_classes is None   # no weights: FLOPs unknown
+    assert report.csv_record(row)["flops"] == ""
+
+
 def test_flops_of_a_cifar_model():
     # resnet8: 3x3 convs and a 10-way fc at 32x32; counted multiply-adds are 2 FLOPs
     assert report.flops("resnet8", 10, 32) == pytest.approx(25_003_264)
     assert report.flops("resnet8", 10, 32) < report.flops("resnet20", 100, 32)
+    assert report.flops("resnet8", 10, None) is None
 
 
 def test_vanilla_run_serves_every_pair_with_its_student(tmp_path):
@@ -245,6 +295,39 @@ def test_vanilla_run_serves_every_pair_with_its_student(tmp_path):
     assert [r.gain["last"] for r in rows] == [None, 1.0, 2.0]
     text = report.render_markdown(rows, [])
     assert "| none | 50.00 (1) | 50.00 (1) |" in text
+
+
+def test_runs_on_any_number_of_ranks_are_seeds_of_one_experiment(tmp_path):
+    """world_size is recorded, but trainer.batch_size is the global batch: 1 GPU and 2 GPUs run
+    the same experiment (one row, one baseline)."""
+    for i, (method, seed, ranks) in enumerate([("none", 0, 2), ("kd", 0, 1), ("kd", 1, 2)]):
+        cfg = config("resnet32", "resnet8", method, seed, tmp_path / str(i))
+        cfg["world_size"] = ranks
+        write_run(tmp_path / str(i), cfg, 60.0 + i, 50.0 + i, None if i == 0 else 70.0)
+    runs, _ = report.load_runs([tmp_path])
+    rows = report.summarize(report.group_runs(runs))
+    assert [(r.method, r.n, r.settings) for r in rows] == [("none", 1, ""), ("kd", 2, "")]
+    assert rows[1].gain["last"] == pytest.approx(statistics.mean([51.0, 52.0]) - 50.0)
+
+
+def test_skipped_steps_are_totalled_per_row_and_noted(rows, tmp_path):
+    assert "Skipped steps" not in report.render_markdown(rows, [])   # none skipped: no note
+    planted = [("none", 0, 0), ("none", 1, 0), ("kd", 0, 3), ("kd", 1, 0), ("kd", 2, 2)]
+    for i, (method, seed, skipped) in enumerate(planted):
+        cfg = config("resnet32", "resnet8", method, seed, tmp_path / str(i))
+        cfg["trainer"]["on_nonfinite"] = "skip"
+        write_run(tmp_path / str(i), cfg, 60.0, 50.0, None if method == "none" else 70.0,
+                  skipped_steps=skipped)
+    runs, _ = report.load_runs([tmp_path])
+    none, kd = report.summarize(report.group_runs(runs))
+    assert (none.skipped_steps, kd.skipped_steps) == (0, 5)
+    text = report.render_markdown([none, kd], [])
+    detail = [line for line in text.splitlines() if line.startswith("| cifar100 |")]
+    assert detail[0].endswith(" min |  |") and detail[1].endswith(" min | 5 |")
+    assert "| wall (mean) | skipped steps |" in text
+    assert "kd resnet32 -> resnet8: 5 steps in 2 of 3 runs." in text
+    assert "none resnet8" not in text.split("Skipped steps:")[1]
+    assert [report.csv_record(r)["skipped_steps"] for r in (none, kd)] == [0, 5]
 
 
 def test_csv_is_the_long_form_table(rows, tmp_path):
@@ -289,6 +372,42 @@ def test_tool_writes_markdown_csv_and_png(sweep, tmp_path, capsys):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+@pytest.mark.parametrize("option", ["--csv", "--plot"])
+def test_an_unwritable_output_file_is_one_error_line_and_exit_2(sweep, tmp_path, capsys, option):
+    """--csv / --plot under a regular file: one error line, nothing printed, neither written."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    files = {"--csv": tmp_path / "t.csv", "--plot": tmp_path / "fig.png"}
+    files[option] = blocker / "t.csv" if option == "--csv" else blocker / "deeper" / "fig.png"
+    code = load_tool().main([str(sweep / "sweep-8"), *(str(x) for kv in files.items() for x in kv)])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.splitlines() == [
+        f"error: {option}: cannot write {files[option]}: {blocker} is a file, not a folder"]
+    assert sorted(tmp_path.iterdir()) == [blocker]
+
+
+def test_a_summary_that_is_not_an_object_is_an_unfinished_run(tmp_path, capsys):
+    cfg = config("resnet32", "resnet8", "none", 0, tmp_path / "list")
+    write_run(tmp_path / "list", cfg, 50.0, 40.0, None)
+    (tmp_path / "list" / "summary.json").write_text("[50.0, 40.0]")
+    # and a finished run whose history and metrics.jsonl hold stray values: still counted
+    cfg = config("resnet32", "resnet8", "none", 1, tmp_path / "odd")
+    write_run(tmp_path / "odd", cfg, 52.0, 42.0, None)
+    summary = json.loads((tmp_path / "odd" / "summary.json").read_text())
+    (tmp_path / "odd" / "summary.json").write_text(json.dumps({**summary, "history": "?"}))
+    with open(tmp_path / "odd" / "metrics.jsonl", "a") as f:
+        f.write("[1, 2]\n7\n")
+    runs, unfinished = report.load_runs([tmp_path])
+    assert [(u.path.name, u.reason) for u in unfinished] == [
+        ("list", "summary.json is not an object")]
+    [run] = runs
+    assert run.path.name == "odd" and run.curve == [(e + 1, t) for e, t in enumerate(curve(42.0))]
+    assert load_tool().main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"- `{tmp_path / 'list'}`: summary.json is not an object" in out
+
+
 def run_tool(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPORT), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=120)
@@ -306,12 +425,13 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
 
 
 def test_real_tiny_sweep_through_the_command_line(tmp_path):
-    """tools/train.py -m (fake data, 2 epochs, 2 seeds of none and kd; the first vanilla run
-    publishes the teacher the kd runs use), then tools/report.py on the sweep folder."""
+    """tools/train.py -m (fake data, 2 epochs, one vanilla run and one kd run: the cheapest
+    sweep with a baseline; the vanilla run publishes the teacher the kd run uses), then
+    tools/report.py on the sweep folder. Averaging over seeds is checked on the planted sweep."""
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "CUDA_VISIBLE_DEVICES")}
     env.update(DISTILL_ZOO=str(tmp_path / "zoo"), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     train = subprocess.run(
-        [sys.executable, str(TRAIN), "-m", "distiller=none,kd", "seed=0,1", "dataset=fake",
+        [sys.executable, str(TRAIN), "-m", "distiller=none,kd", "dataset=fake",
          "dataset.train_size=32", "dataset.val_size=16", "trainer.batch_size=16",
          "trainer.epochs=2", "student=resnet8", "teacher=resnet8", "logger=jsonl",
          "trainer.progress=false", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
@@ -328,9 +448,11 @@ def test_real_tiny_sweep_through_the_command_line(tmp_path):
     with open(tmp_path / "t.csv", newline="") as f:
         records = {rec["distiller"]: rec for rec in csv.DictReader(f)}
     assert set(records) == {"none", "kd"}
-    for name, last in summaries.items():
-        assert records[name]["n"] == "2"
-        assert float(records[name]["last_mean"]) == pytest.approx(statistics.mean(last))
-        assert float(records[name]["last_std"]) == pytest.approx(statistics.stdev(last))
+    for name, [last] in summaries.items():
+        assert records[name]["n"] == "1" and records[name]["seeds"] == "0"
+        assert float(records[name]["last_mean"]) == pytest.approx(last)
+        assert records[name]["last_std"] == ""   # one seed: no spread
+        assert records[name]["num_classes"] == "10" and int(records[name]["flops"]) > 0
+    assert records["none"]["gain_last"] == ""
     assert float(records["kd"]["gain_last"]) == pytest.approx(
-        statistics.mean(summaries["kd"]) - statistics.mean(summaries["none"]))
+        summaries["kd"][0] - summaries["none"][0])

@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +35,10 @@ import torch
 from safetensors.torch import load_file
 
 from _compose import make_cfg
+from _planted import PlantedCode
 from distill.app import run
-from distill.engine.checkpoint import CHECKPOINT_KEYS, atomic_torch_save, load_latest_checkpoint
+from distill.engine.checkpoint import (CHECKPOINT_KEYS, atomic_torch_save, load_latest_checkpoint,
+                                       read_checkpoint)
 from distill.engine.rundir import trim_metrics
 from distill.errors import ConfigError
 
@@ -45,16 +49,11 @@ COMMAND = ["dataset=fake", "dataset.train_size=64", "dataset.val_size=32", "dist
            "student=resnet8", f"trainer.epochs={EPOCHS}", "trainer.batch_size=16",
            "trainer.log_every=1", "zoo.publish=false"]
 FALLBACKS = ("truncated", "garbage", "planted")
-
-
-class PlantedCode:
-    """Unpickling this runs a shell command that creates `marker`."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+GARBAGE_HEAD = b"\xff"   # not a pickle opcode: torch's weights_only unpickler stops at it
+# why resume skips each damaged last.pt, as its warning says it
+FALLBACK_REASONS = {"truncated": "failed finding central directory",
+                    "garbage": "UnpicklingError: Unsupported operand 255",
+                    "planted": "posix.system"}
 
 
 @dataclass
@@ -157,7 +156,8 @@ def runs(tmp_path_factory) -> Runs:
     last = "checkpoints/last.pt"
     size = (killed / last).stat().st_size
     (home / "truncated" / last).write_bytes((killed / last).read_bytes()[:size // 2])
-    (home / "garbage" / last).write_bytes(os.urandom(size))
+    # random bytes after one that is no pickle opcode: the reason to expect is fixed
+    (home / "garbage" / last).write_bytes(GARBAGE_HEAD + os.urandom(size - 1))
     torch.save({"student": PlantedCode(marker)}, home / "planted" / last)
     torch.save({"student": PlantedCode(marker)}, home / "refused" / last)
     prev = home / "refused" / "checkpoints" / "prev.pt"
@@ -244,9 +244,8 @@ def test_a_damaged_last_checkpoint_falls_back_to_prev(runs, damage):
     warnings = [m for level, m in runs.fallback_logs[damage] if level == "WARNING"]
     last = runs.home / damage / "checkpoints" / "last.pt"
     prev = runs.home / damage / "checkpoints" / "prev.pt"
-    assert any(str(last) in m and f"resuming from {prev}" in m for m in warnings), warnings
-    reason = {"truncated": "failed finding central directory", "planted": "posix.system"}
-    assert any(reason.get(damage, "") in m for m in warnings), warnings
+    assert any(str(last) in m and f"resuming from {prev}" in m and FALLBACK_REASONS[damage] in m
+               for m in warnings), warnings
     infos = [m for level, m in runs.fallback_logs[damage] if level == "INFO"]
     assert any(f"at step {runs.killed_checkpoint - SPE} " in m for m in infos), infos
     assert _same(runs.weights(damage), runs.reference)
@@ -292,6 +291,51 @@ def test_checkpoint_rotation_keeps_prev_when_last_is_damaged(tmp_path):
     assert (folder / "last.pt.unreadable").read_bytes() == b"\0" * 100
     atomic_torch_save(_checkpoint(4), folder / "last.pt")
     assert torch.load(folder / "prev.pt", weights_only=True)["state"]["global_step"] == 3
+
+
+@pytest.mark.parametrize("damage", ["planted", "not-ours", "truncated"])
+def test_a_rejected_last_checkpoint_never_replaces_prev(tmp_path, damage):
+    """last.pt rejected at resume, even a valid zip archive (a pickle carrying code, a file
+    without our keys): the run resumes from prev.pt, and its first save must keep that prev.pt,
+    not demote the rejected last.pt over it."""
+    folder = tmp_path / "checkpoints"
+    atomic_torch_save(_checkpoint(1), folder / "last.pt")
+    atomic_torch_save(_checkpoint(2), folder / "last.pt")
+    marker = tmp_path / "PLANTED_CODE_RAN"
+    last = folder / "last.pt"
+    if damage == "planted":
+        torch.save({"student": PlantedCode(marker)}, last)
+    elif damage == "not-ours":
+        torch.save({"student": {}}, last)
+    else:
+        last.write_bytes(last.read_bytes()[:200])
+    rejected = last.read_bytes()
+    assert damage == "truncated" or zipfile.is_zipfile(last)   # passes a zip-format check
+    ckpt, path = load_latest_checkpoint(tmp_path)                  # resume
+    assert path.name == "prev.pt" and ckpt["state"]["global_step"] == 1
+    atomic_torch_save(_checkpoint(2), folder / "last.pt")          # its first save
+    assert torch.load(folder / "prev.pt", weights_only=True)["state"]["global_step"] == 1
+    assert torch.load(folder / "last.pt", weights_only=True)["state"]["global_step"] == 2
+    assert (folder / "last.pt.unreadable").read_bytes() == rejected
+    atomic_torch_save(_checkpoint(3), folder / "last.pt")          # a good last.pt: rotated
+    assert torch.load(folder / "prev.pt", weights_only=True)["state"]["global_step"] == 2
+    assert not marker.exists(), "the planted pickle ran"
+
+
+def test_why_each_damaged_last_checkpoint_is_skipped(tmp_path):
+    """The reasons test_a_damaged_last_checkpoint_falls_back_to_prev expects, without training."""
+    good = tmp_path / "good.pt"
+    torch.save(_checkpoint(1), good)
+    damaged = {"truncated": good.read_bytes()[:len(good.read_bytes()) // 2],
+               "garbage": GARBAGE_HEAD + os.urandom(4096)}
+    torch.save({"student": PlantedCode(tmp_path / "PLANTED_CODE_RAN")}, tmp_path / "planted.pt")
+    damaged["planted"] = (tmp_path / "planted.pt").read_bytes()
+    for damage in FALLBACKS:
+        path = tmp_path / f"{damage}.pt"
+        path.write_bytes(damaged[damage])
+        with pytest.raises(ValueError, match=re.escape(FALLBACK_REASONS[damage])):
+            read_checkpoint(path)
+    assert not (tmp_path / "PLANTED_CODE_RAN").exists()
 
 
 def test_latest_checkpoint_choice(tmp_path, caplog):

@@ -5,8 +5,8 @@
     python tools/export.py RUN_DIR --out DIR --batch 32 --threads 4 --no-onnx
 
 Prints params, FLOPs, CPU latency, test top-1 and file sizes side by side; the same numbers
-go to export.json. Exit status: 0 done, 2 bad input (nothing written), 1 the ONNX model does
-not match torch (nothing written).
+go to export.json. Exit status: 0 done, 2 bad input or a model torch.onnx cannot export (use
+--no-onnx; nothing written), 1 the ONNX model does not match torch (nothing written).
 """
 from __future__ import annotations
 
@@ -54,10 +54,12 @@ def ratio(student: float | None, teacher: float | None) -> str:
 def comparison_table(report: dict) -> Table:
     student, teacher = report["student"], report["teacher"]
     onnx = report["onnx"]
+    if teacher["model"] is None:   # distiller=none
+        which = teacher["missing"]
+    else:
+        which = f"teacher {teacher['model']}{' (unavailable)' if teacher['missing'] else ''}"
     table = Table(title=f"{report['dataset']} ({'x'.join(map(str, report['input_shape']))}, "
-                        f"{report['num_classes']} classes): teacher {teacher['model']}"
-                        f"{' (unavailable)' if teacher['missing'] else ''}, "
-                        f"student {student['model']}")
+                        f"{report['num_classes']} classes): {which}, student {student['model']}")
     for column in ("", "teacher", "student", "student / teacher"):
         table.add_column(column, justify="left" if not column else "right")
 
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if load is not None and cores and load > cores:
         notes.append(f"warning: the machine was busy (load average {load:.1f} on {cores} "
                      f"cores): the latencies above are not reliable")
-    if report["teacher"]["missing"]:
+    if report["teacher"]["missing"] and report["teacher"]["model"] is not None:
         notes.append(f"teacher {report['teacher']['model']} unavailable: "
                      f"{report['teacher']['missing']}")
     if report["stopped_early"]:

@@ -36,21 +36,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from distill import report
 
+    # every file is written before anything is printed: on an error, stdout stays empty
     try:
         runs, unfinished = report.load_runs(args.dirs)
+        for option, path in (("--csv", args.csv), ("--plot", args.plot)):
+            if path is not None:
+                report.check_writable(path, option)   # both, before either is written
+        rows = report.summarize(report.group_runs(runs))
+        text = report.render_markdown(rows, unfinished, args.metric)
+        if args.csv:
+            report.write_csv(rows, args.csv)
+        if args.plot and rows:
+            report.plot_rows(rows, args.plot, args.metric)
     except ConfigError as exc:
         print(f"error: {exc.render()}", file=sys.stderr)
         return 2
-    rows = report.summarize(report.group_runs(runs))
     print("```\npython tools/report.py " + " ".join(sys.argv[1:] if argv is None else argv)
           + "\n```\n")
     if not rows:
         print("No finished runs.\n")
-    print(report.render_markdown(rows, unfinished, args.metric))
-    if args.csv:
-        report.write_csv(rows, args.csv)
-    if args.plot and rows:
-        report.plot_rows(rows, args.plot, args.metric)
+    print(text)
     return 0
 
 

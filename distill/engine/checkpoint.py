@@ -6,6 +6,9 @@
   It is written to a temporary file and renamed into place; the previous one is kept as
   `prev.pt`, so a crash mid-write never loses the run, and a `last.pt` damaged later (truncated,
   overwritten) makes resume fall back to `prev.pt` with a warning naming the bad file.
+- Only a checkpoint resume would take is ever demoted to `prev.pt`: a `last.pt` that resume
+  skipped is renamed `last.pt.unreadable` by the next save instead, so the good `prev.pt` the
+  run resumed from survives until a good `last.pt` replaces it.
 """
 from __future__ import annotations
 
@@ -38,12 +41,23 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     if path.exists():
-        # A last.pt that is not even a complete zip archive (truncated, garbage) was skipped by
-        # resume: demoting it to prev.pt would replace the good checkpoint resume came from.
-        # Kept aside for a post-mortem instead.
-        readable = zipfile.is_zipfile(path)
-        os.replace(path, path.with_name("prev.pt" if readable else path.name + ".unreadable"))
+        # Demoted to prev.pt only if resume would take it (the very check resume makes): a
+        # last.pt resume skipped (truncated, garbage, a valid zip carrying code, a file without
+        # our keys) would replace the good prev.pt the run resumed from. Kept aside for a
+        # post-mortem instead.
+        keep = resumable(path)
+        os.replace(path, path.with_name("prev.pt" if keep else path.name + ".unreadable"))
     os.replace(tmp, path)
+
+
+def resumable(path: Path) -> bool:
+    """Whether resume would take this checkpoint. Memory-mapped when it is a zip archive (what
+    torch.save writes): the check unpickles the structure without reading the tensors."""
+    try:
+        read_checkpoint(path, mmap=zipfile.is_zipfile(path))
+    except ValueError:
+        return False
+    return True
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
@@ -118,10 +132,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def read_checkpoint(path: Path) -> dict:
+def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:
     """One training checkpoint; raises ValueError saying why it cannot be resumed from."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - truncated, garbage, or a pickle that carries code
         raise ValueError(load_reason(exc)) from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]

@@ -1,7 +1,6 @@
 """The run directory: is it a run to resume, a different experiment, or old files to set aside?"""
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -12,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from distill.config import schema_defaults
 from distill.engine.checkpoint import load_latest_checkpoint
 from distill.errors import ConfigError
 
@@ -29,25 +29,8 @@ RUN_ARTIFACTS = ("metrics.jsonl", "summary.json", "student.safetensors", "checkp
                  ".hydra")
 
 
-@functools.cache
-def _schema_defaults() -> dict[str, Any]:
-    """Default of every key of the config schema, by dotted path: a run recorded before a key
-    existed ran with its default."""
-    from omegaconf import OmegaConf
-
-    from distill.config import TrainConfig
-
-    def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(tree, dict):
-            return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
-        return {prefix.rstrip("."): tree}
-
-    schema = OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False)
-    return {k: v for k, v in flatten(schema).items() if v != "???"}
-
-
 def _default_of(path: str) -> Any:
-    return _schema_defaults().get(path, object())
+    return schema_defaults().get(path, object())
 
 
 def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from distill.config import flatten
 from distill.data import DatasetBundle
 from distill.data.batched import BatchTransform, DeviceBatches, batch_transform_of
 from distill.distillers import Distiller, StepContext
@@ -447,7 +448,7 @@ class Trainer:
             save_weights(student.state_dict(), self.run_dir / "student.safetensors",
                          metadata={"top1": self.state.last_top1})
             write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-            hparams = {k: v for k, v in _flatten(self.config).items()
+            hparams = {k: v for k, v in flatten(self.config).items()
                        if not k.startswith(("logger", "zoo", "run_dir"))}
             self.trackers.finish(hparams, {k: v for k, v in summary.items() if k != "history"})
         return summary
@@ -497,12 +498,3 @@ def _nonfinite_on_any_rank(loss: torch.Tensor) -> bool:
 
 def _format_terms(names, values) -> str:
     return ", ".join(f"{name}={value:.4g}" for name, value in zip(names, values))
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): tree}
