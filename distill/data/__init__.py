@@ -88,6 +88,20 @@ def stratified_subset(dataset: Dataset, fraction: float, seed: int = 0) -> Subse
     return Subset(dataset, torch.cat(keep).sort().values.tolist())
 
 
+def check_split_options(test_fraction: Any, split_seed: Any, default_sizes: str) -> float:
+    """The options of a fixed stratified train/test split (digits, mnist5k); returns the
+    fraction as a float. `default_sizes` (e.g. "1437/360") goes into the hint."""
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) \
+            or not 0.05 <= test_fraction <= 0.95:
+        raise ConfigError(f"must be a number between 0.05 and 0.95, got {test_fraction!r}",
+                          key="dataset.test_fraction",
+                          hint=f"the default is 0.2 ({default_sizes} images)")
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+        raise ConfigError(f"must be a non-negative integer, got {split_seed!r}",
+                          key="dataset.split_seed")
+    return float(test_fraction)
+
+
 def check_positive(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"must be a positive integer, got {value!r}", key=key)

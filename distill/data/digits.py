@@ -9,9 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.data import DATASETS, DatasetBundle, TensorImageDataset
+from distill.data import DATASETS, DatasetBundle, TensorImageDataset, check_split_options
 from distill.data.transforms import tensor_eval_transform, tensor_train_transform
-from distill.errors import ConfigError
 
 # Per-channel mean/std (identical for the 3 channels) of the default train split (split_seed=0,
 # test_fraction=0.2) after the uint8 conversion below, pixels scaled to [0,1]. Computed once with
@@ -42,14 +41,8 @@ def digits_images(split_seed: int = 0, test_fraction: float = 0.2
 @DATASETS.register("digits")
 def digits(augment: bool = True, test_fraction: float = 0.2, split_seed: int = 0) -> DatasetBundle:
     """Real handwritten digits, 1437/360 (default split), 10 classes, 3x32x32."""
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) \
-            or not 0.05 <= test_fraction <= 0.95:
-        raise ConfigError(f"must be a number between 0.05 and 0.95, got {test_fraction!r}",
-                          key="dataset.test_fraction", hint="the default is 0.2 (1437/360 images)")
-    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
-        raise ConfigError(f"must be a non-negative integer, got {split_seed!r}",
-                          key="dataset.split_seed")
-    xtr, ytr, xte, yte = digits_images(split_seed, float(test_fraction))
+    test_fraction = check_split_options(test_fraction, split_seed, "1437/360")
+    xtr, ytr, xte, yte = digits_images(split_seed, test_fraction)
     # Crop only, NO horizontal flip: a mirrored digit is a different symbol (or none).
     train_tf = (tensor_train_transform(DIGITS_MEAN, DIGITS_STD, size=32, padding=4, flip=False)
                 if augment else tensor_eval_transform(DIGITS_MEAN, DIGITS_STD))

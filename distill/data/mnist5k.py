@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.data import DATASETS, DatasetBundle, TensorImageDataset
+from distill.data import DATASETS, DatasetBundle, TensorImageDataset, check_split_options
 from distill.data.transforms import tensor_eval_transform, tensor_train_transform
 from distill.errors import ConfigError
 
@@ -116,14 +116,8 @@ def mnist5k(path: str | None = None, augment: bool = True, test_fraction: float 
     """Real MNIST digits, 4000/1000 (default split, 400/100 per class), 10 classes, 3x32x32."""
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise ConfigError(f"must be a file path or null, got {path!r}", key="dataset.path")
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) \
-            or not 0.05 <= test_fraction <= 0.95:
-        raise ConfigError(f"must be a number between 0.05 and 0.95, got {test_fraction!r}",
-                          key="dataset.test_fraction", hint="the default is 0.2 (4000/1000 images)")
-    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
-        raise ConfigError(f"must be a non-negative integer, got {split_seed!r}",
-                          key="dataset.split_seed")
-    xtr, ytr, xte, yte = mnist5k_images(path, split_seed, float(test_fraction))
+    test_fraction = check_split_options(test_fraction, split_seed, "4000/1000")
+    xtr, ytr, xte, yte = mnist5k_images(path, split_seed, test_fraction)
     # Shifts of up to 2 pixels, the jitter of Hinton et al.'s MNIST teacher; they never cut a
     # digit (MNIST centres each one in a 20x20 box). NO flip: a mirrored digit is another symbol.
     train_tf = (tensor_train_transform(MNIST5K_MEAN, MNIST5K_STD, size=32, padding=2, flip=False)
