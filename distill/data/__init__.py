@@ -55,6 +55,23 @@ class TensorImageDataset(Dataset):
         return image, int(self.labels[index])
 
 
+def tensor_bundle(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+                  *, num_classes: int, mean: tuple[float, float, float],
+                  std: tuple[float, float, float], augment: bool = True, padding: int = 4,
+                  flip: bool = True) -> DatasetBundle:
+    """A bundle of uint8 image tensors: random crop (zero `padding`) and optional flip for
+    training when `augment`, normalisation only for validation. These are the pipelines the
+    trainer's in-memory path reads and replays batch-wise on the device."""
+    from distill.data.transforms import tensor_eval_transform, tensor_train_transform
+
+    size = train[0].shape[-1]
+    train_tf = (tensor_train_transform(mean, std, size=size, padding=padding, flip=flip)
+                if augment else tensor_eval_transform(mean, std))
+    return DatasetBundle(train=TensorImageDataset(*train, train_tf),
+                         val=TensorImageDataset(*val, tensor_eval_transform(mean, std)),
+                         num_classes=num_classes, image_size=size, mean=mean, std=std)
+
+
 def build_datasets(name: str, train_fraction: float = 1.0, **kwargs: Any) -> DatasetBundle:
     """Build the registered dataset `name` with its config keys as keyword arguments.
 

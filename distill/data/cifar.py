@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distill.data import DATASETS, DatasetBundle, TensorImageDataset
-from distill.data.transforms import tensor_eval_transform, tensor_train_transform
+from distill.data import DATASETS, DatasetBundle, tensor_bundle
 from distill.errors import ConfigError
 
 DOWNLOAD_TIMEOUT_S = 15.0
@@ -241,13 +240,8 @@ def _build(spec: CifarSpec, root: str, download: bool, augment: bool) -> Dataset
     folder = ensure_cifar(spec, root, download)
     xtr, ytr = load_cifar_files(spec, folder, spec.train_files)
     xte, yte = load_cifar_files(spec, folder, spec.test_files)
-    train_tf = (tensor_train_transform(spec.mean, spec.std, size=32, padding=4, flip=True)
-                if augment else tensor_eval_transform(spec.mean, spec.std))
-    val_tf = tensor_eval_transform(spec.mean, spec.std)
-    return DatasetBundle(train=TensorImageDataset(xtr, ytr, train_tf),
-                         val=TensorImageDataset(xte, yte, val_tf),
-                         num_classes=spec.num_classes, image_size=32,
-                         mean=spec.mean, std=spec.std)
+    return tensor_bundle((xtr, ytr), (xte, yte), num_classes=spec.num_classes, mean=spec.mean,
+                         std=spec.std, augment=augment, padding=4, flip=True)
 
 
 @DATASETS.register("cifar10")

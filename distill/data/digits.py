@@ -9,8 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.data import DATASETS, DatasetBundle, TensorImageDataset, check_split_options
-from distill.data.transforms import tensor_eval_transform, tensor_train_transform
+from distill.data import DATASETS, DatasetBundle, check_split_options, tensor_bundle
 
 # Per-channel mean/std (identical for the 3 channels) of the default train split (split_seed=0,
 # test_fraction=0.2) after the uint8 conversion below, pixels scaled to [0,1]. Computed once with
@@ -44,9 +43,5 @@ def digits(augment: bool = True, test_fraction: float = 0.2, split_seed: int = 0
     test_fraction = check_split_options(test_fraction, split_seed, "1437/360")
     xtr, ytr, xte, yte = digits_images(split_seed, test_fraction)
     # Crop only, NO horizontal flip: a mirrored digit is a different symbol (or none).
-    train_tf = (tensor_train_transform(DIGITS_MEAN, DIGITS_STD, size=32, padding=4, flip=False)
-                if augment else tensor_eval_transform(DIGITS_MEAN, DIGITS_STD))
-    return DatasetBundle(train=TensorImageDataset(xtr, ytr, train_tf),
-                         val=TensorImageDataset(xte, yte, tensor_eval_transform(DIGITS_MEAN,
-                                                                                DIGITS_STD)),
-                         num_classes=10, image_size=32, mean=DIGITS_MEAN, std=DIGITS_STD)
+    return tensor_bundle((xtr, ytr), (xte, yte), num_classes=10, mean=DIGITS_MEAN,
+                         std=DIGITS_STD, augment=augment, padding=4, flip=False)

@@ -9,8 +9,7 @@ import math
 
 import torch
 
-from distill.data import DATASETS, DatasetBundle, TensorImageDataset, check_positive
-from distill.data.transforms import tensor_eval_transform, tensor_train_transform
+from distill.data import DATASETS, DatasetBundle, check_positive, tensor_bundle
 from distill.errors import ConfigError
 
 FAKE_MEAN = (0.5, 0.5, 0.5)
@@ -52,10 +51,5 @@ def fake(num_classes: int = 10, train_size: int = 256, val_size: int = 128, imag
     templates = _templates(num_classes, image_size, g)
     xtr, ytr = _sample(templates, train_size, g)
     xva, yva = _sample(templates, val_size, g)
-    padding = max(1, image_size // 8)
-    return DatasetBundle(
-        train=TensorImageDataset(xtr, ytr, tensor_train_transform(FAKE_MEAN, FAKE_STD,
-                                                                  size=image_size,
-                                                                  padding=padding)),
-        val=TensorImageDataset(xva, yva, tensor_eval_transform(FAKE_MEAN, FAKE_STD)),
-        num_classes=num_classes, image_size=image_size, mean=FAKE_MEAN, std=FAKE_STD)
+    return tensor_bundle((xtr, ytr), (xva, yva), num_classes=num_classes, mean=FAKE_MEAN,
+                         std=FAKE_STD, padding=max(1, image_size // 8))

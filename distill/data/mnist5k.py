@@ -21,8 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.data import DATASETS, DatasetBundle, TensorImageDataset, check_split_options
-from distill.data.transforms import tensor_eval_transform, tensor_train_transform
+from distill.data import DATASETS, DatasetBundle, check_split_options, tensor_bundle
 from distill.errors import ConfigError
 
 SIDE = 28                   # the file's images
@@ -120,9 +119,5 @@ def mnist5k(path: str | None = None, augment: bool = True, test_fraction: float 
     xtr, ytr, xte, yte = mnist5k_images(path, split_seed, test_fraction)
     # Shifts of up to 2 pixels, the jitter of Hinton et al.'s MNIST teacher; they never cut a
     # digit (MNIST centres each one in a 20x20 box). NO flip: a mirrored digit is another symbol.
-    train_tf = (tensor_train_transform(MNIST5K_MEAN, MNIST5K_STD, size=32, padding=2, flip=False)
-                if augment else tensor_eval_transform(MNIST5K_MEAN, MNIST5K_STD))
-    return DatasetBundle(train=TensorImageDataset(xtr, ytr, train_tf),
-                         val=TensorImageDataset(xte, yte, tensor_eval_transform(MNIST5K_MEAN,
-                                                                                MNIST5K_STD)),
-                         num_classes=10, image_size=32, mean=MNIST5K_MEAN, std=MNIST5K_STD)
+    return tensor_bundle((xtr, ytr), (xte, yte), num_classes=10, mean=MNIST5K_MEAN,
+                         std=MNIST5K_STD, augment=augment, padding=2, flip=False)
