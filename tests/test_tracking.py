@@ -58,3 +58,21 @@ def test_a_wandb_failure_never_stops_training(tmp_path, monkeypatch):
     summary = run(make_cfg(tmp_path, *FAST, "logger=wandb"))
     assert summary["epochs"] == 1
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    """The W&B run id is in the checkpoint: a run stopped at step 4 of 8 and resumed logs into
+    the same W&B run (offline: both processes write `offline-run-*-<id>` folders)."""
+    import torch
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run(make_cfg(tmp_path, *FAST, "logger=wandb", "trainer.max_steps=4"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    first_id = torch.load(ckpt, weights_only=True)["trackers"]["wandb"]["id"]
+    summary = run(make_cfg(tmp_path, *FAST, "logger=wandb"))
+    assert summary["steps"] == 8, "the second call resumed and finished the run"
+    assert torch.load(ckpt, weights_only=True)["trackers"]["wandb"]["id"] == first_id
+    folders = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(f.name.endswith(f"-{first_id}") for f in folders), folders
