@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -75,4 +76,6 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     assert summary["steps"] == 8, "the second call resumed and finished the run"
     assert torch.load(ckpt, weights_only=True)["trackers"]["wandb"]["id"] == first_id
     folders = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(folders) == 2 and all(f.name.endswith(f"-{first_id}") for f in folders), folders
+    # offline-run-<time>-<id>, with W&B's "-1" suffix when both started within the same second
+    pattern = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{first_id}(-\d+)?")
+    assert len(folders) == 2 and all(pattern.fullmatch(f.name) for f in folders), folders
