@@ -112,7 +112,8 @@ def trim_metrics(path: Path, step: int) -> int:
     its event files. A line cut short by a kill goes too. Returns how many lines were dropped."""
     if not path.is_file():
         return 0
-    lines = path.read_text(encoding="utf-8").splitlines()
+    original = path.read_text(encoding="utf-8")
+    lines = original.splitlines()
     kept = []
     for line in lines:
         try:
@@ -123,6 +124,6 @@ def trim_metrics(path: Path, step: int) -> int:
             continue
         kept.append(line)
     text = "".join(line + "\n" for line in kept)
-    if text != path.read_text(encoding="utf-8"):   # also mends a last line with no newline
+    if text != original:   # also mends a last line with no newline
         write_text_atomic(path, text)
     return len(lines) - len(kept)

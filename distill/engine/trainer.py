@@ -296,7 +296,9 @@ class Trainer:
         skip_nonfinite = self.opt.on_nonfinite == "skip"
         buffers = [b for n, b in self.distiller.named_buffers() if not n.startswith("teacher.")]
         sums: dict[str, torch.Tensor] = {}
-        window: list[tuple[int, torch.Tensor]] = []   # (step, its terms) since the last log step
+        # (step, its terms) since the last log step: kept as they are, stacked only to name a
+        # bad step, so a good step costs no extra kernel
+        window: list[tuple[int, list[torch.Tensor]]] = []
         applied = images_seen = window_images = 0
         epoch_start = window_start = time.perf_counter()
         for images, targets in self.train_loader:
@@ -324,7 +326,7 @@ class Trainer:
                 self.scaler.update()
                 applied += 1
                 window.append((self.state.global_step + 1,
-                               torch.stack([v.detach().float() for v in losses.values()])))
+                               [v.detach() for v in losses.values()]))
                 for name, value in losses.items():
                     sums[name] = sums.get(name, 0) + value.detach()
                 sums["loss"] = sums.get("loss", 0) + loss.detach()
@@ -361,23 +363,18 @@ class Trainer:
         self.state.train_images += images_seen * self.world_size
         return _mean_over_ranks(sums, max(applied, 1))
 
-    def _nonfinite_error(self, window: list[tuple[int, torch.Tensor]],
+    def _nonfinite_error(self, window: list[tuple[int, list[torch.Tensor]]],
                          names: list[str]) -> FloatingPointError:
         """The error for a non-finite mean loss: the first bad step since the last log step and
         each term's value there (mean over ranks), and where the last good checkpoint is. Every
         rank gets here together: the all-reduced mean was non-finite on all of them."""
-        values = torch.stack([v for _, v in window]).double()
+        values = torch.stack([torch.stack([t.double() for t in terms]) for _, terms in window])
         dist_utils.all_reduce_sum(values)
         values /= self.world_size
         bad = (~torch.isfinite(values)).any(dim=1).nonzero().flatten().tolist()
         row = bad[0] if bad else len(window) - 1
         message = (f"non-finite loss at step {window[row][0]}: "
-                   f"{_format_terms(names, values[row].tolist())}")
-        if self.checkpoint_step is None:
-            message += "; no checkpoint was written before it"
-        else:
-            message += (f"; the last good checkpoint is {self.run_dir / 'checkpoints' / 'last.pt'}"
-                        f" (step {self.checkpoint_step})")
+                   f"{_format_terms(names, values[row].tolist())}; {self._last_good_checkpoint()}")
         if self.opt.on_nonfinite == "stop":
             message += "; set trainer.on_nonfinite=skip to skip such steps"
         return FloatingPointError(message)
@@ -408,17 +405,23 @@ class Trainer:
     def _check_weights_finite(self) -> None:
         """A finite loss can still come with non-finite gradients (fp32 has no GradScaler to
         catch them), so before a checkpoint can take the weights they are checked themselves:
-        one host sync per epoch."""
-        bad = [n for n, p in self.distiller.named_parameters()
-               if not n.startswith("teacher.") and not torch.isfinite(p).all()]
-        if bad:
-            where = (f"the last good checkpoint is {self.run_dir / 'checkpoints' / 'last.pt'} "
-                     f"(step {self.checkpoint_step})" if self.checkpoint_step is not None
-                     else "no checkpoint was written before it")
+        one host sync per checkpoint (the names are looked up only when something is wrong)."""
+        params = [(n, p) for n, p in self.distiller.named_parameters()
+                  if not n.startswith("teacher.")]
+        finite = torch.stack([torch.isfinite(p).all() for _, p in params])
+        if not finite.all():
+            bad = [n for (n, _), ok in zip(params, finite.tolist()) if not ok]
             raise FloatingPointError(
                 f"non-finite weights after step {self.state.global_step} (e.g. {bad[0]}; "
                 f"{len(bad)} tensors) although every loss was finite: non-finite gradients; "
-                f"{where}, left as it was; lower optimizer.lr or use trainer.precision=fp32")
+                f"{self._last_good_checkpoint()}, left as it was; lower optimizer.lr or use "
+                f"trainer.precision=fp32")
+
+    def _last_good_checkpoint(self) -> str:
+        if self.checkpoint_step is None:
+            return "no checkpoint was written before it"
+        return (f"the last good checkpoint is {self.run_dir / 'checkpoints' / 'last.pt'} "
+                f"(step {self.checkpoint_step})")
 
     def _finish(self) -> dict[str, Any]:
         self.state.finished = True
