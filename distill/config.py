@@ -142,8 +142,12 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def run_path(distiller: str, teacher: str, student: str, tag: str = "") -> str:
-    """`resnet56-resnet20/kd` for distillation, `resnet20/none` for vanilla training."""
-    pair = student if distiller == "none" else f"{teacher}-{student}"
+    """`resnet56-resnet20/kd` for distillation, `resnet20/none` for vanilla training (and any
+    method without a teacher, e.g. dml)."""
+    from distill.distillers import DISTILLERS   # resolvers run after everything is imported
+
+    teacherless = distiller in DISTILLERS and not DISTILLERS.get(distiller).requires_teacher
+    pair = student if teacherless else f"{teacher}-{student}"
     return f"{pair}/{distiller}" + (f"-{tag}" if tag else "")
 
 

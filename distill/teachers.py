@@ -1,9 +1,12 @@
-"""Where a run's frozen teacher comes from: a weights file, the teacher zoo, a run that trains
-it now, or torchvision; and for TAKD, the chain of assistants between teacher and student.
+"""Where a run's frozen teachers come from: a weights file, the teacher zoo, a run that trains one
+now, torchvision, or, for a teacher that is itself distilled (TAKD's assistants), a KD run from
+its own teacher, kept in the zoo.
 
-Runs that make zoo models (a missing teacher with teacher.auto_train, a missing assistant) are
-ordinary runs of `distill.app.run`, passed in as `train` (this module does not import the app).
-They use the dataset's own recipe and the full training split, and train to the end.
+A method states what it needs as `TeacherRequest`s (distill.distillers.base); `TeacherResolver`
+turns each into a `ResolvedTeacher`: the model, its weights' sha256, and where it came from.
+Runs that make zoo models are ordinary runs of `distill.app.run`, passed in as `train` (this
+module does not import the app), each its own job: they use the dataset's own recipe and the
+full training split, train to the end, and leave the caller's random state as it was.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import hashlib
 import json
 import logging
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,11 +23,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distill.config import OptimizerConfig, SchedulerConfig
+from distill.distillers.base import TeacherRequest
 from distill.engine import distributed as dist_utils
-from distill.engine.checkpoint import load_weights
+from distill.engine.checkpoint import load_weights, preserved_rng
 from distill.errors import ConfigError
 from distill.models import create_model
-from distill.zoo import TeacherZoo, ZooEntry
+from distill.zoo import TeacherZoo, ZooEntry, file_sha256
 
 log = logging.getLogger("distill")
 
@@ -71,19 +76,45 @@ def load_model(name: str, source: str, *, key: str, num_classes: int) -> torch.n
     return model
 
 
+def state_sha256(model: torch.nn.Module) -> str:
+    """A digest of a model's weights when there is no file (torchvision's pretrained weights):
+    every tensor's name, dtype, shape and bytes, in state-dict order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ResolvedTeacher:
+    role: str
+    name: str                  # architecture
+    model: torch.nn.Module
+    sha256: str
+    weights: Path | None       # None: torchvision's pretrained weights
+    source: str                # where it came from, for the log
+
+    def record(self) -> dict[str, str]:
+        """What a run records of it (checkpoint, summary.json)."""
+        return {"role": self.role, "name": self.name, "sha256": self.sha256}
+
+
 # --- runs that make zoo models ------------------------------------------------------------------
-def teacher_training_command(cfg: DictConfig, overrides: list[str]) -> str:
-    """The exact command that trains and publishes the missing teacher: vanilla training of the
-    teacher architecture with the dataset's own recipe on the full training split."""
+def teacher_training_command(cfg: DictConfig, overrides: list[str], arch: str | None = None,
+                             pretrained: bool | None = None) -> str:
+    """The exact command that trains and publishes a missing teacher: vanilla training of the
+    architecture with the dataset's own recipe (and lr) on the full training split."""
     def keep(override: str) -> bool:
         key = override.split("=", 1)[0].lstrip("+~")
         if key in ("dataset", "dataset.train_fraction") or key.startswith(NOT_FOR_TEACHERS):
             return False
         return key.split(".")[0] in TEACHER_RUN_KEYS
 
-    args = ["python", "tools/train.py", "distiller=none", f"student={cfg.teacher.name}",
+    args = ["python", "tools/train.py", "distiller=none", f"student={arch or cfg.teacher.name}",
             f"dataset={cfg.dataset.name}", *filter(keep, overrides)]
-    if cfg.teacher.pretrained:
+    if cfg.teacher.pretrained if pretrained is None else pretrained:
         args.append("student.pretrained=true")
     if cfg.teacher.auto_train_epochs:
         args.append(f"trainer.epochs={cfg.teacher.auto_train_epochs}")
@@ -114,68 +145,20 @@ def zoo_run_config(cfg: DictConfig, *, student: str, distiller: dict | DictConfi
     return zcfg
 
 
-def teacher_run_config(cfg: DictConfig) -> DictConfig:
-    """The vanilla run that trains cfg's teacher and publishes it to the zoo."""
-    tcfg = zoo_run_config(cfg, student=cfg.teacher.name, zoo_name=cfg.teacher.name,
+def teacher_run_config(cfg: DictConfig, arch: str, pretrained: bool) -> DictConfig:
+    """The vanilla run that trains a teacher of `arch` and publishes it to the zoo."""
+    tcfg = zoo_run_config(cfg, student=arch, zoo_name=arch,
                           distiller=OmegaConf.load(CONFIG_DIR / "distiller" / "none.yaml"))
-    tcfg.student.pretrained = cfg.teacher.pretrained
+    tcfg.student.pretrained = pretrained
     tcfg.teacher.auto_train = False
     tcfg.zoo.publish = True
     return tcfg
 
 
-# --- the teacher ------------------------------------------------------------------------------
-def teacher_weights(cfg: DictConfig, dataset: dict, zoo: TeacherZoo, overrides: list[str],
-                    train: Train) -> tuple[str | None, str]:
-    """(weights file, config key it came from) of cfg's teacher: teacher.checkpoint, else the
-    zoo, else (with teacher.auto_train) a run that trains it now. (None, ...) means
-    torchvision's pretrained weights; no weights at all stops with the command that trains them."""
-    name = cfg.teacher.name
-    if cfg.teacher.checkpoint:
-        return cfg.teacher.checkpoint, "teacher.checkpoint"
-    entry = zoo.find(dataset["name"], name)
-    if entry is None and cfg.teacher.auto_train:
-        log.info("no %s teacher for %s in the zoo: training one first", name, dataset["name"])
-        train(teacher_run_config(cfg), overrides=[])
-        entry = zoo.find(dataset["name"], name)
-    if entry is not None:
-        check_split(entry, name, dataset)
-        log.info("teacher %s from the zoo: %s", name, entry.weights)
-        return str(entry.weights), "teacher"
-    if cfg.teacher.pretrained:
-        return None, "teacher.pretrained"
-    raise ConfigError(
-        f"no trained '{name}' for dataset '{dataset['name']}' in the teacher zoo ({zoo.root})",
-        key="teacher",
-        hint="train it first:\n  " + teacher_training_command(cfg, overrides)
-             + "\nor add teacher.auto_train=true to train it now, or point "
-               "teacher.checkpoint=PATH at a weights file")
-
-
-def build_teacher(cfg: DictConfig, dataset: dict, num_classes: int, zoo: TeacherZoo,
-                  overrides: list[str], train: Train) -> torch.nn.Module:
-    """The teacher model with its weights (see `teacher_weights`); torchvision's pretrained
-    weights only when they already fit the dataset."""
-    name = cfg.teacher.name
-    source, key = teacher_weights(cfg, dataset, zoo, overrides, train)
-    if source is not None:
-        return load_model(name, source, key=key, num_classes=num_classes)
-    teacher = create_model(name, num_classes=num_classes, pretrained=True)
-    if getattr(teacher, "head_replaced", False):
-        raise ConfigError(
-            f"{name}'s pretrained head has a different number of classes than the dataset "
-            f"({num_classes}); distilling from an untrained head would teach noise",
-            key="teacher.pretrained",
-            hint="fine-tune it first:\n  " + teacher_training_command(cfg, overrides))
-    log.info("teacher %s: torchvision's pretrained weights, as they are", name)
-    return teacher
-
-
-# --- TAKD: the assistant chain ----------------------------------------------------------------
 def link_fingerprint(parent_weights: str | None, parent_name: str, kd_options: dict) -> str:
-    """8 hex digits naming one KD link: the parent's exact weights and the KD options. An
-    assistant distilled from other weights (a retrained teacher, another teacher.checkpoint) or
-    with another temperature is another zoo entry, never a stale cache hit."""
+    """8 hex digits naming one KD link: the parent's exact weights and the KD options. A model
+    distilled from other weights (a retrained teacher, another teacher.checkpoint) or with
+    another temperature is another zoo entry, never a stale cache hit."""
     digest = hashlib.sha256()
     if parent_weights is None:
         digest.update(f"torchvision-pretrained:{parent_name}".encode())
@@ -187,41 +170,134 @@ def link_fingerprint(parent_weights: str | None, parent_name: str, kd_options: d
     return digest.hexdigest()[:8]
 
 
-def build_assistant_chain(cfg: DictConfig, dataset: dict, num_classes: int, zoo: TeacherZoo,
-                          overrides: list[str], train: Train, *, assistants: list[str],
-                          kd_options: dict) -> torch.nn.Module:
-    """The last assistant of teacher -> assistants[0] -> ... , each distilled with KD
-    (`kd_options`) from the model before it and kept in the zoo as
-    `<assistant>@kd-<parent>.<link_fingerprint>`: missing ones are trained now, found ones are
-    reused by every later run, whatever its seed or student. The zoo always keeps them
-    (zoo.publish is about teachers): the chain's next link loads them from there."""
-    parent_name = cfg.teacher.name
-    parent_weights, _ = teacher_weights(cfg, dataset, zoo, overrides, train)
-    parent_teacher = {**OmegaConf.to_container(cfg.teacher), "checkpoint": parent_weights,
-                      "auto_train": False}
-    for arch in assistants:
-        zoo_name = f"{arch}@kd-{parent_name}.{link_fingerprint(parent_weights, parent_name, kd_options)}"
-        entry = zoo.find(dataset["name"], zoo_name)
+# --- resolving requests -------------------------------------------------------------------------
+class TeacherResolver:
+    """Finds (and, where allowed, trains) the teachers of one run."""
+
+    def __init__(self, cfg: DictConfig, dataset: dict, num_classes: int, zoo: TeacherZoo,
+                 overrides: list[str], train: Train | None):
+        self.cfg, self.dataset, self.num_classes = cfg, dataset, num_classes
+        self.zoo, self.overrides, self.train = zoo, overrides, train
+
+    # where the weights are
+    def weights(self, request: TeacherRequest, *, may_train: bool = True) -> tuple[str | None, str]:
+        """(weights file, config key it came from) of `request`: its checkpoint, else the zoo,
+        else a run that makes it now (teacher.auto_train, or a distilled link). (None, ...)
+        means torchvision's pretrained weights; no weights at all stops with the command that
+        trains them."""
+        if request.checkpoint:
+            return request.checkpoint, request.checkpoint_key
+        if request.distilled_from is not None:
+            return str(self._distilled(request, may_train).weights), request.key
+        entry = self.zoo.find(self.dataset["name"], request.arch)
+        if entry is None and self.cfg.teacher.auto_train and self.train and may_train:
+            with self.zoo.claim(self.dataset["name"], request.arch):
+                entry = self.zoo.find(self.dataset["name"], request.arch)  # made while we waited
+                if entry is None:
+                    log.info("no %s teacher for %s in the zoo: training one first",
+                             request.arch, self.dataset["name"])
+                    self._train(teacher_run_config(self.cfg, request.arch, request.pretrained))
+                    entry = self.zoo.find(self.dataset["name"], request.arch)
+        if entry is not None:
+            check_split(entry, request.arch, self.dataset)
+            log.info("teacher %s from the zoo: %s", request.arch, entry.weights)
+            return str(entry.weights), request.key
+        if request.pretrained:
+            return None, f"{request.key}.pretrained"
+        raise ConfigError(
+            f"no trained '{request.arch}' for dataset '{self.dataset['name']}' in the teacher zoo "
+            f"({self.zoo.root})", key=request.key,
+            hint="train it first:\n  " + teacher_training_command(
+                self.cfg, self.overrides, request.arch, request.pretrained)
+                 + "\nor add teacher.auto_train=true to train it now, or point "
+                   "teacher.checkpoint=PATH at a weights file")
+
+    def _distilled(self, request: TeacherRequest, may_train: bool) -> ZooEntry:
+        """The zoo entry `<arch>@kd-<parent>.<fingerprint>` of a distilled link, made now when
+        missing (after its parent). The zoo always keeps links, whatever zoo.publish says: the
+        next link, and every later run, loads them from there."""
+        parent = request.distilled_from
+        parent_weights, _ = self.weights(parent, may_train=may_train)
+        zoo_name = (f"{request.arch}@kd-{parent.arch}."
+                    f"{link_fingerprint(parent_weights, parent.arch, request.distill_options)}")
+        name = self.dataset["name"]
+        entry = self.zoo.find(name, zoo_name)
+        if entry is None and self.train is not None and may_train:
+            with self.zoo.claim(name, zoo_name):
+                entry = self.zoo.find(name, zoo_name)
+                if entry is None:
+                    log.info("training %s (KD from %s) for the zoo", request.arch, parent.arch)
+                    acfg = zoo_run_config(self.cfg, student=request.arch, zoo_name=zoo_name,
+                                          distiller={"name": "kd", **request.distill_options})
+                    acfg.teacher.name = parent.arch
+                    acfg.teacher.pretrained = parent.pretrained and parent_weights is None
+                    acfg.teacher.checkpoint = parent_weights
+                    acfg.teacher.auto_train = False
+                    summary = self._train(acfg)
+                    meta = {"top1": summary["last_top1"], "best_top1": summary["best_top1"],
+                            "epochs": summary["epochs"], "seed": self.cfg.seed,
+                            "run_dir": str(Path(acfg.run_dir).resolve()),
+                            "num_classes": self.num_classes, "split": split_identity(self.dataset),
+                            "distilled_from": parent.arch, "teacher_weights": parent_weights,
+                            "teacher_sha256": (summary.get("teachers") or [{}])[0].get("sha256"),
+                            "kd": request.distill_options}
+                    weights = Path(acfg.run_dir) / "student.safetensors"
+                    dist_utils.on_main(lambda: self.zoo.publish(name, zoo_name, weights, meta))
+                    entry = self.zoo.find(name, zoo_name)
         if entry is None:
-            log.info("TAKD: training assistant %s (KD from %s) for the zoo", arch, parent_name)
-            acfg = zoo_run_config(cfg, student=arch, zoo_name=zoo_name,
-                                  distiller={"name": "kd", **kd_options})
-            for option, value in parent_teacher.items():
-                acfg.teacher[option] = value
-            summary = train(acfg, overrides=[])
-            meta = {"top1": summary["last_top1"], "best_top1": summary["best_top1"],
-                    "epochs": summary["epochs"], "seed": cfg.seed,
-                    "run_dir": str(Path(acfg.run_dir).resolve()), "num_classes": num_classes,
-                    "split": split_identity(dataset), "distilled_from": parent_name,
-                    "teacher_weights": parent_weights, "kd": kd_options}
-            weights = Path(acfg.run_dir) / "student.safetensors"
-            dist_utils.on_main(lambda: zoo.publish(dataset["name"], zoo_name, weights, meta))
-            entry = zoo.find(dataset["name"], zoo_name)
-        check_split(entry, zoo_name, dataset)
-        log.info("TAKD: assistant %s from the zoo: %s (top-1 %s)", zoo_name, entry.weights,
-                 entry.meta.get("top1"))
-        parent_name, parent_weights = arch, str(entry.weights)
-        parent_teacher = {"name": arch, "pretrained": False, "checkpoint": parent_weights,
-                          "auto_train": False, "auto_train_epochs": cfg.teacher.auto_train_epochs}
-    return load_model(assistants[-1], parent_weights, key="distiller.assistants",
-                      num_classes=num_classes)
+            raise ConfigError(f"no {zoo_name} in the teacher zoo ({self.zoo.root})",
+                              key=request.key, hint="run the distillation once to make it")
+        check_split(entry, zoo_name, self.dataset)
+        log.info("%s from the zoo: %s (top-1 %s)", zoo_name, entry.weights, entry.meta.get("top1"))
+        return entry
+
+    def _train(self, config: DictConfig) -> dict[str, Any]:
+        """A run that makes a zoo model: its own job, which leaves this run's random state (and
+        so its student's initialisation) exactly as it was."""
+        with preserved_rng():
+            return self.train(config, overrides=[])
+
+    # the model
+    def resolve(self, request: TeacherRequest, pinned: str | None = None) -> ResolvedTeacher:
+        """The teacher of `request`. `pinned` (a resumed run's recorded sha256) must be met: a
+        teacher from the zoo is taken by that digest (a better version may have become the
+        current one since); weights named by a checkpoint option must still have it; otherwise
+        the run is refused. Nothing is trained for a pinned request."""
+        if pinned is not None and not request.checkpoint:
+            entry = self.zoo.find_digest(self.dataset["name"], pinned)
+            if entry is not None and file_sha256(entry.weights) == pinned:
+                log.info("%s %s: the weights this run started with (sha256 %s): %s",
+                         request.role, request.arch, pinned[:16], entry.weights)
+                model = load_model(request.arch, str(entry.weights), key=request.key,
+                                   num_classes=self.num_classes)
+                return ResolvedTeacher(request.role, request.arch, model, pinned,
+                                       entry.weights, str(entry.weights))
+        source, key = self.weights(request, may_train=pinned is None)
+        if source is None:
+            model = self._pretrained(request)
+            digest, where = state_sha256(model), "torchvision's pretrained weights"
+        else:
+            digest, where = file_sha256(source), source
+        if pinned is not None and digest != pinned:
+            raise ConfigError(
+                f"the {request.role} ({request.arch}) is not the one this run started with: "
+                f"{where} has sha256 {digest}, the checkpoint recorded {pinned}, and the zoo "
+                f"({self.zoo.root}) holds no weights with that digest", key=key,
+                hint="put the original weights back, or start over with trainer.resume=false "
+                     "(the old files go under previous/), or use another run directory")
+        if source is not None:
+            model = load_model(request.arch, source, key=key, num_classes=self.num_classes)
+        return ResolvedTeacher(request.role, request.arch, model, digest,
+                               None if source is None else Path(source), where)
+
+    def _pretrained(self, request: TeacherRequest) -> torch.nn.Module:
+        teacher = create_model(request.arch, num_classes=self.num_classes, pretrained=True)
+        if getattr(teacher, "head_replaced", False):
+            raise ConfigError(
+                f"{request.arch}'s pretrained head has a different number of classes than the "
+                f"dataset ({self.num_classes}); distilling from an untrained head would teach "
+                f"noise", key=f"{request.key}.pretrained",
+                hint="fine-tune it first:\n  " + teacher_training_command(
+                    self.cfg, self.overrides, request.arch, True))
+        log.info("teacher %s: torchvision's pretrained weights, as they are", request.arch)
+        return teacher

@@ -1,25 +1,49 @@
-"""The teacher zoo: trained weights per (dataset, architecture), found by distillation runs.
+"""The teacher zoo: trained weights per (dataset, name), found by distillation runs.
 
 Layout (root is `zoo.root`, default ./zoo, or $DISTILL_ZOO):
 
-    <root>/<dataset>/<model>/model.safetensors
-    <root>/<dataset>/<model>/meta.json      top-1, epochs, seed, the run that made it, date
+    <root>/<dataset>/<name>/<sha256[:16]>/model.safetensors   one folder per published version,
+    <root>/<dataset>/<name>/<sha256[:16]>/meta.json            never changed once written
+    <root>/<dataset>/<name>/current.json                       the version new runs take
+    <root>/<dataset>/<name>/model.safetensors, meta.json       an entry published before versions
 
-A `distiller=none` run publishes its final weights here unless the zoo already holds a better
-model for the same (dataset, architecture).
+`<name>` is an architecture (`resnet56`) or a distilled model (`resnet32@kd-resnet56.1a2b3c4d`).
+Publishing never replaces weights: a model that beats the current version's top-1 becomes the
+current version, and every older one stays loadable by its sha256, which is what a run records
+of its teachers, so resuming or exporting an older run finds the very teacher it used.
+
+Writes are safe when a sweep's jobs run in parallel: a version folder is written under a temporary
+name and renamed into place, current.json is replaced atomically under a lock, and `claim`
+makes one run train a missing model while the others wait for it (distill.locks).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distill.locks import exclusive
+
 log = logging.getLogger("distill")
+
+WEIGHTS, META, CURRENT = "model.safetensors", "meta.json", "current.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -27,43 +51,109 @@ class ZooEntry:
     weights: Path
     meta: dict[str, Any]
 
+    @property
+    def sha256(self) -> str:
+        """The weights' digest as published (meta.json); computed for pre-version entries."""
+        return self.meta.get("sha256") or file_sha256(self.weights)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _write_json_atomic(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
 
 class TeacherZoo:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
 
-    def entry_dir(self, dataset: str, model: str) -> Path:
-        return self.root / dataset / model
+    def entry_dir(self, dataset: str, name: str) -> Path:
+        return self.root / dataset / name
 
-    def find(self, dataset: str, model: str) -> ZooEntry | None:
-        folder = self.entry_dir(dataset, model)
-        weights = folder / "model.safetensors"
-        if not weights.is_file():
+    def versions(self, dataset: str, name: str) -> list[ZooEntry]:
+        """Every published version, pre-version entries included, in publication order."""
+        folder = self.entry_dir(dataset, name)
+        found = [ZooEntry(p, _read_json(p.parent / META))
+                 for p in folder.glob(f"*/{WEIGHTS}") if not p.parent.name.startswith(".")]
+        if (folder / WEIGHTS).is_file():
+            found.append(ZooEntry(folder / WEIGHTS, _read_json(folder / META)))
+        return sorted(found, key=lambda e: str(e.meta.get("published", "")))
+
+    def find(self, dataset: str, name: str, sha256: str | None = None) -> ZooEntry | None:
+        """The current version of (dataset, name), or the version with that `sha256`."""
+        versions = self.versions(dataset, name)
+        if sha256 is not None:
+            return next((e for e in versions if e.sha256 == sha256), None)
+        if not versions:
             return None
-        meta_file = folder / "meta.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        return ZooEntry(weights, meta)
+        current = _read_json(self.entry_dir(dataset, name) / CURRENT).get("sha256")
+        chosen = next((e for e in versions if current and e.meta.get("sha256") == current), None)
+        # no (valid) pointer: a crash between a version's rename and the pointer's update, or
+        # an entry from before versions: the best top-1, the newest among equals
+        return chosen or max(reversed(versions), key=lambda e: e.meta.get("top1", -1))
 
-    def publish(self, dataset: str, model: str, weights: Path, meta: dict[str, Any]) -> bool:
-        """Copy `weights` into the zoo unless a better model is already there. Returns whether
-        it was published."""
-        current = self.find(dataset, model)
-        if current and current.meta.get("top1", -1) > meta.get("top1", -1):
-            log.info("zoo keeps %s/%s (top-1 %.2f > %.2f of this run)", dataset, model,
-                     current.meta["top1"], meta["top1"])
-            return False
-        folder = self.entry_dir(dataset, model)
+    def find_digest(self, dataset: str, sha256: str) -> ZooEntry | None:
+        """The version of any name of `dataset` whose weights have this digest."""
+        folder = self.root / dataset
+        for candidate in folder.glob(f"*/{sha256[:16]}/{WEIGHTS}"):
+            entry = ZooEntry(candidate, _read_json(candidate.parent / META))
+            if entry.sha256 == sha256:
+                return entry
+        for legacy in folder.glob(f"*/{WEIGHTS}"):
+            entry = ZooEntry(legacy, _read_json(legacy.parent / META))
+            if entry.sha256 == sha256:
+                return entry
+        return None
+
+    def publish(self, dataset: str, name: str, weights: Path, meta: dict[str, Any]) -> bool:
+        """Add `weights` as a version of (dataset, name); it becomes the current version when its
+        top-1 beats the current one's. Returns whether it did."""
+        digest = file_sha256(weights)
+        folder = self.entry_dir(dataset, name)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "model.safetensors.tmp"
-        shutil.copyfile(weights, tmp)
-        os.replace(tmp, folder / "model.safetensors")
-        meta = {**meta, "published": time.strftime("%Y-%m-%d %H:%M:%S")}
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        log.info("published %s/%s to the teacher zoo: %s (top-1 %.2f)", dataset, model, folder,
-                 meta.get("top1", float("nan")))
+        meta = {**meta, "sha256": digest, "published": time.strftime("%Y-%m-%d %H:%M:%S")}
+        with exclusive(folder / ".lock", what=f"publishes {dataset}/{name}"):
+            version = folder / digest[:16]
+            if not version.is_dir():
+                staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+                shutil.copyfile(weights, staging / WEIGHTS)
+                _write_json_atomic(staging / META, meta)
+                os.rename(staging, version)   # a reader sees the whole version or none
+            current = self.find(dataset, name)
+            better = (current is None or current.sha256 == digest
+                      or meta.get("top1", -1) > current.meta.get("top1", -1))
+            if not better:
+                log.info("zoo keeps %s/%s as the current version (top-1 %.2f >= %.2f of this "
+                         "run); this run's weights are version %s", dataset, name,
+                         current.meta.get("top1", float("nan")), meta.get("top1", float("nan")),
+                         digest[:16])
+                return False
+            _write_json_atomic(folder / CURRENT, {"sha256": digest, "top1": meta.get("top1")})
+        log.info("published %s/%s to the teacher zoo: %s (top-1 %.2f, sha256 %s)", dataset, name,
+                 version, meta.get("top1", float("nan")), digest[:16])
         return True
 
+    @contextmanager
+    def claim(self, dataset: str, name: str) -> Iterator[None]:
+        """Held while this process makes (dataset, name): another run that needs it waits, then
+        finds it published, instead of training a second copy into the same folders."""
+        with exclusive(self.entry_dir(dataset, name) / ".claim",
+                       what=f"is training {dataset}/{name} for the zoo"):
+            yield
+
     def list(self) -> list[tuple[str, str, dict]]:
-        return [(p.parent.parent.name, p.parent.name, json.loads((p.parent / "meta.json").read_text())
-                 if (p.parent / "meta.json").is_file() else {})
-                for p in sorted(self.root.glob("*/*/model.safetensors"))]
+        """(dataset, name, meta of the current version) of every entry."""
+        names = {(p.parent.parent.name, p.parent.name) for p in self.root.glob(f"*/*/{CURRENT}")}
+        names |= {(p.parent.parent.name, p.parent.name) for p in self.root.glob(f"*/*/{WEIGHTS}")}
+        names |= {(p.parent.parent.parent.name, p.parent.parent.name)
+                  for p in self.root.glob(f"*/*/*/{WEIGHTS}") if not p.parent.name.startswith(".")}
+        entries = [(d, n, self.find(d, n)) for d, n in sorted(names) if d != "runs"]
+        return [(d, n, e.meta) for d, n, e in entries if e is not None]

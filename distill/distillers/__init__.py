@@ -1,9 +1,19 @@
-"""Distillation methods: one small file each, registered by the name used in configs."""
-from distill.distillers.base import (
-    DISTILLERS, BuildInfo, Distiller, FeatureDistiller, StepContext, build_distiller)
+"""Distillation methods: one small file each, registered by the name used in configs.
 
-# importing the method modules registers them
-from distill.distillers import at, dkd, fitnet, kd, noisy_kd, none, rkd, takd  # noqa: E402,F401
+Every module of this package is imported here, so a new method is its file and its YAML: no
+list to extend.
+"""
+import importlib
+import pkgutil
+
+from distill.distillers.base import (
+    DISTILLERS, BuildInfo, Distiller, FeatureDistiller, StepContext, TeacherRequest,
+    build_distiller)
+
+NOT_METHODS = ("base", "connectors")
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in NOT_METHODS:
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["DISTILLERS", "BuildInfo", "Distiller", "FeatureDistiller", "StepContext",
-           "build_distiller"]
+           "TeacherRequest", "build_distiller"]

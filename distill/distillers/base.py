@@ -1,13 +1,20 @@
-"""The Distiller base: a student, an optional frozen teacher, and the method's loss terms.
+"""The Distiller base: a method's parts, declared by role, and its loss terms.
 
-A distiller's forward returns the student's logits and a dict of *weighted* loss terms
-(`ce`, `kd`, `hint`, ...). The trainer sums them and logs each one, so adding a method never
-touches the training loop.
+A distiller declares every module it owns as a part (docs/engine-roles.md): frozen teachers,
+trained modules grouped by optimizer (student, connectors, peers, ...), which of them are
+evaluated each epoch, and which one is exported as the student. The trainer works from these
+declarations only, never from module names.
+
+On the default step, `forward` returns the student's logits and a dict of *weighted* loss terms
+(`ce`, `kd`, `hint`, ...); the trainer sums them and logs each one. A method that alternates
+updates sets `manual_step = True` and implements `training_step` instead.
 """
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -19,89 +26,261 @@ from distill.registry import Registry
 
 DISTILLERS = Registry("distiller")
 
+# What a method may say it cannot run with (`Distiller.unsupported`), and the config key that
+# turns each on: a refused combination names that key.
+RUN_FEATURES = {"compile": "trainer.compile", "fp16": "trainer.precision",
+                "bf16": "trainer.precision", "ddp": "world_size",
+                "channels_last": "trainer.channels_last"}
+# What a method may need from the engine (`Distiller.needs`), and what each rules out.
+NEEDS = {
+    "teacher_input_grad": {},   # gradients through a teacher w.r.t. its input: runs anywhere
+    # create_graph=True through the student: torch.compile does not trace double backward, and
+    # DDP's reducer does not see gradients taken by torch.autograd.grad
+    "double_backward": {"compile": "torch.compile cannot trace a double backward",
+                        "ddp": "DDP does not reduce gradients taken with torch.autograd.grad"},
+}
+
 
 @dataclass(frozen=True)
 class StepContext:
     """Where training is, for methods whose weights follow a schedule (e.g. DKD's warm-up)."""
 
-    epoch: int          # 0-based epoch index
-    step: int           # global optimizer step
-    epochs: int         # total epochs of the run
+    epoch: int                 # 0-based epoch index
+    step: int                  # global optimizer step (0-based: the step being taken)
+    epochs: int                # total epochs of the run
+    steps_per_epoch: int = 0
+    total_steps: int = 0       # the run's last step (trainer.max_steps included)
 
 
 @dataclass(frozen=True)
 class BuildInfo:
-    """What a feature-based method needs beyond the two modules: their registry specs, which
-    name the default layers (stage outputs, the classifier whose input is the pooled feature),
-    and the dataset's input shape, to size connectors with one dry forward."""
+    """What a method may need beyond its modules, at build time: the models' registry specs
+    (default layers: stage outputs, the classifier whose input is the pooled feature), the
+    student's architecture name, the input shape, the class count and the dataset's
+    normalisation (to size connectors, build more models, or clamp images to valid pixels)."""
 
     student_spec: ModelSpec | None = None
     teacher_spec: ModelSpec | None = None
     input_shape: tuple[int, int, int] = (3, 32, 32)
+    num_classes: int = 100
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    student_arch: str | None = None
+
+    @property
+    def pixel_range(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(lowest, highest) normalised value per channel: what black and white become."""
+        return (tuple((0.0 - m) / s for m, s in zip(self.mean, self.std)),
+                tuple((1.0 - m) / s for m, s in zip(self.mean, self.std)))
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    """One frozen teacher a method needs, before it is found (distill.teachers resolves it):
+    weights from `checkpoint`, else the zoo, else trained now (`teacher.auto_train`), else, when
+    `distilled_from` is set, made by KD (`distill_options`) from that teacher and kept in the zoo."""
+
+    role: str
+    arch: str
+    key: str = "teacher"                    # the config key errors about this teacher name
+    checkpoint: str | None = None
+    checkpoint_key: str = "teacher.checkpoint"
+    pretrained: bool = False
+    distilled_from: TeacherRequest | None = None
+    distill_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Part:
+    role: str
+    frozen: bool
+    optimizer: str | None      # trained parts: the optimizer that updates them
+    evaluated: bool            # evaluated every epoch (frozen parts: once, at the start)
+    arch: str | None = None    # registry name, when the part is a registered model
+
+
+class ManualStep(Protocol):
+    """What a manual `training_step` drives: the trainer's optimizers, its (fp16-scaled)
+    backward, and optimizer steps that apply the non-finite policy and average gradients over
+    DDP ranks."""
+
+    optimizers: dict[str, torch.optim.Optimizer]
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self, name: str) -> bool: ...
+
+
+OptimizerFactory = Callable[..., tuple[torch.optim.Optimizer, Any]]
 
 
 class Distiller(nn.Module):
-    """Student plus (optionally) a frozen teacher.
+    """A method's parts and loss terms. `Distiller(student, teacher)` declares the usual two:
+    `student` (trained, evaluated, exported) and `teacher` (frozen)."""
 
-    The teacher is registered as a submodule so `.to(device)` moves it, but it is frozen here once
-    and for all: no grad, eval mode (even when the distiller is put in train mode), and excluded
-    from `trainable_parameters()` and `student_state_dict()`/`connector_state_dict()`.
-    """
-
-    requires_teacher: bool = True
-    # TAKD: the config option naming the assistant chain the app builds before training
-    assistants_option: str | None = None
+    requires_teacher: ClassVar[bool] = True
+    manual_step: ClassVar[bool] = False
+    # RUN_FEATURES this method cannot run with -> why (refused when the config is validated)
+    unsupported: ClassVar[dict[str, str]] = {}
+    needs: ClassVar[frozenset[str]] = frozenset()
     # True when some steps leave trainable parameters without gradients (DDP must look for them)
     may_leave_parameters_unused: bool = False
+    exported_role: str = "student"
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None):
+    def __init__(self, student: nn.Module | None = None, teacher: nn.Module | None = None):
         super().__init__()
+        self.parts: dict[str, Part] = {}
+        if student is not None:
+            self.add_trained("student", student, evaluated=True)
         if self.requires_teacher and teacher is None:
             raise ConfigError(f"distiller '{type(self).__name__}' needs a teacher", key="teacher")
-        self.student = student
-        self.teacher = teacher
         if teacher is not None:
-            teacher.requires_grad_(False)
-            teacher.eval()
+            self.add_frozen("teacher", teacher)
 
-    def train(self, mode: bool = True) -> "Distiller":
+    # --- declaring parts ---------------------------------------------------------------------
+    def add_frozen(self, role: str, model: nn.Module, *, arch: str | None = None) -> None:
+        """A teacher: frozen here once and for all (no grad, eval mode even when the distiller
+        trains), never in an optimizer or a checkpoint."""
+        self._declare(role, model, Part(role, frozen=True, optimizer=None, evaluated=True,
+                                        arch=arch))
+        model.requires_grad_(False)
+        model.eval()
+
+    def add_trained(self, role: str, module: nn.Module, *, optimizer: str = "main",
+                    evaluated: bool = False, arch: str | None = None) -> None:
+        self._declare(role, module, Part(role, frozen=False, optimizer=optimizer,
+                                         evaluated=evaluated, arch=arch))
+
+    def _declare(self, role: str, module: nn.Module, part: Part) -> None:
+        if role in self.parts:
+            raise ValueError(f"part '{role}' is declared twice")
+        setattr(self, role, module)
+        self.parts[role] = part
+
+    def describe(self, role: str, *, arch: str) -> None:
+        """Name the registry architecture of a part the app built (student, teachers)."""
+        self.parts[role].arch = arch
+
+    def check_declared(self) -> None:
+        """Every module with parameters or buffers must be a declared part: an undeclared one
+        would silently neither train nor be saved."""
+        for name, child in self.named_children():
+            if name not in self.parts and (any(True for _ in child.parameters())
+                                           or any(True for _ in child.buffers())):
+                raise TypeError(f"{type(self).__name__}.{name} is a module that is not a declared "
+                                f"part: declare it with self.add_trained('{name}', ...) or "
+                                f"self.add_frozen('{name}', ...)")
+
+    # --- reading the declarations ------------------------------------------------------------
+    def part(self, role: str) -> nn.Module:
+        return getattr(self, role)
+
+    def _roles(self, test: Callable[[Part], bool]) -> dict[str, nn.Module]:
+        return {role: self.part(role) for role, p in self.parts.items() if test(p)}
+
+    def frozen_parts(self) -> dict[str, nn.Module]:
+        return self._roles(lambda p: p.frozen)
+
+    def trained_parts(self) -> dict[str, nn.Module]:
+        return self._roles(lambda p: not p.frozen)
+
+    def evaluated_parts(self) -> dict[str, nn.Module]:
+        """Trained parts evaluated every epoch, the exported one first."""
+        parts = self._roles(lambda p: not p.frozen and p.evaluated)
+        return {self.exported_role: parts.pop(self.exported_role), **parts}
+
+    @property
+    def exported(self) -> nn.Module:
+        return self.part(self.exported_role)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by optimizer name, in declaration order; never a frozen one."""
+        groups: dict[str, list[nn.Parameter]] = {}
+        seen: set[int] = set()
+        for role, part in self.parts.items():
+            if part.frozen:
+                continue
+            params = groups.setdefault(part.optimizer, [])
+            for p in self.part(role).parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        return groups
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for params in self.parameter_groups().values() for p in params]
+
+    def trained_buffers(self) -> Iterator[torch.Tensor]:
+        for module in self.trained_parts().values():
+            yield from module.buffers()
+
+    def auxiliary_parameter_count(self) -> int:
+        """Parameters of trained parts that are not evaluated (connectors, discriminators)."""
+        return sum(p.numel() for role, part in self.parts.items()
+                   if not part.frozen and not part.evaluated
+                   for p in self.part(role).parameters())
+
+    # --- optimizers --------------------------------------------------------------------------
+    def configure_optimizers(self, default: OptimizerFactory) -> dict[str, tuple[Any, Any]]:
+        """{name: (optimizer, scheduler)}, one per optimizer name of the trained parts. The
+        default gives each the run's optimizer and schedule; `default(params, lr=...)` builds one
+        with some settings changed."""
+        return {name: default(params) for name, params in self.parameter_groups().items()}
+
+    # --- state by role -----------------------------------------------------------------------
+    def part_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {role: module.state_dict() for role, module in self.trained_parts().items()}
+
+    def load_part_state_dicts(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        trained = self.trained_parts()
+        if set(states) != set(trained):
+            raise RuntimeError(f"the checkpoint holds parts {sorted(states)}, this method has "
+                               f"{sorted(trained)}")
+        for role, module in trained.items():
+            module.load_state_dict(states[role])
+
+    def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # BN statistics and dropout of the teacher must never change
+        for model in self.frozen_parts().values():
+            model.eval()   # BN statistics and dropout of a teacher must never change
         return self
 
+    # --- what methods call -------------------------------------------------------------------
     @classmethod
     def check_values(cls, options: dict) -> None:
         """Range checks on config options, run before anything is built. Override per method."""
+
+    @classmethod
+    def teacher_requests(cls, options: dict, teacher: dict) -> list[TeacherRequest]:
+        """The frozen teachers this method needs, given its options and the `teacher` config
+        group: by default the one `teacher=` names."""
+        if not cls.requires_teacher:
+            return []
+        return [TeacherRequest("teacher", teacher["name"], checkpoint=teacher.get("checkpoint"),
+                               pretrained=bool(teacher.get("pretrained", False)))]
 
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.teacher(images)
 
+    def frozen_forward(self, role: str, images: torch.Tensor, *,
+                       input_grad: bool = False) -> torch.Tensor:
+        """A frozen part's output; with `input_grad` outside no_grad, so gradients flow to
+        `images` (the part's own weights stay frozen)."""
+        if input_grad:
+            return self.part(role)(images)
+        with torch.no_grad():
+            return self.part(role)(images)
+
     def forward(self, images: torch.Tensor, targets: torch.Tensor,
                 ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    # --- what trains and what is saved -------------------------------------------------------
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Student and connector parameters; never the teacher's."""
-        return [p for name, p in self.named_parameters()
-                if not name.startswith("teacher.") and p.requires_grad]
-
-    def connector_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights of the method's own modules (connectors), without student and teacher."""
-        return {k: v for k, v in self.state_dict().items()
-                if not k.startswith(("student.", "teacher."))}
-
-    def load_connector_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(("student.", "teacher."))]
-        if missing or unexpected:
-            raise RuntimeError(f"connector state mismatch: missing {missing}, unexpected {unexpected}")
-
-    def connector_parameter_count(self) -> int:
-        return sum(p.numel() for n, p in self.named_parameters()
-                   if not n.startswith(("student.", "teacher.")))
+    def training_step(self, images: torch.Tensor, targets: torch.Tensor, ctx: StepContext,
+                      step: ManualStep) -> dict[str, torch.Tensor]:
+        """Manual step (`manual_step = True`): forward, backward and step through `step`;
+        returns the loss terms to log."""
+        raise NotImplementedError
 
 
 def require(options: dict, **rules: str) -> None:
@@ -117,6 +296,16 @@ def require(options: dict, **rules: str) -> None:
 _RULES = {">0": (lambda v: v > 0, "a positive number"),
           ">=0": (lambda v: v >= 0, "zero or positive"),
           "[0,1]": (lambda v: 0 <= v <= 1, "a number in [0, 1]")}
+
+
+def refused_features(cls: type[Distiller]) -> dict[str, str]:
+    """Every RUN_FEATURE the method cannot run with -> why: its own `unsupported` and what its
+    `needs` rule out."""
+    refused = dict(cls.unsupported)
+    for need in cls.needs:
+        for feature, why in NEEDS[need].items():
+            refused.setdefault(feature, why)
+    return refused
 
 
 class FeatureDistiller(Distiller):
@@ -175,12 +364,27 @@ def layer_shapes(model: nn.Module, names: list[str], info: BuildInfo) -> list[to
     return [shapes[n] for n in names]
 
 
-def build_distiller(name: str, student: nn.Module, teacher: nn.Module | None,
-                    options: dict, info: BuildInfo | None = None) -> Distiller:
-    """Build `name` with its config options, naming any unknown or mistyped option. Methods
-    whose constructor takes `info` get the models' specs and the input shape."""
+def build_distiller(name: str, student: nn.Module,
+                    teachers: dict[str, nn.Module] | nn.Module | None, options: dict,
+                    info: BuildInfo | None = None) -> Distiller:
+    """Build `name` with its config options, naming any unknown or mistyped option. The
+    constructor gets what it asks for by parameter name: `teacher` (the one frozen teacher),
+    `teacher_models` (all of them, by role; a lone module is role `teacher`) and `info`."""
     cls = DISTILLERS.get(name, key="distiller")
-    fixed = {"student": student, "teacher": teacher}
-    if "info" in inspect.signature(cls.__init__).parameters:
+    params = inspect.signature(cls.__init__).parameters
+    if isinstance(teachers, nn.Module):
+        teachers = {"teacher": teachers}
+    teachers = dict(teachers or {})
+    fixed: dict[str, Any] = {"student": student}
+    if "teacher_models" in params:
+        fixed["teacher_models"] = teachers
+    if "teacher" in params:
+        fixed["teacher"] = next(iter(teachers.values()), None) if len(teachers) <= 1 else None
+    if "info" in params:
         fixed["info"] = info or BuildInfo()
-    return DISTILLERS.build_from_config(name, options, key="distiller", **fixed)
+    distiller = DISTILLERS.build_from_config(name, options, key="distiller", **fixed)
+    distiller.check_declared()
+    return distiller
+
+
+FIXED_ARGUMENTS = ("student", "teacher", "teacher_models", "info")   # supplied by the framework

@@ -35,8 +35,8 @@ class FitNet(FeatureDistiller):
         super().__init__(student, teacher, [student_layer], [teacher_layer])
         (shape_s,), (shape_t,) = (layer_shapes(student, [student_layer], info),
                                   layer_shapes(teacher, [teacher_layer], info))
-        self.connector = build_connector(shape_s, shape_t, keys=(self.option_key("student"),
-                                                                 self.option_key("teacher")))
+        self.add_trained("connector", build_connector(
+            shape_s, shape_t, keys=(self.option_key("student"), self.option_key("teacher"))))
         self.ce_weight, self.feat_weight = ce_weight, feat_weight
         self.hint_epochs, self.kd_weight, self.temperature = hint_epochs, kd_weight, temperature
         # the hint stage trains only the layers up to the guided one

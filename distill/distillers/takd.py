@@ -1,23 +1,26 @@
 """Teacher-assistant KD (Mirzadeh et al., AAAI 2020): teacher -> assistant(s) -> student, each
 link plain KD. A large teacher-student gap hurts KD; intermediate-sized assistants bridge it.
 
-The app builds the chain before training (`distill.assistants`): each assistant is distilled
-with KD from the model before it (with this method's KD weights and temperature), like a
-teacher (full training split, the dataset's recipe), and cached in the teacher zoo, so later
-runs and other seeds reuse it. This class then is KD from the last assistant.
+The method's one frozen teacher is its last assistant, requested as "distilled from" the one
+before it, and so on back to the run's teacher (`teacher_requests`). distill.teachers makes
+each missing link like a teacher (full training split, the dataset's recipe) by KD with this
+method's KD options, and keeps it in the zoo, so later runs and other seeds reuse it. Training
+the student is then KD from the last assistant.
 """
 from __future__ import annotations
 
-from distill.distillers.base import DISTILLERS
+from dataclasses import replace
+
+from distill.distillers.base import DISTILLERS, TeacherRequest
 from distill.distillers.kd import KD
 from distill.errors import ConfigError, unknown_name_error
 from distill.models import list_models
 
+KD_OPTIONS = ("ce_weight", "kd_weight", "temperature")   # each link is KD with these
+
 
 @DISTILLERS.register("takd")
 class TAKD(KD):
-    assistants_option = "assistants"
-
     def __init__(self, student, teacher, assistants: list[str] | None = None,
                  ce_weight: float = 0.1, kd_weight: float = 0.9, temperature: float = 4.0):
         super().__init__(student, teacher, ce_weight, kd_weight, temperature)
@@ -34,3 +37,13 @@ class TAKD(KD):
         for name in assistants:
             if name not in list_models():
                 raise unknown_name_error("model", name, list_models(), key="distiller.assistants")
+
+    @classmethod
+    def teacher_requests(cls, options, teacher):
+        (link,) = super().teacher_requests(options, teacher)
+        defaults = {"ce_weight": 0.1, "kd_weight": 0.9, "temperature": 4.0}
+        kd = {k: options.get(k, defaults[k]) for k in KD_OPTIONS}
+        for arch in options["assistants"]:
+            link = TeacherRequest("teacher", arch, key="distiller.assistants",
+                                  distilled_from=replace(link, role="parent"), distill_options=kd)
+        return [link]

@@ -1,5 +1,9 @@
 """Checkpoints and weight files.
 
+- Training state (format 2) holds every trained part by role and every optimizer and schedule
+  by name (docs/engine-roles.md); a format-1 checkpoint (one student, its connectors, one
+  optimizer), written before the roles, is read as format 2 (`upgrade_format_1`).
+
 - Weights (student, teachers in the zoo) are safetensors: loading them cannot run code.
 - Training state (`checkpoints/last.pt`) holds only tensors and plain Python values, so it loads
   with `torch.load(weights_only=True)`: a pickle that would run code is refused, never executed.
@@ -13,9 +17,11 @@
 from __future__ import annotations
 
 import logging
+import contextlib
 import os
 import random
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +33,13 @@ from distill.errors import ConfigError
 
 log = logging.getLogger("distill")
 
-# what Trainer._restore reads: a file without them is not one of our checkpoints
-CHECKPOINT_KEYS = ("student", "connectors", "optimizer", "scheduler", "scaler", "state", "rng",
-                   "trackers", "config")
+# what the trainer restores: a file without them is not one of our checkpoints
+CHECKPOINT_KEYS = ("parts", "optimizers", "schedulers", "scaler", "state", "rng", "trackers",
+                   "config")
+FORMAT = 2
+# format 1, before the roles: one student, its connectors, one optimizer and schedule
+FORMAT_1_KEYS = ("student", "connectors", "optimizer", "scheduler", "scaler", "state", "rng",
+                 "trackers", "config")
 # newest first: resume takes the first that loads
 CHECKPOINT_FILES = ("last.pt", "prev.pt")
 
@@ -132,12 +142,44 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Every random state (Python, NumPy, torch, CUDA) is the same after the block as before:
+    e.g. a teacher trained on the way leaves the run that needed it untouched."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+def upgrade_format_1(ckpt: dict) -> dict:
+    """A format-1 checkpoint as format 2: `student` and the connector keys (`<role>.<name>` of
+    the distiller's state dict) become parts, the one optimizer and schedule `main`, and the
+    run state gets the per-part and per-teacher fields."""
+    parts: dict[str, dict] = {"student": ckpt["student"]}
+    for key, value in ckpt["connectors"].items():
+        role, _, name = key.partition(".")
+        parts.setdefault(role, {})[name] = value
+    state = dict(ckpt["state"])
+    state.setdefault("models", {"student": {"best_top1": state.get("best_top1", 0.0),
+                                            "last_top1": state.get("last_top1", 0.0)}})
+    if state.get("teacher_top1") is not None:
+        state.setdefault("teachers_top1", {"teacher": state["teacher_top1"]})
+    rest = {k: v for k, v in ckpt.items()
+            if k not in ("student", "connectors", "optimizer", "scheduler", "state")}
+    return {**rest, "format": FORMAT, "parts": parts, "optimizers": {"main": ckpt["optimizer"]},
+            "schedulers": {"main": ckpt["scheduler"]}, "state": state, "upgraded_from": 1}
+
+
 def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:
     """One training checkpoint; raises ValueError saying why it cannot be resumed from."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - truncated, garbage, or a pickle that carries code
         raise ValueError(load_reason(exc)) from None
+    if isinstance(ckpt, dict) and "format" not in ckpt and all(k in ckpt for k in FORMAT_1_KEYS):
+        return upgrade_format_1(ckpt)
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"not a distill training checkpoint (no {', '.join(missing)})")

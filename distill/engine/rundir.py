@@ -24,7 +24,11 @@ RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.resume", "t
                      "trainer.channels_last",   # memory layout only
                      "world_size",   # the global batch is the same on any number of ranks
                      "trainer.data_path",   # the same augmentation, another random stream
-                     "trainer.on_nonfinite")   # e.g. resume a stopped run with skip
+                     "trainer.on_nonfinite",   # e.g. resume a stopped run with skip
+                     "tuned")   # per-pair values are compared where they are read: distiller.*
+# Where the teachers' weights are: may move, because a checkpoint that records the teachers'
+# sha256 (format 2) is checked against the weights themselves.
+TEACHER_FILES = ("teacher.checkpoint", "distiller.teacher_checkpoints")
 RUN_ARTIFACTS = ("metrics.jsonl", "summary.json", "student.safetensors", "checkpoints", "wandb",
                  ".hydra")
 
@@ -33,23 +37,27 @@ def _default_of(path: str) -> Any:
     return schema_defaults().get(path, object())
 
 
-def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+def config_differences(old: Any, new: Any, prefix: str = "",
+                       allowed: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         diffs = []
         for key in sorted(set(old) | set(new)):
             path = f"{prefix}{key}"
-            if any(path == k or path.startswith(k + ".") for k in RESUMABLE_CHANGES):
+            if any(path == k or path.startswith(k + ".") for k in allowed):
                 continue
             if key not in old and key in new and _default_of(path) == new[key]:
                 continue   # added to the schema after that run was recorded
-            diffs += config_differences(old.get(key), new.get(key), path + ".")
+            diffs += config_differences(old.get(key), new.get(key), path + ".", allowed)
         return diffs
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def check_run_dir(run_dir: Path, config: dict, *, resume: bool) -> dict | None:
+def check_run_dir(run_dir: Path, config: dict, *, resume: bool,
+                  teacherless: bool = False) -> dict | None:
     """Read-only: the checkpoint to resume from (None for a fresh start), refusing a directory
-    that holds a different experiment or cannot be written. Called before any work starts."""
+    that holds a different experiment or cannot be written. Called before any work starts.
+    A method without a teacher ignores the teacher.* keys (one vanilla run serves every pair,
+    e.g. the two mobilenetv2 pairs of benchmark=cifar100)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"   # one per process: DDP ranks check at once
@@ -60,7 +68,9 @@ def check_run_dir(run_dir: Path, config: dict, *, resume: bool) -> dict | None:
     found = load_latest_checkpoint(run_dir) if resume else None
     checkpoint = found[0] if found else None
     if checkpoint is not None:
-        diffs = config_differences(checkpoint["config"], config)
+        allowed = (RESUMABLE_CHANGES + (TEACHER_FILES if checkpoint.get("teachers") is not None
+                                        else ()) + (("teacher",) if teacherless else ()))
+        diffs = config_differences(checkpoint["config"], config, allowed=allowed)
         if diffs:
             raise ConfigError(
                 f"{run_dir} holds a run with a different config:\n  " + "\n  ".join(diffs[:10]),

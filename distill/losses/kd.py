@@ -14,7 +14,15 @@ def kd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor,
     loss stays finite for very confident logits (e.g. 1e4 at T=0.5) where probabilities underflow.
     Computed in float32 even under autocast: low-precision softmax at high T is inaccurate.
     """
-    log_p_student = F.log_softmax(logits_student.float() / temperature, dim=1)
     log_p_teacher = F.log_softmax(logits_teacher.float() / temperature, dim=1)
-    per_sample = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(1)
+    return soft_target_loss(logits_student, log_p_teacher, temperature)
+
+
+def soft_target_loss(logits_student: torch.Tensor, log_probs_target: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """`kd_loss` against a target distribution given as log-probabilities (e.g. an ensemble of
+    teachers, `ensemble_log_probs`): KL(q || softmax(s/T)), class sum, batch mean, times T^2."""
+    log_p_student = F.log_softmax(logits_student.float() / temperature, dim=1)
+    per_sample = F.kl_div(log_p_student, log_probs_target.float(), reduction="none",
+                          log_target=True).sum(1)
     return per_sample.mean() * temperature**2

@@ -1,0 +1,82 @@
+"""Deep Mutual Learning (Zhang, Xiang, Hospedales & Lu, CVPR 2018): no teacher; two or more
+peers (any architectures) learn together. Peer k minimises CE + 1/(K-1) sum_{l != k}
+KL(p_l || p_k) with plain softmax (no temperature), and the peers are updated in turn within
+each batch, as the paper's Algorithm 1: after a peer's update its predictions are computed
+again before the next peer learns from them. (The authors' TensorFlow code also updates in turn,
+but on a fresh batch each time and with the KL terms summed, not averaged; for two peers the
+sum and the mean agree.)
+
+Peer 0 is the run's student (`student=`), exported and reported as the student; every peer is
+evaluated each epoch (`models` in summary.json). The refreshed predictions are taken with the
+peer's BatchNorm buffers put back, so each peer's running statistics see each batch once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from distill.distillers.base import DISTILLERS, BuildInfo, Distiller, require
+from distill.errors import ConfigError, unknown_name_error
+from distill.losses import kd_loss
+from distill.models import create_model, list_models
+
+
+@DISTILLERS.register("dml")
+class DML(Distiller):
+    requires_teacher = False
+    manual_step = True
+    exported_role = "peer0"
+
+    def __init__(self, student, peers: list[str] | None = None, ce_weight: float = 1.0,
+                 kl_weight: float = 1.0, *, info: BuildInfo):
+        super().__init__(None, None)
+        peers = list(peers or [])
+        if info.student_arch is not None and peers[0] != info.student_arch:
+            raise ConfigError(f"peer 0 is the student ({info.student_arch}), but the list starts "
+                              f"with {peers[0]}", key="distiller.peers",
+                              hint=f"set student={peers[0]}, or start distiller.peers with "
+                                   f"{info.student_arch}")
+        models = [student] + [create_model(name, num_classes=info.num_classes) for name in peers[1:]]
+        self.peer_roles = [f"peer{i}" for i in range(len(peers))]
+        for role, name, model in zip(self.peer_roles, peers, models):
+            self.add_trained(role, model, optimizer=role, evaluated=True, arch=name)
+        self.ce_weight, self.kl_weight = ce_weight, kl_weight
+
+    @classmethod
+    def check_values(cls, options):
+        require(options, ce_weight=">=0", kl_weight=">=0")
+        peers = options.get("peers")
+        if not isinstance(peers, list) or len(peers) < 2:
+            raise ConfigError(f"invalid value {peers!r}", key="distiller.peers",
+                              allowed="a list of two or more model names, the student first, "
+                                      "e.g. distiller.peers=[resnet8,resnet8]")
+        for name in peers:
+            if name not in list_models():
+                raise unknown_name_error("model", name, list_models(), key="distiller.peers")
+
+    def training_step(self, images, targets, ctx, step):
+        peers = [self.part(role) for role in self.peer_roles]
+        logits = [peer(images) for peer in peers]   # each peer's graph, kept until its turn
+        count, terms = len(peers), {}
+        for k, (role, peer) in enumerate(zip(self.peer_roles, peers)):
+            ce = F.cross_entropy(logits[k], targets)
+            kl = sum(kd_loss(logits[k], logits[other].detach(), 1.0)
+                     for other in range(count) if other != k) / (count - 1)
+            step.backward(self.ce_weight * ce + self.kl_weight * kl)
+            step.step(role)
+            if k < count - 1:
+                logits[k] = refreshed_logits(peer, images)
+            terms[f"{role}/ce"] = self.ce_weight * ce.detach()
+            terms[f"{role}/kl"] = self.kl_weight * kl.detach()
+        return terms
+
+
+@torch.no_grad()
+def refreshed_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The model's training-mode output after its update, its buffers (BN statistics) left as
+    they were before this extra forward."""
+    saved = [b.clone() for b in model.buffers()]
+    logits = model(images)
+    for buffer, value in zip(model.buffers(), saved):
+        buffer.copy_(value)
+    return logits

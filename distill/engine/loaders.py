@@ -1,0 +1,86 @@
+"""The training and validation batches of one rank: the in-memory path (uint8 tensors batched on
+the device, distill.data.batched) when the dataset allows it, else DataLoaders.
+
+Under DDP each rank takes its slice of every global batch (EpochSampler) and evaluates every
+world_size-th validation image; the counts are summed over ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from distill.data import DatasetBundle
+from distill.data.batched import BatchTransform, DeviceBatches, batch_transform_of
+from distill.engine.sampler import EpochSampler, epoch_seed
+from distill.errors import ConfigError
+
+DATA_PATHS = ("auto", "memory", "loader")
+
+
+def data_path_transforms(data: DatasetBundle, data_path: str
+                         ) -> tuple[BatchTransform, BatchTransform] | None:
+    """The (train, val) batch transforms of the in-memory path, or None for the DataLoader path.
+    `auto` takes the in-memory path whenever both splits allow it; `memory` insists."""
+    if data_path == "loader":
+        return None
+    train_tf, val_tf = batch_transform_of(data.train), batch_transform_of(data.val)
+    if train_tf is None or val_tf is None:
+        if data_path == "memory":
+            raise ConfigError("this dataset is not held in memory as uint8 tensors with the "
+                              "crop/flip/normalise recipe", key="trainer.data_path",
+                              allowed="auto or loader for this dataset")
+        return None
+    return train_tf, val_tf
+
+
+@dataclass
+class Loaders:
+    train: DeviceBatches | DataLoader
+    val: DeviceBatches | DataLoader
+    sampler: EpochSampler
+    # Each DataLoader iterator draws a worker base seed from its generator (the global RNG if it
+    # has none). An own generator keeps the global RNG, which per-sample augmentation uses and
+    # checkpoints carry, independent of when loaders are iterated.
+    worker_seeds: torch.Generator
+    seed: int
+    rank: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps
+
+    def start_epoch(self, epoch: int, first_batch: int) -> None:
+        """Position both paths at `first_batch` of `epoch` (a function of seed and epoch only)."""
+        self.sampler.set_epoch(epoch, first_batch)
+        if isinstance(self.train, DeviceBatches):
+            self.train.set_epoch(epoch, first_batch)
+        self.worker_seeds.manual_seed(   # rank 0: the single-process seed
+            epoch_seed(self.seed + 7919 * self.rank, epoch))
+
+
+def build_loaders(data: DatasetBundle, *, data_path: str, batch_size: int, eval_batch_size: int,
+                  num_workers: int, device: torch.device, seed: int, rank: int,
+                  world_size: int) -> Loaders:
+    sampler = EpochSampler(len(data.train), seed, global_batch=batch_size, rank=rank,
+                           world_size=world_size)
+    worker_seeds = torch.Generator()
+    per_rank = batch_size // world_size
+    val_indices = list(range(rank, len(data.val), world_size))
+    on_device = data_path_transforms(data, data_path)
+    if on_device is not None:
+        train_tf, val_tf = on_device
+        train = DeviceBatches(data.train, train_tf, sampler, batch_size=per_rank, device=device,
+                              seed=seed, rank=rank)
+        val = DeviceBatches(data.val, val_tf, val_indices, batch_size=eval_batch_size,
+                            device=device)
+    else:
+        pin = device.type == "cuda"
+        train = DataLoader(data.train, batch_size=per_rank, sampler=sampler,
+                           num_workers=num_workers, generator=worker_seeds, drop_last=False,
+                           pin_memory=pin)
+        val = DataLoader(data.val, batch_size=eval_batch_size, sampler=val_indices,
+                         num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
+                         pin_memory=pin)
+    return Loaders(train, val, sampler, worker_seeds, seed, rank)

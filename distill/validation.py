@@ -1,0 +1,112 @@
+"""Every check that needs no data and no model, run before any file is read or written: ranges
+that types cannot express, names, each part's options, and what the chosen method cannot run
+with. (Types were checked when Hydra composed the config against the schema in distill.config.)
+"""
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from distill.config import check_known_keys
+from distill.distillers import DISTILLERS
+from distill.distillers.base import FIXED_ARGUMENTS, RUN_FEATURES, refused_features
+from distill.engine import distributed as dist_utils
+from distill.engine.loaders import DATA_PATHS
+from distill.engine.nonfinite import NONFINITE_POLICIES
+from distill.engine.optim import OPTIMIZERS, SCHEDULES
+from distill.engine.trainer import COMPILE_CHOICES, PRECISIONS
+from distill.errors import ConfigError, unknown_name_error
+from distill.models import list_models, model_spec
+from distill.registry import check_options
+
+
+def resolve_config(cfg: DictConfig) -> dict:
+    """Resolve every interpolation once, so e.g. `dataset.recipe.lr=abc` is reported as a bad
+    value of the key that reads it, not as a traceback halfway through the run."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(str(exc).splitlines()[0], key=key) from None
+
+
+def compile_backends() -> list[str]:
+    import torch._dynamo   # only when compiling: importing dynamo costs a second
+
+    return torch._dynamo.list_backends(exclude_tags=())
+
+
+def validate(cfg: DictConfig) -> dict:
+    """All the checks; returns the resolved config."""
+    check_known_keys(cfg)
+    resolved = resolve_config(cfg)
+    opt, sched, trainer = cfg.optimizer, cfg.scheduler, cfg.trainer
+    checks = [
+        ("optimizer.name", lambda: opt.name in OPTIMIZERS, lambda: ", ".join(OPTIMIZERS)),
+        ("optimizer.lr", lambda: opt.lr > 0, "a positive number"),
+        ("optimizer.momentum", lambda: 0 <= opt.momentum < 1, "in [0, 1)"),
+        ("optimizer.nesterov", lambda: not (opt.nesterov and opt.momentum == 0),
+         "false when momentum is 0 (Nesterov needs momentum)"),
+        ("optimizer.weight_decay", lambda: opt.weight_decay >= 0, "zero or positive"),
+        ("scheduler.name", lambda: sched.name in SCHEDULES, lambda: ", ".join(SCHEDULES)),
+        ("scheduler.gamma", lambda: sched.gamma > 0, "a positive number"),
+        ("scheduler.warmup_epochs", lambda: sched.warmup_epochs >= 0, "zero or positive"),
+        ("trainer.epochs", lambda: trainer.epochs >= 1, "at least 1"),
+        ("trainer.batch_size", lambda: trainer.batch_size >= 1, "at least 1"),
+        ("trainer.eval_batch_size", lambda: trainer.eval_batch_size >= 1, "at least 1"),
+        ("trainer.max_steps", lambda: trainer.max_steps is None or trainer.max_steps >= 1,
+         "null or at least 1"),
+        ("trainer.num_workers", lambda: trainer.num_workers >= 0, "zero or positive"),
+        ("trainer.log_every", lambda: trainer.log_every >= 1, "at least 1"),
+        ("trainer.precision", lambda: trainer.precision in PRECISIONS,
+         lambda: ", ".join(PRECISIONS)),
+        ("trainer.data_path", lambda: trainer.data_path in DATA_PATHS, lambda: ", ".join(DATA_PATHS)),
+        ("trainer.compile", lambda: trainer.compile in COMPILE_CHOICES,
+         lambda: ", ".join(COMPILE_CHOICES)),
+        ("trainer.compile_backend", lambda: trainer.compile == "none"
+         or trainer.compile_backend in compile_backends(), lambda: ", ".join(compile_backends())),
+        ("trainer.on_nonfinite", lambda: trainer.on_nonfinite in NONFINITE_POLICIES,
+         lambda: ", ".join(NONFINITE_POLICIES)),
+    ]
+    for key, ok, allowed in checks:
+        if not ok():
+            raise ConfigError(f"invalid value {OmegaConf.select(cfg, key)!r}", key=key,
+                              allowed=allowed() if callable(allowed) else allowed)
+    distiller_cls = DISTILLERS.get(cfg.distiller.name, key="distiller")
+    options = {k: v for k, v in resolved["distiller"].items() if k != "name"}
+    check_options(distiller_cls, options, key="distiller", skip=FIXED_ARGUMENTS)
+    distiller_cls.check_values(options)
+    for group in ("teacher", "student"):
+        if cfg[group].name not in list_models():
+            raise unknown_name_error("model", cfg[group].name, list_models(), key=group)
+        if cfg[group].pretrained and model_spec(cfg[group].name).family != "torchvision":
+            raise ConfigError(f"{cfg[group].name} has no pretrained weights", key=f"{group}.pretrained",
+                              allowed="true only for torchvision models (tv_*)")
+    world = dist_utils.launch_world_size()
+    check_run_features(cfg.distiller.name, distiller_cls, resolved["trainer"], world)
+    if trainer.batch_size % world:
+        raise ConfigError(f"invalid value {trainer.batch_size} for {world} processes",
+                          key="trainer.batch_size",
+                          allowed=f"a multiple of {world}: it is the global batch, split evenly "
+                                  "over the ranks")
+    if world > 1 and cfg.device.startswith("cuda:"):
+        raise ConfigError(f"invalid value {cfg.device!r} under torchrun", key="device",
+                          allowed="auto or cuda: each process takes GPU LOCAL_RANK")
+    return resolved
+
+
+def check_run_features(name: str, distiller_cls: type, trainer: dict, world_size: int) -> None:
+    """A method that cannot run with a feature this run turns on is refused now, naming the
+    key to change, not mid-run."""
+    on = {"compile": trainer["compile"] != "none", "fp16": trainer["precision"] == "fp16",
+          "bf16": trainer["precision"] == "bf16", "ddp": world_size > 1,
+          "channels_last": trainer["channels_last"]}
+    for feature, why in refused_features(distiller_cls).items():
+        if on[feature]:
+            key = RUN_FEATURES[feature]
+            what = (f"DDP ({world_size} processes)" if feature == "ddp"
+                    else f"{key}={trainer[key.split('.')[1]]}")
+            allowed = {"compile": "none", "fp16": "fp32", "bf16": "fp32", "channels_last": "false",
+                       "ddp": "one process (no torchrun)"}[feature]
+            raise ConfigError(f"distiller '{name}' cannot run with {what}: {why}",
+                              key="distiller" if feature == "ddp" else key, allowed=allowed)
