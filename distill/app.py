@@ -26,30 +26,13 @@ from distill.engine.trainer import Trainer, TrainerOptions
 from distill.errors import ConfigError
 from distill.models import create_model, model_spec
 from distill.teachers import ResolvedTeacher, TeacherResolver, split_identity
-from distill.validation import validate
+from distill.validation import resolve_device, validate
 from distill.zoo import TeacherZoo
 
 log = logging.getLogger("distill")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is the GPU when there is one; under torchrun each rank takes GPU LOCAL_RANK."""
-    if name in ("auto", "cuda") and torch.cuda.is_available() and dist_utils.launched_by_torchrun():
-        return torch.device("cuda", dist_utils.local_rank())
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"not a device: {name!r}", key="device",
-                          allowed="auto, cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("CUDA was asked for but this machine has no usable GPU", key="device",
-                          allowed="auto, cpu")
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -126,6 +109,10 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
                      mean=tuple(data.mean), std=tuple(data.std), student_arch=cfg.student.name)
     check_distiller_fits(cfg.distiller.name, cfg.student.name, requests, options, info)
     pinned = {t["role"]: t["sha256"] for t in (checkpoint or {}).get("teachers", [])}
+    if checkpoint is not None and "teachers" not in checkpoint and requests:
+        log.warning("this checkpoint was written before runs recorded their teachers' sha256: "
+                    "the teacher it resumes with cannot be checked against the one it started "
+                    "with (recorded from now on)")
     resolver = TeacherResolver(cfg, dataset, data.num_classes, TeacherZoo(cfg.zoo.root),
                                overrides, train=run)
     teachers = [resolver.resolve(r, pinned.get(r.role)) for r in requests]
@@ -146,7 +133,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
                                                 *distiller.frozen_parts().items())],
                 data, device)
 
-    run_name = "/".join([dataset["name"], run_path(cfg.distiller.name, cfg.teacher.name,
+    run_name = "/".join([dataset["name"], run_path(resolved["distiller"], cfg.teacher.name,
                                                    cfg.student.name, cfg.tag), f"seed{cfg.seed}"])
     dist_utils.on_main(lambda: start_run_dir(
         run_dir, resolved, resuming=checkpoint is not None, overrides=overrides,

@@ -141,19 +141,32 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
-def run_path(distiller: str, teacher: str, student: str, tag: str = "") -> str:
+def run_path(distiller: Any, teacher: str, student: str, tag: str = "") -> str:
     """`resnet56-resnet20/kd` for distillation, `resnet20/none` for vanilla training (and any
-    method without a teacher, e.g. dml)."""
+    method without a teacher, e.g. dml), `resnet56+resnet110-resnet20/multi_teacher`: the
+    method's `teacher_label`. `distiller` is the method's name or its whole config group."""
     from distill.distillers import DISTILLERS   # resolvers run after everything is imported
 
-    teacherless = distiller in DISTILLERS and not DISTILLERS.get(distiller).requires_teacher
-    pair = student if teacherless else f"{teacher}-{student}"
-    return f"{pair}/{distiller}" + (f"-{tag}" if tag else "")
+    name = distiller if isinstance(distiller, str) else distiller["name"]
+    options = {} if isinstance(distiller, str) else {k: distiller[k] for k in distiller}
+    label = DISTILLERS.get(name).teacher_label(options, teacher) if name in DISTILLERS else teacher
+    pair = student if label is None else f"{label}-{student}"
+    return f"{pair}/{name}" + (f"-{tag}" if tag else "")
+
+
+def registered_methods() -> str:
+    """Every registered method, comma-separated: the `distiller` axis of the benchmark sweeps
+    (`${distill_methods:}`), so a new method joins them without editing a list."""
+    from distill.distillers import DISTILLERS
+
+    return ",".join(DISTILLERS.list())
 
 
 def register_configs() -> None:
     if not OmegaConf.has_resolver("distill_run"):
         OmegaConf.register_new_resolver("distill_run", run_path)
+    if not OmegaConf.has_resolver("distill_methods"):
+        OmegaConf.register_new_resolver("distill_methods", registered_methods)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for name in list_models():

@@ -10,6 +10,7 @@ full training split, train to the end, and leave the caller's random state as it
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -17,6 +18,7 @@ import logging
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
@@ -191,13 +193,12 @@ class TeacherResolver:
             return str(self._distilled(request, may_train).weights), request.key
         entry = self.zoo.find(self.dataset["name"], request.arch)
         if entry is None and self.cfg.teacher.auto_train and self.train and may_train:
-            with self.zoo.claim(self.dataset["name"], request.arch):
-                entry = self.zoo.find(self.dataset["name"], request.arch)  # made while we waited
-                if entry is None:
+            with self._claim(request.arch) as missing:
+                if missing:
                     log.info("no %s teacher for %s in the zoo: training one first",
                              request.arch, self.dataset["name"])
                     self._train(teacher_run_config(self.cfg, request.arch, request.pretrained))
-                    entry = self.zoo.find(self.dataset["name"], request.arch)
+            entry = self.zoo.find(self.dataset["name"], request.arch)
         if entry is not None:
             check_split(entry, request.arch, self.dataset)
             log.info("teacher %s from the zoo: %s", request.arch, entry.weights)
@@ -223,9 +224,8 @@ class TeacherResolver:
         name = self.dataset["name"]
         entry = self.zoo.find(name, zoo_name)
         if entry is None and self.train is not None and may_train:
-            with self.zoo.claim(name, zoo_name):
-                entry = self.zoo.find(name, zoo_name)
-                if entry is None:
+            with self._claim(zoo_name) as missing:
+                if missing:
                     log.info("training %s (KD from %s) for the zoo", request.arch, parent.arch)
                     acfg = zoo_run_config(self.cfg, student=request.arch, zoo_name=zoo_name,
                                           distiller={"name": "kd", **request.distill_options})
@@ -243,13 +243,25 @@ class TeacherResolver:
                             "kd": request.distill_options}
                     weights = Path(acfg.run_dir) / "student.safetensors"
                     dist_utils.on_main(lambda: self.zoo.publish(name, zoo_name, weights, meta))
-                    entry = self.zoo.find(name, zoo_name)
+            entry = self.zoo.find(name, zoo_name)
         if entry is None:
             raise ConfigError(f"no {zoo_name} in the teacher zoo ({self.zoo.root})",
                               key=request.key, hint="run the distillation once to make it")
         check_split(entry, zoo_name, self.dataset)
         log.info("%s from the zoo: %s (top-1 %s)", zoo_name, entry.weights, entry.meta.get("top1"))
         return entry
+
+    @contextlib.contextmanager
+    def _claim(self, zoo_name: str) -> Iterator[bool]:
+        """Held while this job makes a zoo entry; yields whether it is still missing (another
+        job may have made it while this one waited). Under DDP rank 0 holds the claim and tells
+        the other ranks, which then train with it: they must not wait on the lock themselves."""
+        with contextlib.ExitStack() as stack:
+            missing = None
+            if dist_utils.is_main_process():
+                stack.enter_context(self.zoo.claim(self.dataset["name"], zoo_name))
+                missing = self.zoo.find(self.dataset["name"], zoo_name) is None
+            yield dist_utils.broadcast_object(missing)
 
     def _train(self, config: DictConfig) -> dict[str, Any]:
         """A run that makes a zoo model: its own job, which leaves this run's random state (and

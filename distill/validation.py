@@ -4,6 +4,7 @@ with. (Types were checked when Hydra composed the config against the schema in d
 """
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -28,6 +29,23 @@ def resolve_config(cfg: DictConfig) -> dict:
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(str(exc).splitlines()[0], key=key) from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the GPU when there is one; under torchrun each rank takes GPU LOCAL_RANK."""
+    if name in ("auto", "cuda") and torch.cuda.is_available() and dist_utils.launched_by_torchrun():
+        return torch.device("cuda", dist_utils.local_rank())
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"not a device: {name!r}", key="device",
+                          allowed="auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("CUDA was asked for but this machine has no usable GPU", key="device",
+                          allowed="auto, cpu")
+    return device
 
 
 def compile_backends() -> list[str]:
@@ -92,6 +110,9 @@ def validate(cfg: DictConfig) -> dict:
     if world > 1 and cfg.device.startswith("cuda:"):
         raise ConfigError(f"invalid value {cfg.device!r} under torchrun", key="device",
                           allowed="auto or cuda: each process takes GPU LOCAL_RANK")
+    if trainer.sync_bn and world > 1 and resolve_device(cfg.device).type != "cuda":
+        raise ConfigError("SyncBatchNorm runs on GPUs only", key="trainer.sync_bn",
+                          allowed="false on CPU")
     return resolved
 
 

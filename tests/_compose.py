@@ -20,3 +20,17 @@ def make_cfg(tmp_path: Path, *overrides: str, run: str = "run"):
     cfg.run_dir = str(tmp_path / run)
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def method_options(method: str, teacher: str = "resnet14", student: str = "resnet8",
+                   *overrides: str) -> dict:
+    """A method's options as a run gets them: its YAML composed for this pair and resolved,
+    without `name`. What unit tests build a distiller with, for any registered method."""
+    from distill.validation import resolve_config
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"distiller={method}", f"teacher={teacher}",
+                                          f"student={student}", *overrides])
+    options = resolve_config(cfg)["distiller"]
+    options.pop("name")
+    return options

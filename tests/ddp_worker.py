@@ -1,8 +1,10 @@
-"""Run by tests/test_ddp.py under torchrun with 1 or 2 processes: a few KD steps of the real
+"""Run by tests/test_ddp.py under torchrun with 1 or 2 processes: a few steps of the real
 Trainer on fake data, no augmentation, with BN-free models (per-rank BatchNorm statistics would
-make 2 x B/2 differ from 1 x B by design; SyncBatchNorm is GPU-only).
+make 2 x B/2 differ from 1 x B by design; SyncBatchNorm is GPU-only). `kd` takes the default
+step (the distiller in DDP); `dml` the manual step (two peers, two optimizers, gradients
+averaged by the trainer).
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR [memory|loader]
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR [memory|loader] [kd|dml]
 
 200 images in global batches of 32: six full batches, then one of 8 (4 per rank), all taken.
 """
@@ -15,9 +17,10 @@ from torch import nn
 
 from distill.data import TensorImageDataset
 from distill.data.fake import fake
-from distill.distillers import build_distiller
+from distill.distillers import BuildInfo, build_distiller
 from distill.engine import distributed as dist_utils
 from distill.engine.trainer import Trainer, TrainerOptions
+from distill.models import MODELS
 
 GLOBAL_BATCH, STEPS = 32, 7
 
@@ -29,13 +32,21 @@ def tiny_net(seed: int) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
-def main(run_dir: Path, data_path: str) -> None:
+def build(method: str) -> torch.nn.Module:
+    if method == "dml":   # peer 1 is made by the method from its registry name
+        MODELS.register("tiny_net")(lambda num_classes=10: tiny_net(1))
+        return build_distiller("dml", tiny_net(0), None, {"peers": ["tiny_net", "tiny_net"]},
+                               BuildInfo(num_classes=10, student_arch="tiny_net"))
+    return build_distiller(method, tiny_net(0), tiny_net(1), {})
+
+
+def main(run_dir: Path, data_path: str, method: str) -> None:
     dist_utils.init_from_env(use_cuda=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = fake(train_size=200, val_size=64)
     plain = TensorImageDataset(data.train.images, data.train.labels, data.val.transform)
     data = dataclasses.replace(data, train=plain)
-    distiller = build_distiller("kd", tiny_net(0), tiny_net(1), {})
+    distiller = build(method)
     trainer = Trainer(
         distiller, data, options=TrainerOptions(epochs=2, batch_size=GLOBAL_BATCH,
                                                 max_steps=STEPS, progress=False,
@@ -47,4 +58,5 @@ def main(run_dir: Path, data_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "memory")
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "memory",
+         sys.argv[3] if len(sys.argv) > 3 else "kd")

@@ -12,7 +12,7 @@ from distill.data.digits import digits
 from distill.data.fake import fake
 from distill.data.transforms import imagenet_train_transform, tensor_eval_transform
 from distill.engine.sampler import EpochSampler
-from distill.engine.trainer import data_path_transforms
+from distill.engine.loaders import data_path_transforms
 from distill.errors import ConfigError
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)

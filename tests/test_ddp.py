@@ -26,21 +26,27 @@ def torchrun(nproc: int, *args: str, env: dict | None = None, cwd: Path | None =
     return proc
 
 
-@pytest.mark.parametrize("data_path", ["memory", "loader"])
-def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(tmp_path, data_path):
+@pytest.mark.parametrize("method,data_path", [("kd", "memory"), ("kd", "loader"),
+                                              ("dml", "memory")])
+def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(tmp_path, method,
+                                                                         data_path):
     """2 x B/2 == 1 x B after k steps, a whole epoch with its partial last batch: same samples
     per step, gradients averaged over ranks, top-1 counted over the whole validation set
-    (BN-free models: see tests/ddp_worker.py)."""
+    (BN-free models: see tests/ddp_worker.py). KD on both data paths; DML's manual step with
+    its two optimizers on one."""
     sys.path.insert(0, str(REPO / "tests"))
     from ddp_worker import GLOBAL_BATCH, STEPS, tiny_net
 
     for n in (1, 2):
-        torchrun(n, "tests/ddp_worker.py", str(tmp_path / f"n{n}"), data_path)
+        torchrun(n, "tests/ddp_worker.py", str(tmp_path / f"n{n}"), data_path, method)
     one, two = (load_file(str(tmp_path / f"n{n}" / "student.safetensors")) for n in (1, 2))
     init = tiny_net(0).state_dict()
     assert all((one[k] - init[k]).abs().max() > 1e-3 for k in one if k.endswith("weight"))
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
     s1, s2 = (json.loads((tmp_path / f"n{n}" / "summary.json").read_text()) for n in (1, 2))
+    if method == "dml":   # the other peer too: its own optimizer, its gradients averaged
+        assert s1["models"]["peer1"]["last_top1"] == pytest.approx(s2["models"]["peer1"]["last_top1"])
+        assert set(s1["models"]) == {"peer0", "peer1"}
     assert (s1["world_size"], s2["world_size"]) == (1, 2)
     assert s1["steps"] == s2["steps"] == STEPS
     assert s1["global_batch_size"] == s2["global_batch_size"] == GLOBAL_BATCH

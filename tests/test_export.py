@@ -18,10 +18,8 @@ from torch import nn
 
 from _compose import make_cfg
 from distill.app import run
-from distill.data.mnist5k import MNIST5K_MEAN, MNIST5K_STD
-from distill.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from distill.errors import ConfigError
-from distill.export import (VANILLA_NO_TEACHER, Timing, export_run, flops_per_image, read_run,
+from distill.export import (Timing, export_run, flops_per_image, read_run,
                             reload_exported)
 from distill.models import create_model
 
@@ -38,12 +36,13 @@ def load_tool():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A finished run written by the real trainer (config, summary, weights, zoo teacher)."""
+def run_dir(tmp_path_factory, trained_zoo) -> Path:
+    """A finished run written by the real trainer (config, summary, weights), its teacher the
+    session's shared zoo teacher (a copy of the zoo beside the run)."""
     home = tmp_path_factory.mktemp("run")
-    run(make_cfg(home, "dataset=fake", "dataset.train_size=64", "dataset.val_size=32",
-                 "student=resnet8", "teacher=resnet14", "distiller=kd", "trainer.epochs=1",
-                 "trainer.max_steps=2", "teacher.auto_train=true", "teacher.auto_train_epochs=1"))
+    shutil.copytree(trained_zoo, home / "zoo")
+    run(make_cfg(home, "dataset=fake", "student=resnet8", "teacher=resnet14", "distiller=kd",
+                 "trainer.epochs=1", "trainer.max_steps=2"))
     return home / "run"
 
 
@@ -245,7 +244,7 @@ def test_vanilla_run_exports_without_a_teacher(run_dir, tmp_path, capsys):
     vanilla_run = copy_run(run_dir, tmp_path / "vanilla", vanilla)
     report = export_run(vanilla_run, tmp_path / "out", batch=2, onnx=False, timing=QUICK)
     assert report["teacher"]["model"] is None
-    assert report["teacher"]["missing"] == VANILLA_NO_TEACHER == "vanilla run: no teacher"
+    assert report["teacher"]["missing"] == "vanilla run: no teacher"
     assert "params" not in report["teacher"] and report["teacher"]["top1"] is None
     assert load_tool().main([str(vanilla_run), "--out", str(tmp_path / "cli"), "--no-onnx",
                              "--batch", "2", "--budget", "0"]) == 0
@@ -255,9 +254,9 @@ def test_vanilla_run_exports_without_a_teacher(run_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("dataset", ["mnist5k", "folder"])
-def test_input_facts_of_every_dataset_come_from_the_dataset_modules(run_dir, tmp_path, dataset):
-    """mnist5k's mean/std are distill.data.mnist5k's; a folder run is fed like ImageNet at its
-    config's dataset.image_size."""
+def test_input_facts_of_every_dataset_come_from_the_dataset_registry(run_dir, tmp_path, dataset):
+    """mnist5k's mean/std are the ones its images were normalised with in training (pinned
+    here as numbers); a folder run is fed like ImageNet at its config's dataset.image_size."""
     def retarget(config):
         config["dataset"] = ({"name": "mnist5k", "path": None, "augment": True}
                              if dataset == "mnist5k" else
@@ -265,8 +264,8 @@ def test_input_facts_of_every_dataset_come_from_the_dataset_modules(run_dir, tmp
 
     moved = copy_run(run_dir, tmp_path / dataset, retarget)
     found = read_run(moved)
-    expected = ((MNIST5K_MEAN, MNIST5K_STD, 32) if dataset == "mnist5k"
-                else (IMAGENET_MEAN, IMAGENET_STD, 48))
+    expected = (((0.1004,) * 3, (0.2754,) * 3, 32) if dataset == "mnist5k"
+                else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 48))
     assert (found.mean, found.std, found.input_shape[1]) == expected
     assert found.num_classes == 10   # from the weights
     if dataset == "folder":
@@ -275,8 +274,8 @@ def test_input_facts_of_every_dataset_come_from_the_dataset_modules(run_dir, tmp
                timing=QUICK)
     with safe_open(str(tmp_path / "out" / "student.safetensors"), framework="pt") as f:
         meta = f.metadata()
-    assert tuple(json.loads(meta["mean"])) == MNIST5K_MEAN
-    assert tuple(json.loads(meta["std"])) == MNIST5K_STD
+    assert tuple(json.loads(meta["mean"])) == expected[0]
+    assert tuple(json.loads(meta["std"])) == expected[1]
     assert meta["dataset"] == "mnist5k" and json.loads(meta["input_shape"]) == [3, 32, 32]
 
 

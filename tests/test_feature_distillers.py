@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _compose import method_options
 from distill.distillers import DISTILLERS, BuildInfo, StepContext, build_distiller
 from distill.distillers.connectors import ConvRegressor, build_connector
 from distill.errors import ConfigError
@@ -15,73 +16,102 @@ CTX = StepContext(epoch=0, step=0, epochs=1)
 PAIRS = [("resnet14", "resnet8"), ("wrn_16_2", "wrn_16_1"), ("vgg11", "vgg8"),
          ("resnet8x4", "mobilenetv2"), ("resnet8x4", "shufflenetv1"), ("resnet14", "shufflenetv2"),
          ("vgg8", "resnet18"), ("resnet8", "tv_resnet18")]
-METHODS = ["none", "kd", "dkd", "fitnet", "at", "rkd", "takd", "noisy_kd"]
-OPTIONS = {"takd": {"assistants": ["resnet8"]}}   # the chain itself is built by the app
 # torchvision's ResNet downsamples 32x32 inputs 4x in its stem: its middle stage (4x4) is
 # bridged to the teacher's 8x8 layer3 (a 16x16 layer2 is too far: a clear error, tested below)
 PAIR_OPTIONS = {("fitnet", "tv_resnet18"): {"teacher_layer": "layer3"}}
 
 
 def _build(method, teacher_name, student_name, options=None, classes=10):
+    """The method built as a run builds it: its composed options, a model for each teacher it
+    requests (TAKD: the last assistant), untrained. Returns (distiller, student, the part
+    `teacher` or None)."""
     torch.manual_seed(0)
+    cls = DISTILLERS.get(method)
+    options = {**method_options(method, teacher_name, student_name),
+               **PAIR_OPTIONS.get((method, student_name), {}), **(options or {})}
+    requests = cls.teacher_requests(options, {"name": teacher_name})
     student = create_model(student_name, num_classes=classes)
-    teacher = create_model(teacher_name, num_classes=classes)
-    info = BuildInfo(model_spec(student_name), model_spec(teacher_name), (3, 32, 32))
-    options = {**OPTIONS.get(method, {}), **PAIR_OPTIONS.get((method, student_name), {}),
-               **(options or {})}
-    return build_distiller(method, student, teacher, options, info), student, teacher
+    teachers = {r.role: create_model(r.arch, num_classes=classes) for r in requests}
+    info = BuildInfo(model_spec(student_name), model_spec(requests[0].arch) if requests else None,
+                     (3, 32, 32), num_classes=classes, student_arch=student_name)
+    distiller = build_distiller(method, student, teachers, options, info)
+    return distiller, student, teachers.get("teacher")
 
 
 def _snapshot(module):
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
-def test_every_method_is_registered():
-    assert set(METHODS) <= set(DISTILLERS.list())
+class _Stepper:
+    """The trainer's ManualStepper, reduced to plain backward and optimizer steps."""
+
+    def __init__(self, optimizers):
+        self.optimizers = optimizers
+
+    def backward(self, loss):
+        assert torch.isfinite(loss)
+        loss.backward()
+
+    def step(self, name):
+        self.optimizers[name].step()
+        self.optimizers[name].zero_grad(set_to_none=True)
+        return True
 
 
 @pytest.mark.parametrize("teacher_name,student_name", PAIRS)
-@pytest.mark.parametrize("method", METHODS)
-def test_method_trains_student_and_connectors_only(method, teacher_name, student_name):
-    distiller, student, teacher = _build(method, teacher_name, student_name)
-    teacher_before = _snapshot(teacher)
-    student_before = _snapshot(student)
-    connector_before = {k: v.clone() for k, v in distiller.connector_state_dict().items()}
-    params = distiller.trainable_parameters()
-    assert {id(p) for p in params} == (
-        {id(p) for p in student.parameters()}
-        | {id(p) for n, p in distiller.named_parameters() if not n.startswith(("student.", "teacher."))})
-    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    distiller.train()
+@pytest.mark.parametrize("method", DISTILLERS.list())
+def test_each_method_trains_its_trained_parts_and_never_a_frozen_one(method, teacher_name,
+                                                                     student_name):
+    """Every registered method on a student of each model family: two real optimizer steps.
+    The optimizers hold exactly the trained parts' parameters; gradients reach the student and
+    every connector, never a teacher; teachers stay in eval mode with weights AND buffers (BN
+    statistics) bitwise unchanged; every trained part changes."""
+    d, _, _ = _build(method, teacher_name, student_name)
+    frozen, trained = d.frozen_parts(), d.trained_parts()
+    auxiliary = {r: m for r, m in trained.items() if r not in d.evaluated_parts()}
+    frozen_before = {r: _snapshot(m) for r, m in frozen.items()}
+    trained_before = {r: _snapshot(m) for r, m in trained.items()}
+    groups = d.parameter_groups()
+    grouped = {id(p) for params in groups.values() for p in params}
+    assert grouped == {id(p) for m in trained.values() for p in m.parameters()}
+    assert not grouped & {id(p) for m in frozen.values() for p in m.parameters()}
+    assert d.exported is d.part(d.exported_role) and d.exported_role in d.evaluated_parts()
+    optimizers = {name: torch.optim.SGD(params, lr=0.01, momentum=0.9)
+                  for name, params in groups.items()}
+    d.train()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     for step in range(2):
-        logits, losses = distiller(x, y, StepContext(epoch=5, step=step, epochs=10))
-        assert logits.shape == (4, 10) and losses
-        loss = sum(losses.values())
-        assert torch.isfinite(loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # gradients reach the student (its classifier always) and every connector parameter ...
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
-        for name, p in distiller.named_parameters():
-            if not name.startswith(("student.", "teacher.")):
-                assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        # ... and never the teacher
-        assert all(p.grad is None for p in teacher.parameters())
-        if method == "none":
-            assert distiller.teacher is None
+        ctx = StepContext(epoch=5, step=step, epochs=10)
+        if d.manual_step:
+            terms = d.training_step(x, y, ctx, _Stepper(optimizers))
         else:
-            assert not any(p.requires_grad for p in teacher.parameters())
-        optimizer.step()
-    assert method == "none" or not teacher.training
-    after = _snapshot(teacher)   # weights AND buffers (BN statistics) bitwise unchanged
-    assert all(torch.equal(teacher_before[k], after[k]) for k in teacher_before)
-    assert any(not torch.equal(student_before[k], v) for k, v in student.state_dict().items())
-    for k, v in distiller.connector_state_dict().items():
-        if v.is_floating_point() and k.endswith("weight"):
-            assert not torch.equal(connector_before[k], v), f"connector {k} did not train"
-    assert distiller.connector_parameter_count() == sum(
-        p.numel() for n, p in distiller.named_parameters() if not n.startswith(("student.", "teacher.")))
+            logits, terms = d(x, y, ctx)
+            assert logits.shape == (4, 10)
+            for optimizer in optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            sum(terms.values()).backward()
+            assert any(p.grad is not None and p.grad.abs().sum() > 0
+                       for p in d.exported.parameters())
+            for role, module in auxiliary.items():
+                for name, p in module.named_parameters():
+                    assert p.grad is not None and torch.isfinite(p.grad).all(), f"{role}.{name}"
+            assert all(p.grad is None for m in frozen.values() for p in m.parameters())
+            for optimizer in optimizers.values():
+                optimizer.step()
+        assert terms and all(torch.isfinite(v) for v in terms.values())
+    for role, model in frozen.items():
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+        after = _snapshot(model)
+        assert all(torch.equal(frozen_before[role][k], after[k]) for k in after), role
+    for role, module in trained.items():
+        after = module.state_dict()
+        assert any(not torch.equal(trained_before[role][k], v) for k, v in after.items()), role
+        if role in auxiliary:   # a connector: every weight trained
+            for k, v in after.items():
+                if v.is_floating_point() and k.endswith("weight"):
+                    assert not torch.equal(trained_before[role][k], v), f"{role}.{k}"
+    assert d.auxiliary_parameter_count() == sum(p.numel() for m in auxiliary.values()
+                                                for p in m.parameters())
 
 
 # --- the terms are the weighted losses of distill.losses ----------------------------------------

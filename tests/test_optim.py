@@ -1,4 +1,3 @@
-import math
 
 import pytest
 import torch
@@ -49,4 +48,6 @@ def test_sgd_options():
     opt = build_optimizer([p], lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
     group = opt.param_groups[0]
     assert (group["momentum"], group["weight_decay"], group["nesterov"]) == (0.9, 5e-4, True)
-    assert not math.isnan(group["lr"])
+    assert group["lr"] == 0.1 and isinstance(opt, torch.optim.SGD)
+    adamw = build_optimizer([p], name="adamw", lr=0.01, weight_decay=0.05)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.05

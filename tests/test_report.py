@@ -8,10 +8,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,6 @@ from distill import report
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT = REPO / "tools" / "report.py"
-TRAIN = REPO / "tools" / "train.py"
 PAIRS = {"resnet32 -> resnet8": ("resnet32", "resnet8"), "resnet56 -> resnet20": ("resnet56", "resnet20")}
 # (pair, method) -> per-seed (best, last); methods as the table labels them
 PLANTED = {
@@ -244,19 +240,19 @@ def test_one_seed_shows_no_std_and_unknown_models_show_no_flops(tmp_path):
     assert "| 1.23K | ? |" in report.render_markdown([row], [])
 
 
-def test_class_count_from_the_weights_else_the_shared_dataset_table(tmp_path):
+def test_class_count_from_the_weights_else_the_dataset_registry(tmp_path):
     """export.class_count reads student.safetensors; without it (or with a damaged one) the
-    count comes from export.DATASET_INPUTS, which knows every dataset distill ships."""
+    count comes from the dataset registry's facts, which every shipped dataset declares."""
     import torch
     from safetensors.torch import save_file
 
-    from distill.export import DATASET_INPUTS
+    from distill.data import DATASETS
     from distill.models import model_spec
 
     assert report.num_classes(tmp_path, "resnet8", {"name": "mnist5k"}) == 10   # no file
     assert report.num_classes(tmp_path, "resnet8", {"name": "imagenet"}) == 1000
     assert report.num_classes(tmp_path, "resnet8", {"name": "folder", "image_size": 96}) is None
-    assert "folder" in DATASET_INPUTS and "mnist5k" in DATASET_INPUTS
+    assert all("num_classes" in DATASETS.meta(name) for name in DATASETS)
     weights = tmp_path / "student.safetensors"
     weights.write_bytes((2 ** 62).to_bytes(8, "little") + b"{}")   # a header no file holds
     assert report.num_classes(tmp_path, "resnet8", {"name": "cifar100"}) == 100
@@ -408,51 +404,37 @@ def test_a_summary_that_is_not_an_object_is_an_unfinished_run(tmp_path, capsys):
     assert f"- `{tmp_path / 'list'}`: summary.json is not an object" in out
 
 
-def run_tool(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPORT), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
-
-
-def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
+    tool = load_tool()
     for args, says in [((str(tmp_path / "missing"),), f"no such directory: {tmp_path / 'missing'}"),
                        ((str(tmp_path / "empty"),), "no run directories")]:
-        r = run_tool(*args, cwd=tmp_path)
-        assert r.returncode == 2, r
-        assert "Traceback" not in r.stderr, r
-        assert r.stderr.splitlines()[0].startswith("error: ") and says in r.stderr, r
-        assert r.stdout == ""
+        assert tool.main(list(args)) == 2
+        captured = capsys.readouterr()
+        assert captured.err.splitlines()[0].startswith("error: ") and says in captured.err
+        assert captured.out == ""
 
 
-def test_real_tiny_sweep_through_the_command_line(tmp_path):
-    """tools/train.py -m (fake data, 2 epochs, one vanilla run and one kd run: the cheapest
-    sweep with a baseline; the vanilla run publishes the teacher the kd run uses), then
-    tools/report.py on the sweep folder. Averaging over seeds is checked on the planted sweep."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "CUDA_VISIBLE_DEVICES")}
-    env.update(DISTILL_ZOO=str(tmp_path / "zoo"), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    train = subprocess.run(
-        [sys.executable, str(TRAIN), "-m", "distiller=none,kd", "dataset=fake",
-         "dataset.train_size=32", "dataset.val_size=16", "trainer.batch_size=16",
-         "trainer.epochs=2", "student=resnet8", "teacher=resnet8", "logger=jsonl",
-         "trainer.progress=false", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert train.returncode == 0, train.stderr[-3000:]
-    r = run_tool(str(tmp_path / "sweep"), "--csv", str(tmp_path / "t.csv"), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "| method | resnet8 -> resnet8 |" in r.stdout
-    summaries = {}
-    for job in sorted((tmp_path / "sweep").glob("[0-9]*")):
-        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
-        summaries.setdefault(cfg.distiller.name, []).append(
-            json.loads((job / "summary.json").read_text())["last_top1"])
-    with open(tmp_path / "t.csv", newline="") as f:
-        records = {rec["distiller"]: rec for rec in csv.DictReader(f)}
-    assert set(records) == {"none", "kd"}
-    for name, [last] in summaries.items():
-        assert records[name]["n"] == "1" and records[name]["seeds"] == "0"
-        assert float(records[name]["last_mean"]) == pytest.approx(last)
-        assert records[name]["last_std"] == ""   # one seed: no spread
-        assert records[name]["num_classes"] == "10" and int(records[name]["flops"]) > 0
-    assert records["none"]["gain_last"] == ""
-    assert float(records["kd"]["gain_last"]) == pytest.approx(
-        summaries["kd"][0] - summaries["none"][0])
+def test_runs_distilled_from_different_teacher_weights_are_never_averaged(tmp_path):
+    """Two kd seeds from one resnet32, a third from a retrained resnet32 (another sha256 in
+    summary.json's `teachers`): two rows, split and labelled by the teacher digest; vanilla
+    runs have no teacher and stay one row."""
+    for seed, digest in ((0, "a" * 64), (1, "a" * 64), (2, "b" * 64)):
+        run_dir = tmp_path / f"kd{seed}"
+        write_run(run_dir, config("resnet32", "resnet8", "kd", seed, run_dir), 73.0 + seed,
+                  72.0 + seed, 71.5)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary["teachers"] = [{"role": "teacher", "name": "resnet32", "sha256": digest,
+                                "top1": 71.5}]
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    for seed in (0, 1):
+        run_dir = tmp_path / f"none{seed}"
+        write_run(run_dir, config("resnet32", "resnet8", "none", seed, run_dir), 70.0, 69.0, None)
+    runs, _ = report.load_runs([tmp_path])
+    rows = report.summarize(report.group_runs(runs))
+    kd = sorted((r for r in rows if r.distiller == "kd"), key=lambda r: r.n)
+    assert [(r.n, r.last) for r in kd] == [(1, [74.0]), (2, [72.0, 73.0])]
+    assert [r.method for r in kd] == ["kd (teacher.sha256=bbbbbbbbbbbb)",
+                                      "kd (teacher.sha256=aaaaaaaaaaaa)"]
+    assert [r.n for r in rows if r.distiller == "none"] == [2]
+    assert all(r.gain["last"] is not None for r in kd)

@@ -1,6 +1,6 @@
 """Exact resume wherever a run died, and checkpoints that cannot be trusted.
 
-One real `tools/train.py` process is killed with SIGKILL in the middle of an epoch, after it has
+One real `tools/train.py` process (deep mutual learning: two peers, two optimizers) is killed with SIGKILL in the middle of an epoch, after it has
 written two epoch-end checkpoints. Copies of its run directory are then resumed:
 
 - as it was, by re-running the same command (a subprocess),
@@ -45,7 +45,9 @@ from distill.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "tools" / "train.py"
 SPE, EPOCHS = 4, 4     # 64 fake images in batches of 16: four steps an epoch
-COMMAND = ["dataset=fake", "dataset.train_size=64", "dataset.val_size=32", "distiller=none",
+# DML: a manual step with two peers and two optimizers, so resume restores every part and
+# optimizer by role (the default step's resume: tests/test_training.py, tests/test_roles.py)
+COMMAND = ["dataset=fake", "dataset.train_size=64", "dataset.val_size=32", "distiller=dml",
            "student=resnet8", f"trainer.epochs={EPOCHS}", "trainer.batch_size=16",
            "trainer.log_every=1", "zoo.publish=false"]
 FALLBACKS = ("truncated", "garbage", "planted")
@@ -211,6 +213,9 @@ def test_kill_9_mid_epoch_then_the_same_command_ends_bit_exact(runs):
     assert summary["steps"] == EPOCHS * SPE and not summary["stopped_early"]
     assert [h["step"] for h in summary["history"]] == [SPE * (e + 1) for e in range(EPOCHS)]
     assert _same(runs.weights("resumed"), runs.reference)
+    reference = json.loads((runs.home / "reference" / "summary.json").read_text())
+    assert summary["models"] == reference["models"]   # the second peer too
+    assert set(summary["models"]) == {"peer0", "peer1"}
 
 
 def test_resume_logs_each_step_once(runs):
@@ -351,7 +356,7 @@ def test_latest_checkpoint_choice(tmp_path, caplog):
     with pytest.raises(ConfigError) as err:
         load_latest_checkpoint(tmp_path)
     assert err.value.key == "trainer.resume"
-    assert "last.pt: not a distill training checkpoint (no connectors" in str(err.value)
+    assert "last.pt: not a distill training checkpoint (no parts" in str(err.value)
     assert "prev.pt: not a distill training checkpoint" in str(err.value)
 
 

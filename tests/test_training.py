@@ -1,4 +1,6 @@
-"""End-to-end runs through `distill.app.run`, the function tools/train.py calls."""
+"""End-to-end runs through `distill.app.run`, the function tools/train.py calls, one test per
+scenario. A trained teacher comes from the session's shared zoo (`zoo`, tests/conftest.py):
+tests that need one train none themselves."""
 import json
 
 import pytest
@@ -18,16 +20,21 @@ def _jsonl(path):
 
 
 def test_none_run_writes_the_run_directory_contract(tmp_path):
-    cfg = make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2", "logger=tensorboard")
-    summary = run(cfg)
+    summary = run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2",
+                           "logger=tensorboard"))
     run_dir = tmp_path / "run"
     on_disk = json.loads((run_dir / "summary.json").read_text())
     for key in ("best_top1", "last_top1", "teacher_top1", "train_images_per_sec", "world_size",
-                "epochs", "wall_seconds"):
+                "epochs", "wall_seconds", "models", "teachers"):
         assert key in on_disk
     assert on_disk["epochs"] == 2 and on_disk["world_size"] == 1 and on_disk["teacher_top1"] is None
-    assert on_disk["train_images_per_sec"] > 0
-    assert summary["best_top1"] == on_disk["best_top1"] >= on_disk["last_top1"] - 1e-9
+    assert on_disk["train_images_per_sec"] > 0 and on_disk["teachers"] == []
+    history = on_disk["history"]
+    assert summary["best_top1"] == on_disk["best_top1"] == max(h["top1"] for h in history)
+    assert on_disk["last_top1"] == history[-1]["top1"]
+    assert on_disk["models"] == {"student": {"arch": "resnet8", "best_top1": on_disk["best_top1"],
+                                             "last_top1": on_disk["last_top1"],
+                                             "params": on_disk["student_params"]}}
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "last.pt").is_file()
     assert list(run_dir.glob("events.out.tfevents.*"))
@@ -39,124 +46,44 @@ def test_none_run_writes_the_run_directory_contract(tmp_path):
     # a vanilla run publishes itself to the zoo, as teachers are made this way
     entry = TeacherZoo(tmp_path / "zoo").find("fake", "resnet8")
     assert entry is not None and entry.meta["top1"] == on_disk["last_top1"]
+    assert entry.weights.read_bytes() == (run_dir / "student.safetensors").read_bytes()
 
 
-def test_vanilla_learns_fake_data(tmp_path):
-    summary = run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=3"))
-    assert summary["best_top1"] > 50.0  # 10 classes: chance is 10%
+@pytest.mark.parametrize("data_path", ["memory", "loader"])
+def test_vanilla_learns_fake_data_on_both_data_paths(tmp_path, data_path):
+    extra = ["trainer.channels_last=false"] if data_path == "loader" else []
+    summary = run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=3",
+                           f"trainer.data_path={data_path}", *extra))
+    assert summary["best_top1"] > 50.0   # 10 classes: chance is 10%
 
 
-def test_kd_with_auto_trained_teacher_and_teacher_top1(tmp_path):
-    cfg = make_cfg(tmp_path, *FAST, "distiller=kd", "teacher.auto_train=true",
-                   "teacher.auto_train_epochs=2")
-    summary = run(cfg)
-    zoo = TeacherZoo(tmp_path / "zoo")
-    entry = zoo.find("fake", "resnet14")
-    assert entry is not None and entry.meta["epochs"] == 2
+def test_an_auto_trained_teacher_is_complete_in_the_zoo_and_reused(tmp_path, zoo):
+    """The shared zoo's resnet14 was auto-trained by a KD run stopped after one step with
+    teacher.auto_train_epochs=1: the teacher still trained its whole epoch. A later run finds it
+    (nothing trained again), evaluates it once at the start and records its digest."""
+    entry = TeacherZoo(zoo).find("fake", "resnet14")
+    assert entry is not None and entry.meta["epochs"] == 1 and entry.meta["split"]["seed"] == 0
+    mtime = entry.weights.stat().st_mtime_ns
+    summary = run(make_cfg(tmp_path, *FAST, "distiller=kd", "trainer.max_steps=4"))
+    assert entry.weights.stat().st_mtime_ns == mtime
+    assert not (zoo / "runs" / "fake" / "resnet14" / "seed1").exists()
     assert summary["teacher_top1"] == pytest.approx(entry.meta["top1"])
+    assert summary["teachers"] == [{"role": "teacher", "name": "resnet14", "sha256": entry.sha256,
+                                    "top1": summary["teacher_top1"]}]
     events = _jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert any(e["event"] == "teacher" for e in events)
+    assert [e["event"] for e in events].count("teacher") == 1
     train = [e for e in events if e["event"] == "train"]
     assert train and {"train/ce", "train/kd", "train/loss", "train/lr"} <= set(train[0])
-    # the second run finds the teacher in the zoo and does not retrain it
-    mtime = entry.weights.stat().st_mtime_ns
-    run(make_cfg(tmp_path, *FAST, "distiller=kd", "seed=1", run="run2"))
-    assert entry.weights.stat().st_mtime_ns == mtime
 
 
-def test_missing_teacher_names_the_command_that_trains_it(tmp_path):
+def test_a_missing_teacher_names_the_command_that_trains_it_and_writes_nothing(tmp_path):
     with pytest.raises(ConfigError) as err:
         run(make_cfg(tmp_path, *FAST, "distiller=kd"))
     text = str(err.value)
     assert "distiller=none" in text and "student=resnet14" in text and "dataset=fake" in text
+    assert not (tmp_path / "run" / ".hydra").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_digits_short_run(tmp_path):
-    summary = run(make_cfg(tmp_path, "dataset=digits", "student=resnet8", "distiller=none",
-                           "trainer.epochs=1", "trainer.max_steps=8"))
-    assert summary["steps"] == 8
-
-
-def test_same_seed_same_weights_and_resume_is_exact(tmp_path):
-    """Two epochs straight == one epoch, then the same command with epochs=2 resuming."""
-    straight = make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2", run="straight")
-    run(straight)
-    first = make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=1", run="resumed")
-    run(first)
-    resumed = make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2", run="resumed")
-    summary = run(resumed)
-    assert summary["epochs"] == 2 and len(summary["history"]) == 2
-    a = load_file(str(tmp_path / "straight" / "student.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "student.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    other_seed = make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2", "seed=5", run="s5")
-    run(other_seed)
-    c = load_file(str(tmp_path / "s5" / "student.safetensors"))
-    assert not all(torch.equal(a[k], c[k]) for k in a)
-
-
-def test_resume_refuses_a_different_experiment_in_the_same_directory(tmp_path):
-    run(make_cfg(tmp_path, *FAST, "distiller=none"))
-    with pytest.raises(ConfigError) as err:
-        run(make_cfg(tmp_path, *FAST, "distiller=none", "optimizer.lr=0.01"))
-    assert "optimizer.lr" in str(err.value)
-
-
-def test_zoo_keeps_the_better_model(tmp_path):
-    zoo = TeacherZoo(tmp_path / "zoo")
-    w = tmp_path / "w.safetensors"
-    from safetensors.torch import save_file
-    save_file({"x": torch.zeros(1)}, str(w))
-    assert zoo.publish("d", "m", w, {"top1": 80.0})
-    assert not zoo.publish("d", "m", w, {"top1": 70.0})
-    assert zoo.find("d", "m").meta["top1"] == 80.0
-    assert zoo.publish("d", "m", w, {"top1": 90.0})
-    assert [(d, m) for d, m, _ in zoo.list()] == [("d", "m")]
-
-
-METHOD_TERM = {"kd": "kd", "dkd": "dkd", "fitnet": "hint", "at": "at", "rkd": "rkd",
-               "takd": "kd", "noisy_kd": "kd"}
-
-
-@pytest.mark.parametrize("method", sorted(METHOD_TERM))
-def test_distillers_train_end_to_end_on_digits(tmp_path, method):
-    extra = ["distiller.assistants=[resnet8]"] if method == "takd" else []
-    cfg = make_cfg(tmp_path, "dataset=digits", "student=resnet8", "teacher=resnet14",
-                   f"distiller={method}", "teacher.auto_train=true", "teacher.auto_train_epochs=1",
-                   "trainer.epochs=1", "trainer.max_steps=6", "trainer.log_every=3", *extra)
-    summary = run(cfg)
-    assert summary["steps"] == 6 and summary["teacher_top1"] is not None
-    train = [e for e in _jsonl(tmp_path / "run" / "metrics.jsonl") if e["event"] == "train"]
-    assert f"train/{METHOD_TERM[method]}" in train[-1] and "train/ce" in train[-1]
-
-
-def test_takd_trains_its_assistant_once_and_later_runs_reuse_it(tmp_path):
-    chain = ["distiller=takd", "distiller.assistants=[resnet8x4]", "teacher.auto_train=true",
-             "teacher.auto_train_epochs=1"]
-    first = run(make_cfg(tmp_path, *chain, *FAST, run="first"))
-    zoo = TeacherZoo(tmp_path / "zoo")
-    (name,) = [m for _, m, _ in zoo.list() if m.startswith("resnet8x4@kd-resnet14.")]
-    entry = zoo.find("fake", name)
-    assert entry.meta["distilled_from"] == "resnet14"
-    assert entry.meta["teacher_weights"] == str(zoo.find("fake", "resnet14").weights)
-    assert entry.meta["kd"] == {"ce_weight": 0.1, "kd_weight": 0.9, "temperature": 4.0}
-    # the student's teacher is the assistant, not the root teacher
-    assert first["teacher_top1"] == pytest.approx(entry.meta["top1"])
-    assistant_runs = tmp_path / "zoo" / "runs" / "fake" / name
-    assert [p.name for p in assistant_runs.iterdir()] == ["seed0"]
-    mtime = entry.weights.stat().st_mtime_ns
-    run(make_cfg(tmp_path, *chain, *FAST, "seed=1", "student=resnet14", run="second"))
-    assert entry.weights.stat().st_mtime_ns == mtime
-    assert [p.name for p in assistant_runs.iterdir()] == ["seed0"], "the assistant was retrained"
-    # a longer chain reuses the cached first link and adds the second
-    run(make_cfg(tmp_path, *FAST, "distiller=takd", "distiller.assistants=[resnet8x4,resnet14]",
-                 run="third"))
-    assert entry.weights.stat().st_mtime_ns == mtime
-    assert [m for _, m, _ in zoo.list() if m.startswith("resnet14@kd-resnet8x4.")]
-    # other KD options make another link, never a stale cache hit
-    run(make_cfg(tmp_path, *chain, *FAST, "distiller.temperature=2.0", run="fourth"))
-    assert len([m for _, m, _ in zoo.list() if m.startswith("resnet8x4@kd-resnet14.")]) == 2
 
 
 def test_bad_layers_stop_the_run_before_a_teacher_is_trained_for_it(tmp_path):
@@ -167,17 +94,42 @@ def test_bad_layers_stop_the_run_before_a_teacher_is_trained_for_it(tmp_path):
     assert not (tmp_path / "zoo").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_the_dataloader_path_in_contiguous_format_trains_too(tmp_path):
-    summary = run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.data_path=loader",
-                           "trainer.channels_last=false", "trainer.epochs=3"))
-    assert summary["best_top1"] > 50.0   # 10 classes: chance is 10%
+def test_a_stopped_run_resumed_mid_epoch_ends_like_a_straight_one(tmp_path, zoo):
+    """FitNet (student + trained regressor) stopped mid-epoch by trainer.max_steps, then the real
+    command in the same directory: the same student and connector as one uninterrupted run, bit
+    for bit, and the resume logged at the step it happened (fake data: 8 steps an epoch)."""
+    base = [*FAST, "distiller=fitnet", "trainer.epochs=2"]
+    straight = run(make_cfg(tmp_path, *base, run="straight"))
+    smoke = run(make_cfg(tmp_path, *base, "trainer.max_steps=5", run="resumed"))
+    assert smoke["steps"] == 5 and smoke["stopped_early"] and smoke["epochs"] == 0.625
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
+    assert set(ckpt["parts"]) == {"student", "connector"} and set(ckpt["optimizers"]) == {"main"}
+    assert sum(v.numel() for k, v in ckpt["parts"]["connector"].items()
+               if "running" not in k and "num_batches" not in k) == straight["connector_params"] > 0
+    full = run(make_cfg(tmp_path, *base, run="resumed"))
+    assert full["steps"] == 16 and full["epochs"] == 2 and not full["stopped_early"]
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
+    for part in ("student", "connector"):
+        assert all(torch.equal(a["parts"][part][k], b["parts"][part][k])
+                   for k in a["parts"][part]), part
+    events = _jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    assert [e["step"] for e in events if e["event"] == "resume"] == [5]
+
+
+def test_a_different_experiment_in_the_run_directory_is_refused_and_left_alone(tmp_path):
+    run(make_cfg(tmp_path, *FAST, "distiller=none"))
+    record = (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
+    with pytest.raises(ConfigError) as err:
+        run(make_cfg(tmp_path, *FAST, "distiller=none", "optimizer.lr=0.01"))
+    assert "optimizer.lr" in str(err.value)
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").read_text() == record
 
 
 def test_runs_recorded_before_a_config_key_existed_still_resume(tmp_path):
     """A checkpoint whose config lacks keys added later (here trainer.sync_bn and
     trainer.channels_last) ran with their defaults: resuming it is not a different experiment."""
-    cfg = make_cfg(tmp_path, *FAST, "distiller=none", "trainer.max_steps=2")
-    run(cfg)
+    run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.max_steps=2"))
     path = tmp_path / "run" / "checkpoints" / "last.pt"
     ckpt = torch.load(path, weights_only=True)
     for key in ("sync_bn", "channels_last"):
@@ -189,12 +141,11 @@ def test_runs_recorded_before_a_config_key_existed_still_resume(tmp_path):
         run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2", "trainer.sync_bn=true"))
 
 
-def test_compiled_student_and_teacher_train_like_eager_ones(tmp_path):
+def test_compiled_student_and_teacher_train_like_eager_ones(tmp_path, zoo):
     """trainer.compile=both (dynamo's `eager` backend here: the graph capture without inductor's
     minute of C++ compiling) keeps FitNet's hooks, connector and checkpoints working, and gives
     the weights of the uncompiled run."""
-    base = [*FAST, "distiller=fitnet", "teacher.auto_train=true", "teacher.auto_train_epochs=1",
-            "trainer.max_steps=3"]
+    base = [*FAST, "distiller=fitnet", "trainer.max_steps=3"]
     import torch._dynamo
 
     plain = run(make_cfg(tmp_path, *base, run="plain"))
@@ -210,54 +161,41 @@ def test_compiled_student_and_teacher_train_like_eager_ones(tmp_path):
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-def test_rkd_survives_a_last_batch_of_one(tmp_path):
+def test_rkd_survives_a_last_batch_of_one(tmp_path, zoo):
     """256 fake images in batches of 51 leave one image for the epoch's last step."""
-    summary = run(make_cfg(tmp_path, *FAST, "distiller=rkd", "teacher.auto_train=true",
-                           "teacher.auto_train_epochs=1", "trainer.batch_size=51"))
+    summary = run(make_cfg(tmp_path, *FAST, "distiller=rkd", "trainer.batch_size=51"))
     assert summary["steps"] == 6 and summary["epochs"] == 1
 
 
-def test_connectors_are_checkpointed_and_resume_exactly(tmp_path):
-    """FitNet's regressor is trained, saved with the student and restored on resume: a run
-    stopped after 3 steps and resumed ends where a straight run ends."""
-    base = [*FAST, "distiller=fitnet", "teacher.auto_train=true", "teacher.auto_train_epochs=1"]
-    straight = run(make_cfg(tmp_path, *base, run="straight"))
-    run(make_cfg(tmp_path, *base, "trainer.max_steps=3", run="resumed"))
-    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
-    assert ckpt["connectors"] and all(k.startswith("connector.") for k in ckpt["connectors"])
-    assert sum(v.numel() for k, v in ckpt["connectors"].items()
-               if "running" not in k and "num_batches" not in k) == straight["connector_params"]
-    run(make_cfg(tmp_path, *base, run="resumed"))
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
-    for part in ("student", "connectors"):
-        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
-
-
-@pytest.mark.slow
-def test_demo_setting_kd_beats_vanilla(tmp_path):
-    """The claim `make demo` shows: with 5% of digits, KD from a resnet32 teacher trained on all
-    of it beats the same student trained on labels alone (about 5 minutes on 2 cores)."""
-    vanilla = run(make_cfg(tmp_path, "experiment=demo", "distiller=none", run="none"))
-    kd = run(make_cfg(tmp_path, "experiment=demo", "distiller=kd", run="kd"))
-    assert kd["teacher_top1"] > 95.0
-    assert kd["last_top1"] > vanilla["last_top1"]
-
-
-def test_resume_mid_epoch_after_max_steps_is_exact(tmp_path):
-    """A smoke run stopped mid-epoch by trainer.max_steps, then the real command in the same
-    directory, ends with the same weights as one uninterrupted run (fake data: 8 steps/epoch)."""
-    run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2", run="straight"))
-    smoke = run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2",
-                         "trainer.max_steps=5", run="resumed"))
-    assert smoke["steps"] == 5 and smoke["stopped_early"] and smoke["epochs"] == 0.625
-    full = run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2", run="resumed"))
-    assert full["steps"] == 16 and full["epochs"] == 2 and not full["stopped_early"]
-    a = load_file(str(tmp_path / "straight" / "student.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "student.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    events = _jsonl(tmp_path / "resumed" / "metrics.jsonl")
-    assert [e["step"] for e in events if e["event"] == "resume"] == [5]
+def test_takd_trains_its_assistant_once_and_later_runs_reuse_it(tmp_path, zoo):
+    chain = ["distiller=takd", "distiller.assistants=[resnet8x4]", "teacher.auto_train_epochs=1",
+             "trainer.max_steps=2"]
+    first = run(make_cfg(tmp_path, *chain, *FAST, run="first"))
+    zoo_ = TeacherZoo(zoo)
+    root = zoo_.find("fake", "resnet14")
+    (name,) = [m for _, m, _ in zoo_.list() if m.startswith("resnet8x4@kd-resnet14.")]
+    entry = zoo_.find("fake", name)
+    assert entry.meta["distilled_from"] == "resnet14"
+    assert entry.meta["teacher_weights"] == str(root.weights)
+    assert entry.meta["teacher_sha256"] == root.sha256
+    assert entry.meta["kd"] == {"ce_weight": 0.1, "kd_weight": 0.9, "temperature": 4.0}
+    # the student's teacher is the assistant, not the root teacher
+    assert first["teacher_top1"] == pytest.approx(entry.meta["top1"])
+    assert first["teachers"][0]["sha256"] == entry.sha256 != root.sha256
+    assistant_runs = zoo / "runs" / "fake" / name
+    assert [p.name for p in assistant_runs.iterdir()] == ["seed0"]
+    mtime = entry.weights.stat().st_mtime_ns
+    run(make_cfg(tmp_path, *chain, *FAST, "seed=1", "student=resnet14", run="second"))
+    assert entry.weights.stat().st_mtime_ns == mtime
+    assert [p.name for p in assistant_runs.iterdir()] == ["seed0"], "the assistant was retrained"
+    # a longer chain reuses the cached first link and adds the second
+    run(make_cfg(tmp_path, *FAST, "distiller=takd", "distiller.assistants=[resnet8x4,resnet14]",
+                 "teacher.auto_train_epochs=1", "trainer.max_steps=2", run="third"))
+    assert entry.weights.stat().st_mtime_ns == mtime
+    assert [m for _, m, _ in zoo_.list() if m.startswith("resnet14@kd-resnet8x4.")]
+    # other KD options make another link, never a stale cache hit
+    run(make_cfg(tmp_path, *chain, *FAST, "distiller.temperature=2.0", run="fourth"))
+    assert len([m for _, m, _ in zoo_.list() if m.startswith("resnet8x4@kd-resnet14.")]) == 2
 
 
 def test_rerunning_a_finished_run_changes_nothing(tmp_path):
@@ -279,37 +217,17 @@ def test_starting_over_keeps_the_old_files_aside(tmp_path):
     assert len([e for e in events if e["event"] == "summary"]) == 1
 
 
-def test_a_refused_resume_leaves_the_run_record_alone(tmp_path):
-    run(make_cfg(tmp_path, *FAST, "distiller=none"))
-    record = (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
-    with pytest.raises(ConfigError):
-        run(make_cfg(tmp_path, *FAST, "distiller=none", "optimizer.lr=0.01"))
-    assert (tmp_path / "run" / ".hydra" / "config.yaml").read_text() == record
-
-
-def test_runs_stopped_early_are_not_published_and_auto_train_trains_to_the_end(tmp_path):
+def test_runs_stopped_early_or_on_part_of_the_data_are_not_published(tmp_path):
     smoke = run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.max_steps=3"))
     assert smoke["stopped_early"]
+    run(make_cfg(tmp_path, *FAST, "distiller=none", "dataset.train_fraction=0.5", run="half"))
     assert TeacherZoo(tmp_path / "zoo").find("fake", "resnet8") is None
-    # auto_train ignores the student's max_steps and zoo.publish=false: the teacher is complete
-    run(make_cfg(tmp_path, *FAST, "distiller=kd", "trainer.max_steps=3", "zoo.publish=false",
-                 "teacher.auto_train=true", "teacher.auto_train_epochs=1", run="kd"))
-    entry = TeacherZoo(tmp_path / "zoo").find("fake", "resnet14")
-    assert entry is not None and entry.meta["epochs"] == 1
 
 
-def test_zoo_teacher_from_another_split_is_refused(tmp_path):
-    run(make_cfg(tmp_path, *FAST, "distiller=none", "student=resnet14", run="teacher"))
+def test_zoo_teacher_from_another_split_is_refused(tmp_path, zoo):
     with pytest.raises(ConfigError) as err:
         run(make_cfg(tmp_path, *FAST, "distiller=kd", "dataset.seed=1", run="kd"))
     assert err.value.key == "teacher" and "split" in str(err.value)
-
-
-def test_a_command_that_fails_before_training_writes_no_run_record(tmp_path):
-    with pytest.raises(ConfigError):
-        run(make_cfg(tmp_path, *FAST, "distiller=kd"))   # no teacher in the zoo
-    assert not (tmp_path / "run" / ".hydra").exists()
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_an_unwritable_run_dir_is_a_config_error(tmp_path):
@@ -322,3 +240,13 @@ def test_an_unwritable_run_dir_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as err:
         run(cfg)
     assert err.value.key == "run_dir"
+
+
+@pytest.mark.slow
+def test_demo_setting_kd_beats_vanilla(tmp_path):
+    """The claim `make demo` shows: with 5% of digits, KD from a resnet32 teacher trained on all
+    of it beats the same student trained on labels alone (about 5 minutes on 2 cores)."""
+    vanilla = run(make_cfg(tmp_path, "experiment=demo", "distiller=none", run="none"))
+    kd = run(make_cfg(tmp_path, "experiment=demo", "distiller=kd", run="kd"))
+    assert kd["teacher_top1"] > 95.0
+    assert kd["last_top1"] > vanilla["last_top1"]

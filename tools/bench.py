@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distill.distillers import BuildInfo, StepContext, build_distiller  # noqa: E402
+from distill.distillers import DISTILLERS, BuildInfo, StepContext, build_distiller  # noqa: E402
 from distill.models import create_model, model_spec  # noqa: E402
 
 
@@ -37,14 +37,21 @@ def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, st
                          memory_format: torch.memory_format = torch.channels_last,
                          compile: str = "none") -> float:
     torch.manual_seed(0)
-    info = BuildInfo(model_spec(student), model_spec(teacher), (3, 32, 32))
-    distiller = build_distiller(method, create_model(student, num_classes=100),
-                                None if method == "none" else create_model(teacher, num_classes=100),
+    info = BuildInfo(model_spec(student), model_spec(teacher), (3, 32, 32), num_classes=100,
+                     student_arch=student)
+    cls = DISTILLERS.get(method)
+    if cls.manual_step:
+        raise SystemExit(f"{method}: the floor measures the default step; manual-step methods "
+                         "have no single forward to time")
+    teachers = {r.role: create_model(r.arch, num_classes=100)
+                for r in cls.teacher_requests({}, {"name": teacher})}
+    distiller = build_distiller(method, create_model(student, num_classes=100), teachers,
                                 {}, info).to(device, memory_format=memory_format)
-    if compile in ("teacher", "both") and distiller.teacher is not None:
-        distiller.teacher.compile()
-    if compile in ("student", "both"):
-        distiller.student.compile()
+    for what, parts in (("teacher", distiller.frozen_parts()),
+                        ("student", distiller.evaluated_parts())):
+        if compile in (what, "both"):
+            for module in parts.values():
+                module.compile()
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01, momentum=0.9,
                                 weight_decay=5e-4)
     images = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)

@@ -16,7 +16,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from distill.app import print_error
+from distill.cli import print_error
 from distill.errors import ConfigError
 from distill.export import ExportError, Timing, export_run
 

@@ -4,8 +4,9 @@
     python tools/report.py multirun/table-a multirun/table-b --csv docs/table.csv --plot docs/table.png
 
 Runs are grouped by everything in their config that changes the result (not seed, run_dir, tag,
-logging, workers, ... : distill/report.py IGNORED_KEYS) and averaged over seeds. Unfinished runs
-are listed under the tables and never averaged in.
+logging, workers, ... : distill/report/group.py IGNORED_KEYS) and by their teachers' weights
+digests, and averaged over seeds. Unfinished runs are listed under the tables and never
+averaged in.
 """
 from __future__ import annotations
 

@@ -4,14 +4,16 @@
     bundle.train[0]  # (float tensor [3,32,32] normalised, int label)
 
 Every builder is registered in `DATASETS` under the name used by `configs/dataset/<name>.yaml`;
-its keyword arguments are that file's keys. Problems the user can fix (missing files, bad values)
+its keyword arguments are that file's keys, and its registry entry holds the dataset's facts
+(class count, image size, mean, std: `dataset_facts`), so tools that only read a run (export,
+report) know them without the data files. Problems the user can fix (missing files, bad values)
 raise `ConfigError` naming the `dataset.<key>` at fault.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -72,6 +74,24 @@ def tensor_bundle(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Ten
                          num_classes=num_classes, image_size=size, mean=mean, std=std)
 
 
+class DatasetFacts(NamedTuple):
+    """What a dataset feeds a model; None where only the run's dataset config can tell."""
+    image_size: int | None
+    num_classes: int | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+
+def dataset_facts(dataset: dict) -> DatasetFacts:
+    """The registry's facts of a run's dataset config (`{"name": ..., ...}`), its own
+    `image_size` / `num_classes` keys on top (fake, folder). Unknown names: all None."""
+    name = dataset.get("name")
+    meta = DATASETS.meta(name) if name in DATASETS else {}
+    return DatasetFacts(image_size=dataset.get("image_size") or meta.get("image_size"),
+                        num_classes=dataset.get("num_classes") or meta.get("num_classes"),
+                        mean=meta.get("mean"), std=meta.get("std"))
+
+
 def build_datasets(name: str, train_fraction: float = 1.0, **kwargs: Any) -> DatasetBundle:
     """Build the registered dataset `name` with its config keys as keyword arguments.
 
@@ -128,4 +148,5 @@ def check_positive(value: Any, key: str) -> int:
 # Importing the builders registers them (they import the names above).
 from distill.data import cifar, digits, fake, folders, mnist5k  # noqa: E402,F401
 
-__all__ = ["DATASETS", "DatasetBundle", "TensorImageDataset", "build_datasets"]
+__all__ = ["DATASETS", "DatasetBundle", "DatasetFacts", "TensorImageDataset", "build_datasets",
+           "dataset_facts"]

@@ -52,8 +52,9 @@ CIFAR100 = CifarSpec(
     md5="eb9058c3a382ffc7106e4002c42a8d85",
     train_files=("train",), test_files=("test",),
     label_key=b"fine_labels", num_classes=100,
-    # the values used by the reference CIFAR-100 KD recipe
-    mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762))
+    # the reference code's constants (mdistiller and RepDistiller, dataset/cifar100.py, in
+    # their Normalize transforms), so teachers trained by either load and see the same inputs
+    mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761))
 
 
 # --------------------------------------------------------------------------- safe unpickling
@@ -244,13 +245,14 @@ def _build(spec: CifarSpec, root: str, download: bool, augment: bool) -> Dataset
                          std=spec.std, augment=augment, padding=4, flip=True)
 
 
-@DATASETS.register("cifar10")
+@DATASETS.register("cifar10", num_classes=10, image_size=32, mean=CIFAR10.mean, std=CIFAR10.std)
 def cifar10(root: str = "data", download: bool = True, augment: bool = True) -> DatasetBundle:
     """CIFAR-10 (50k/10k, 10 classes) from `root/cifar-10-batches-py/` or its archive."""
     return _build(CIFAR10, root, download, augment)
 
 
-@DATASETS.register("cifar100")
+@DATASETS.register("cifar100", num_classes=100, image_size=32, mean=CIFAR100.mean,
+                   std=CIFAR100.std)
 def cifar100(root: str = "data", download: bool = True, augment: bool = True) -> DatasetBundle:
     """CIFAR-100 (50k/10k, 100 fine classes) from `root/cifar-100-python/` or its archive."""
     return _build(CIFAR100, root, download, augment)

@@ -37,7 +37,7 @@ def digits_images(split_seed: int = 0, test_fraction: float = 0.2
     return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
 
 
-@DATASETS.register("digits")
+@DATASETS.register("digits", num_classes=10, image_size=32, mean=DIGITS_MEAN, std=DIGITS_STD)
 def digits(augment: bool = True, test_fraction: float = 0.2, split_seed: int = 0) -> DatasetBundle:
     """Real handwritten digits, 1437/360 (default split), 10 classes, 3x32x32."""
     test_fraction = check_split_options(test_fraction, split_seed, "1437/360")

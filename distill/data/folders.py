@@ -81,13 +81,17 @@ class ImageListDataset(Dataset):
 IMAGENET_LAYOUT = "<root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG"
 
 
-@DATASETS.register("imagenet")
+# ILSVRC-2012; a subset's class count comes from the classifier in student.safetensors
+@DATASETS.register("imagenet", num_classes=1000, image_size=224, mean=IMAGENET_MEAN,
+                   std=IMAGENET_STD)
 def imagenet(root: str | None = None, image_size: int = 224) -> DatasetBundle:
     """ImageNet-style class folders: RandomResizedCrop+flip for train, resize/0.875+center-crop val."""
     return _class_folders(root, image_size, "imagenet")
 
 
-@DATASETS.register("folder")
+# class folders: the size is dataset.image_size, the class count what the folders hold
+@DATASETS.register("folder", num_classes=None, image_size=None, mean=IMAGENET_MEAN,
+                   std=IMAGENET_STD)
 def folder(root: str | None = None, image_size: int = 224) -> DatasetBundle:
     """Your own data in class folders (<root>/train/<class>/*, <root>/val/<class>/*), read and
     augmented like ImageNet, so torchvision teachers pretrained on ImageNet see what they expect."""
@@ -135,7 +139,8 @@ def _tiny_val_from_annotations(val_dir: str, ann: str, class_to_idx: dict[str, i
     return ImageListDataset(samples, transform, classes)
 
 
-@DATASETS.register("tiny_imagenet")
+@DATASETS.register("tiny_imagenet", num_classes=200, image_size=64, mean=IMAGENET_MEAN,
+                   std=IMAGENET_STD)
 def tiny_imagenet(root: str | None = None, image_size: int = 64) -> DatasetBundle:
     """Tiny-ImageNet-200: train class folders (nested images/), val from val_annotations.txt."""
     root = _require_root(root, "tiny-imagenet-200", TINY_LAYOUT)

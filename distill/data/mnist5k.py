@@ -109,7 +109,7 @@ def mnist5k_images(path: str | os.PathLike | None = None, split_seed: int = 0,
     return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
 
 
-@DATASETS.register("mnist5k")
+@DATASETS.register("mnist5k", num_classes=10, image_size=32, mean=MNIST5K_MEAN, std=MNIST5K_STD)
 def mnist5k(path: str | None = None, augment: bool = True, test_fraction: float = 0.2,
             split_seed: int = 0) -> DatasetBundle:
     """Real MNIST digits, 4000/1000 (default split, 400/100 per class), 10 classes, 3x32x32."""

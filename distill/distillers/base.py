@@ -132,8 +132,6 @@ class Distiller(nn.Module):
         self.parts: dict[str, Part] = {}
         if student is not None:
             self.add_trained("student", student, evaluated=True)
-        if self.requires_teacher and teacher is None:
-            raise ConfigError(f"distiller '{type(self).__name__}' needs a teacher", key="teacher")
         if teacher is not None:
             self.add_frozen("teacher", teacher)
 
@@ -259,6 +257,12 @@ class Distiller(nn.Module):
         return [TeacherRequest("teacher", teacher["name"], checkpoint=teacher.get("checkpoint"),
                                pretrained=bool(teacher.get("pretrained", False)))]
 
+    @classmethod
+    def teacher_label(cls, options: dict, teacher: str) -> str | None:
+        """The teacher part of run-directory names (`<label>-<student>/<method>`); None for a
+        method without a teacher (`<student>/<method>`)."""
+        return teacher if cls.requires_teacher else None
+
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.teacher(images)
@@ -375,6 +379,8 @@ def build_distiller(name: str, student: nn.Module,
     if isinstance(teachers, nn.Module):
         teachers = {"teacher": teachers}
     teachers = dict(teachers or {})
+    if cls.requires_teacher and not teachers:
+        raise ConfigError(f"distiller '{name}' needs a teacher", key="teacher")
     fixed: dict[str, Any] = {"student": student}
     if "teacher_models" in params:
         fixed["teacher_models"] = teachers

@@ -72,6 +72,10 @@ class MultiTeacher(Distiller):
                                pretrained=bool(teacher.get("pretrained", False)))
                 for i, (name, checkpoint) in enumerate(zip(options["teachers"], checkpoints))]
 
+    @classmethod
+    def teacher_label(cls, options, teacher):
+        return "+".join(options.get("teachers") or [teacher])
+
     def forward(self, images, targets, ctx):
         logits = self.student(images)
         with torch.no_grad():

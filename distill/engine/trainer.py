@@ -51,6 +51,7 @@ from distill.engine.preemption import Preempted, PreemptionGuard, signal_name
 from distill.engine.progress import ProgressDisplay
 from distill.engine.rundir import write_text_atomic
 from distill.engine.sampler import epoch_seed
+from distill.runs import read_run_dir
 from distill.tracking import Trackers, build_trackers
 
 log = logging.getLogger("distill")
@@ -273,9 +274,10 @@ class Trainer:
         """Train to the end (or to max_steps) and return the summary. A run that had already
         finished returns its summary untouched."""
         self._wall_mark = time.perf_counter()
-        if self.state.finished and self._done() and (self.run_dir / "summary.json").is_file():
+        recorded = read_run_dir(self.run_dir).summary if self.state.finished else None
+        if recorded is not None and self._done():
             log.info("%s is already finished; nothing to do", self.run_dir)
-            return json.loads((self.run_dir / "summary.json").read_text())
+            return recorded
         self.state.finished = False   # e.g. resumed with more epochs than it had
         # outermost, so trackers are closed before a submitit handler may requeue and exit
         with PreemptionGuard(self.device) as guard:

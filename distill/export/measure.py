@@ -1,0 +1,71 @@
+"""What an export measures: parameters, FLOPs and CPU latency of a model."""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median of at least `min_repeats` timed forwards (more while within `budget_s`)."""
+    warmup: int = 3
+    min_repeats: int = 5
+    max_repeats: int = 30
+    budget_s: float = 1.0
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward at batch 1, as torch counts them: 2 per multiply-add of the convs
+    and matmuls; normalisation, activations and bias additions are not counted."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *input_shape))
+    return counter.get_total_flops()
+
+
+def cpu_latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int,
+                   timing: Timing = Timing()) -> float:
+    """Median wall time of one forward of a `batch`, after warm-up (allocator, kernel choice)."""
+    images = torch.randn(batch, *input_shape)
+    times: list[float] = []
+    with torch.inference_mode():
+        for _ in range(timing.warmup):
+            model(images)
+        started = time.perf_counter()
+        while len(times) < timing.min_repeats or (
+                len(times) < timing.max_repeats
+                and time.perf_counter() - started < timing.budget_s):
+            tick = time.perf_counter()
+            model(images)
+            times.append(time.perf_counter() - tick)
+    return 1000 * statistics.median(times)
+
+
+def measure(model: nn.Module, input_shape: tuple[int, ...], batches: tuple[int, ...],
+            timing: Timing) -> dict[str, Any]:
+    return {"params": parameter_count(model),
+            "flops_per_image": flops_per_image(model, input_shape),
+            "latency_ms": {str(b): cpu_latency_ms(model, input_shape, b, timing) for b in batches}}
+
+

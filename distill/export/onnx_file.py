@@ -1,0 +1,88 @@
+"""The ONNX file of an export: written by torch.onnx with a dynamic batch dimension, then run
+with onnxruntime and compared with torch."""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distill.errors import ConfigError
+
+ONNX_CHECK_BATCHES = (1, 3)   # neither is the batch of 2 exported with: proves the batch is dynamic
+ONNX_ATOL = 1e-4              # per unit of logit magnitude: float32 rounding grows with it
+
+
+class ExportError(Exception):
+    """The exported model does not behave like the torch one (not a problem with the input)."""
+
+
+def onnx_exporter() -> str:
+    """torch's exporter that can run here: `dynamo` (torch.export based, the default since
+    torch 2.9) needs onnx and onnxscript; the older `torchscript` one needs only onnx."""
+    have = {name: importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript")}
+    if have["onnx"] and have["onnxscript"]:
+        return "dynamo"
+    if have["onnx"]:
+        return "torchscript"
+    raise ConfigError("ONNX export needs the onnx package (and onnxscript for torch's current "
+                      "exporter), which is not installed", key="--no-onnx",
+                      hint="pip install 'distill[export]', or pass --no-onnx")
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, exporter: str) -> None:
+    """`images` [batch, C, H, W] -> `logits` [batch, classes], batch dynamic, one file."""
+    example = (torch.randn(2, *input_shape),)   # not 1: torch.export specialises size-1 dims
+    names = {"input_names": ["images"], "output_names": ["logits"]}
+    if exporter == "dynamo":
+        torch.onnx.export(model, example, str(path), dynamo=True, external_data=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False, **names)
+    else:
+        with warnings.catch_warnings():   # chosen knowingly: the only exporter without onnxscript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, example, str(path), dynamo=False,
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                              **names)
+
+
+def onnx_export_error(model: str, exporter: str, exc: BaseException) -> ConfigError:
+    """torch.onnx could not export this model (an operator or a pattern it does not support):
+    one line naming it and what to do, instead of the exporter's pages of traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+    return ConfigError(f"torch.onnx ({exporter} exporter) cannot export {model}: {reason}; pass "
+                       f"--no-onnx to export the weights without student.onnx (nothing was "
+                       f"written)", key="--no-onnx")
+
+
+def check_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Run the file with onnxruntime on random batches and compare with torch; without
+    onnxruntime, only validate the graph with onnx's checker."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        import onnx
+
+        onnx.checker.check_model(str(path), full_check=True)
+        return {"check": "onnx.checker (onnxruntime not installed: outputs not compared)"}
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst, scale = 0.0, 1.0
+    for batch in ONNX_CHECK_BATCHES:
+        images = torch.randn(batch, *input_shape)
+        with torch.inference_mode():
+            expected = model(images).numpy()
+        (got,) = session.run(["logits"], {"images": images.numpy()})
+        if got.shape != expected.shape:
+            raise ExportError(f"ONNX model gives {got.shape} logits for a batch of {batch}, "
+                              f"torch gives {expected.shape}")
+        worst = max(worst, float(abs(got - expected).max()))
+        scale = max(scale, float(abs(expected).max()))
+    if worst > ONNX_ATOL * scale:
+        raise ExportError(f"ONNX model differs from torch by up to {worst:.2e} (allowed "
+                          f"{ONNX_ATOL * scale:.2e} for logits up to {scale:.1f})")
+    return {"check": "onnxruntime", "batches": list(ONNX_CHECK_BATCHES), "max_abs_diff": worst}
+
+

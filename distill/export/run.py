@@ -1,0 +1,151 @@
+"""The run an export reads: a finished run directory (distill.runs reads it), its student's
+class count and input shape, and its teacher, found where training took it (never trained)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from torch import nn
+
+from distill.data import dataset_facts
+from distill.errors import ConfigError
+from distill.models import model_spec
+from distill.runs import CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, read_run_dir
+from distill.teachers import TeacherResolver, load_model
+from distill.zoo import TeacherZoo
+
+RUN_DIR_CONTENT = f"{CONFIG_FILE}, {SUMMARY_FILE} and {WEIGHTS_FILE}"
+VANILLA_NO_TEACHER = "vanilla run: no teacher"
+
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    path: Path
+    config: dict            # the resolved config the run recorded in .hydra/config.yaml
+    summary: dict           # summary.json
+    weights: Path           # student.safetensors
+    student: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+
+def run_dir_error(path: Path, problem: str) -> ConfigError:
+    return ConfigError(f"{path}: {problem} (expected a finished run directory of "
+                       f"tools/train.py, holding {RUN_DIR_CONTENT})", key="RUN_DIR")
+
+
+def read_run(path: str | Path) -> TrainedRun:
+    """A finished run directory, or a ConfigError saying which file is missing and why. A run
+    stopped early by trainer.max_steps is taken (export.json says so)."""
+    path = Path(path)
+    if not path.exists():
+        raise run_dir_error(path, "no such directory")
+    if not path.is_dir():
+        raise run_dir_error(path, "not a directory")
+    record = read_run_dir(path)
+    if record.config_problem == f"no {CONFIG_FILE}":
+        raise run_dir_error(path, f"not a training run: {record.config_problem}")
+    if record.summary_problem == f"no {SUMMARY_FILE}" and not record.weights.is_file():
+        # the trainer writes both at the very end of training
+        raise ConfigError(f"{path}: unfinished run: no {SUMMARY_FILE} and no {WEIGHTS_FILE} "
+                          "yet; re-run its training command to finish it (it resumes)",
+                          key="RUN_DIR")
+    for problem in (record.config_problem, record.summary_problem):
+        if problem:
+            raise run_dir_error(path, problem)
+    if not record.weights.is_file():
+        raise run_dir_error(path, f"no {WEIGHTS_FILE}")
+    config, summary = record.config, record.summary
+    student, dataset = config["student"]["name"], config["dataset"]
+    facts = dataset_facts(dataset)
+    size = facts.image_size or model_spec(student).input_size
+    if size is None:
+        raise ConfigError(f"cannot tell the input size of dataset '{dataset['name']}'",
+                          key="dataset.image_size")
+    return TrainedRun(path=path, config=config, summary=summary, weights=record.weights,
+                      student=student, num_classes=class_count(record.weights, student, dataset),
+                      input_shape=(3, size, size),
+                      mean=tuple(facts.mean) if facts.mean else None,
+                      std=tuple(facts.std) if facts.std else None)
+
+
+def class_count(weights: Path, model: str, dataset: dict) -> int:
+    """From the classifier's weight (what the file really holds), else from the dataset."""
+    classifier = model_spec(model).classifier
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            if classifier and f"{classifier}.weight" in f.keys():  # noqa: SIM118 - not a dict
+                return f.get_slice(f"{classifier}.weight").get_shape()[0]
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise run_dir_error(weights.parent, f"student.safetensors is unreadable: "
+                                            f"{str(exc).splitlines()[0]}") from None
+    count = dataset_facts(dataset).num_classes
+    if count is None:
+        raise ConfigError(f"cannot tell the class count of {weights}", key="student")
+    return count
+
+
+def load_student(run: TrainedRun) -> nn.Module:
+    return load_model(run.student, str(run.weights), key="student.safetensors",
+                      num_classes=run.num_classes).eval()
+
+
+@dataclass(frozen=True)
+class FoundTeacher:
+    model: nn.Module | None
+    name: str | None         # None for a vanilla run
+    weights: Path | None     # None for torchvision's pretrained weights or when not found
+    top1: float | None
+    missing: str | None = None   # why there is no model
+
+
+def find_teacher(run: TrainedRun, zoo_root: str | Path | None = None) -> FoundTeacher:
+    """The teacher to compare the student with, from where training took it; never trains
+    one. It is the first teacher the method asked for, or, for a distilled one (TAKD's
+    assistant), the teacher at the root of its chain. A teacher the run recorded by sha256 is
+    found by that digest, so a newer zoo version does not replace it. A method without a
+    teacher (vanilla) has none: its teacher.* keys are the unused defaults."""
+    from distill.distillers import DISTILLERS   # imports torch and every method
+
+    cfg = run.config
+    method = (cfg.get("distiller") or {}).get("name")
+    cls = DISTILLERS.get(method, key="distiller")
+    options = {k: v for k, v in cfg["distiller"].items() if k != "name"}
+    # defaults for keys older runs did not record; auto_train off: an export never trains
+    teacher = {"pretrained": False, "checkpoint": None, "auto_train_epochs": None,
+               **cfg["teacher"], "auto_train": False}
+    requests = cls.teacher_requests(options, teacher)
+    if not requests:
+        return FoundTeacher(None, None, None, None, missing=VANILLA_NO_TEACHER if method == "none"
+                            else f"{method} run: no teacher")
+    request = requests[0]
+    while request.distilled_from is not None:
+        request = request.distilled_from
+    recorded = {t.get("role"): t for t in run.summary.get("teachers") or [] if isinstance(t, dict)}
+    pinned = recorded.get(request.role, {}).get("sha256") if request is requests[0] else None
+    zoo = TeacherZoo(zoo_root or cfg.get("zoo", {}).get("root", "zoo"))
+    lookup = OmegaConf.create({**cfg, "teacher": teacher})
+    resolver = TeacherResolver(lookup, cfg["dataset"], run.num_classes, zoo, [], train=None)
+    try:
+        found = resolver.resolve(request, pinned)
+    except (ConfigError, OSError) as exc:   # OSError: pretrained weights not downloadable
+        reason = exc.message if isinstance(exc, ConfigError) else str(exc)
+        return FoundTeacher(None, request.arch, None, None, missing=reason.splitlines()[0])
+    top1 = recorded.get(request.role, {}).get("top1") if pinned else None
+    return FoundTeacher(found.model.eval(), request.arch, found.weights,
+                        top1 if top1 is not None else teacher_top1(run, zoo, request.arch,
+                                                                    request is requests[0]))
+
+
+def teacher_top1(run: TrainedRun, zoo: TeacherZoo, name: str, used: bool) -> float | None:
+    """summary.json's teacher_top1 when that teacher is the one `used` in training (measured by
+    the run on its test split); else (TAKD's root teacher) the zoo's record of it."""
+    if run.summary.get("teacher_top1") is not None and used:
+        return run.summary["teacher_top1"]
+    entry = zoo.find(run.config["dataset"]["name"], name)
+    return entry.meta.get("top1") if entry and not run.config["teacher"].get("checkpoint") else None

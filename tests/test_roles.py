@@ -1,0 +1,253 @@
+"""The roles redesign (docs/engine-roles.md): the original eight methods train exactly as before,
+checkpoints from before the roles still resume, a method's parts must be declared, what a
+method cannot run with is refused at validation, and a run's teachers are pinned by sha256."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from _compose import make_cfg
+from _golden import COMMAND, GOLDEN, ORIGINAL_METHODS, fixed_teacher, method_trace
+from distill.app import run
+from distill.distillers import Distiller
+from distill.distillers.base import NEEDS, RUN_FEATURES
+from distill.errors import ConfigError
+from distill.models import create_model
+from distill.validation import check_run_features
+from distill.zoo import TeacherZoo, file_sha256
+
+TRAINER = {"compile": "none", "precision": "fp32", "channels_last": True}
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return json.loads(GOLDEN.read_text())
+
+
+@pytest.mark.parametrize("method", ORIGINAL_METHODS)
+def test_the_original_methods_train_exactly_as_before_the_roles(method, golden, tmp_path):
+    """Six steps across an epoch end: every loss term of every step, the top-1s and every
+    weight tensor's sum and sum of squares equal what the code before the redesign recorded
+    (tests/_golden.py wrote tests/data/methods_golden.json with that code)."""
+    assert method_trace(method, tmp_path) == golden[method]
+
+
+def test_a_checkpoint_written_before_the_roles_resumes_exactly(golden, tmp_path, monkeypatch):
+    """tests/data/checkpoint_v1_fitnet.pt is step 3 of the golden fitnet run, written by the
+    pre-roles code (student + connectors + one optimizer). Resumed to step 6, the student ends
+    with the golden weights, bit for bit."""
+    monkeypatch.chdir(tmp_path)   # the old run named its teacher by a relative path
+    fixed_teacher(tmp_path)       # tmp_path/teacher.safetensors, as the golden run had it
+    run_dir = tmp_path / "v1run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(GOLDEN.parent / "checkpoint_v1_fitnet.pt", run_dir / "checkpoints" / "last.pt")
+    command = [c for c in COMMAND if c != "distiller.warmup_epochs=2"]
+    summary = run(make_cfg(tmp_path, *command, "distiller=fitnet",
+                           "teacher.checkpoint=teacher.safetensors", run="v1run"))
+    weights = load_file(str(run_dir / "student.safetensors"))
+    sums = {k: [float(v.double().sum()), float(v.double().square().sum())]
+            for k, v in sorted(weights.items()) if v.is_floating_point()}
+    assert sums == golden["fitnet"]["weights"]
+    assert summary["steps"] == 6 and summary["teacher_top1"] == golden["fitnet"]["teacher_top1"]
+    saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["format"] == 2 and set(saved["parts"]) == {"student", "connector"}
+    assert set(saved["optimizers"]) == {"main"}
+
+
+def test_a_module_that_is_not_a_declared_part_is_refused():
+    class Forgetful(Distiller):
+        requires_teacher = False
+
+        def __init__(self, student):
+            super().__init__(student)
+            self.head = nn.Linear(4, 4)   # trains nothing unless declared
+
+    with pytest.raises(TypeError, match="Forgetful.head .* not a declared part"):
+        Forgetful(nn.Linear(2, 2)).check_declared()
+    declared = Forgetful(nn.Linear(2, 2))
+    del declared.head
+    declared.add_trained("head", nn.Linear(4, 4))
+    declared.check_declared()
+    assert list(declared.parameter_groups()) == ["main"]
+    assert len(declared.trainable_parameters()) == 4
+
+
+@pytest.mark.parametrize("feature,trainer,world", [
+    ("fp16", {"precision": "fp16"}, 1), ("bf16", {"precision": "bf16"}, 1),
+    ("compile", {"compile": "student"}, 1), ("channels_last", {}, 1), ("ddp", {}, 2)])
+def test_what_a_method_cannot_run_with_is_refused_naming_the_key(feature, trainer, world):
+    cls = type("Fussy", (Distiller,), {"unsupported": {feature: "it cannot"}})
+    with pytest.raises(ConfigError) as err:
+        check_run_features("fussy", cls, {**TRAINER, **trainer}, world)
+    assert err.value.key == ("distiller" if feature == "ddp" else RUN_FEATURES[feature])
+    assert "distiller 'fussy' cannot run with" in err.value.message and "it cannot" in err.value.message
+    fine = {**TRAINER, "channels_last": False}
+    check_run_features("fussy", cls, fine, 1)   # nothing turned on: accepted
+
+
+def test_double_backward_rules_out_compile_and_ddp():
+    cls = type("Sobolevish", (Distiller,), {"needs": frozenset({"double_backward"})})
+    for trainer, world, key in (({**TRAINER, "compile": "both"}, 1, "trainer.compile"),
+                                (TRAINER, 2, "distiller")):
+        with pytest.raises(ConfigError) as err:
+            check_run_features("sobolevish", cls, trainer, world)
+        assert err.value.key == key
+        assert NEEDS["double_backward"]["compile" if world == 1 else "ddp"] in err.value.message
+    check_run_features("sobolevish", cls, TRAINER, 1)
+
+
+BASE = [c for c in COMMAND if not c.startswith(("trainer.max_steps", "distiller.warmup",
+                                                 "teacher.auto_train_epochs"))]
+
+
+def _kd(tmp_path, *extra, run_name="run"):
+    return make_cfg(tmp_path, *BASE, "distiller=kd", *extra, run=run_name)
+
+
+def test_a_swapped_teacher_is_refused_on_resume_and_a_newer_zoo_version_is_not_taken(tmp_path):
+    """The checkpoint records each teacher's sha256. A teacher.checkpoint file that now holds
+    other weights is refused, naming both digests, with nothing changed; a zoo teacher whose
+    entry got a better version since is taken by its recorded digest."""
+    teacher = fixed_teacher(tmp_path)
+    digest = file_sha256(teacher)
+    first = run(_kd(tmp_path, f"teacher.checkpoint={teacher}", "trainer.max_steps=2"))
+    assert first["teachers"] == [{"role": "teacher", "name": "resnet14", "sha256": digest,
+                                  "top1": first["teacher_top1"]}]
+    torch.manual_seed(99)
+    save_file(create_model("resnet14", num_classes=10).state_dict(), str(teacher))
+    before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(ConfigError) as err:
+        run(_kd(tmp_path, f"teacher.checkpoint={teacher}", "trainer.max_steps=4"))
+    assert digest in str(err.value) and file_sha256(teacher) in str(err.value)
+    assert err.value.key == "teacher.checkpoint" and "trainer.resume=false" in str(err.value)
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
+
+    # the zoo: version A trains half a run; a better version B is published; the run resumes
+    # with A, a new run takes B
+    zoo = TeacherZoo(tmp_path / "zoo")
+    (tmp_path / "a").mkdir()
+    zoo.publish("fake", "resnet14", fixed_teacher(tmp_path / "a"), {"top1": 50.0})
+    version_a = zoo.find("fake", "resnet14").sha256
+    run(_kd(tmp_path, "trainer.max_steps=2", run_name="zoo-run"))
+    zoo.publish("fake", "resnet14", teacher, {"top1": 60.0})
+    assert zoo.find("fake", "resnet14").sha256 == file_sha256(teacher) != version_a
+    resumed = run(_kd(tmp_path, "trainer.max_steps=4", run_name="zoo-run"))
+    fresh = run(_kd(tmp_path, "trainer.max_steps=4", run_name="fresh"))
+    assert resumed["teachers"][0]["sha256"] == version_a
+    assert fresh["teachers"][0]["sha256"] == file_sha256(teacher)
+    assert zoo.find("fake", "resnet14", sha256=version_a) is not None
+
+
+def test_the_zoo_keeps_every_version_and_the_best_is_current(tmp_path):
+    zoo = TeacherZoo(tmp_path / "zoo")
+    files = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        path = tmp_path / f"w{seed}.safetensors"
+        save_file({"x": torch.randn(3)}, str(path))
+        files.append(path)
+    assert zoo.publish("d", "m", files[0], {"top1": 80.0})
+    assert not zoo.publish("d", "m", files[1], {"top1": 70.0})   # worse: kept, not current
+    assert not zoo.publish("d", "m", files[2], {"top1": 80.0})   # a tie keeps the current one
+    assert zoo.find("d", "m").sha256 == file_sha256(files[0])
+    for path in files:
+        entry = zoo.find("d", "m", sha256=file_sha256(path))
+        assert entry is not None and entry.weights.read_bytes() == path.read_bytes()
+    assert zoo.publish("d", "m", files[1], {"top1": 90.0})   # a better run of the same weights
+    assert zoo.find("d", "m").sha256 == file_sha256(files[1])
+    assert [(d, m) for d, m, _ in zoo.list()] == [("d", "m")]
+    assert not list((tmp_path / "zoo" / "d" / "m").glob(".staging-*"))
+
+
+def test_a_zoo_entry_from_before_versions_is_still_found(tmp_path):
+    legacy = tmp_path / "zoo" / "d" / "m"
+    legacy.mkdir(parents=True)
+    save_file({"x": torch.ones(2)}, str(legacy / "model.safetensors"))
+    (legacy / "meta.json").write_text(json.dumps({"top1": 75.0}))
+    zoo = TeacherZoo(tmp_path / "zoo")
+    entry = zoo.find("d", "m")
+    assert entry.weights == legacy / "model.safetensors" and entry.meta["top1"] == 75.0
+    assert zoo.find_digest("d", file_sha256(legacy / "model.safetensors")) == entry
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "better.safetensors"))
+    assert zoo.publish("d", "m", tmp_path / "better.safetensors", {"top1": 76.0})
+    assert zoo.find("d", "m").weights != legacy / "model.safetensors"
+    assert zoo.find("d", "m", sha256=entry.sha256).weights == legacy / "model.safetensors"
+
+
+def test_two_runs_that_need_the_same_missing_teacher_train_it_once(tmp_path):
+    """Two processes with teacher.auto_train and different seeds need the same missing teacher
+    while another process (this test) holds its claim: both wait, naming the holder; once it is
+    released, one trains the teacher and the other waits again and takes it from the zoo."""
+    import subprocess
+    import sys
+    import time
+
+    from _compose import REPO
+
+    env = {**os.environ, "DISTILL_ZOO": str(tmp_path / "zoo"), "CUDA_VISIBLE_DEVICES": "",
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    logs = [tmp_path / f"run{seed}.log" for seed in (0, 1)]
+    with TeacherZoo(tmp_path / "zoo").claim("fake", "resnet14"):
+        procs = []
+        for seed, log in zip((0, 1), logs):
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen(
+                    [sys.executable, str(REPO / "tools" / "train.py"), "dataset=fake",
+                     "distiller=kd", "student=resnet8", "teacher=resnet14",
+                     "teacher.auto_train=true", "teacher.auto_train_epochs=1",
+                     "trainer.max_steps=2", "trainer.progress=false", "logger=jsonl",
+                     f"seed={seed}", f"hydra.run.dir={tmp_path / f'run{seed}'}"],
+                    cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 240
+        while not all(f"waiting for pid {os.getpid()} on host" in log.read_text() for log in logs):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                [log.read_text()[-2000:] for log in logs]
+            time.sleep(0.2)
+    for p in procs:
+        p.wait(timeout=300)
+    assert [p.returncode for p in procs] == [0, 0], [log.read_text()[-2000:] for log in logs]
+    trained = sorted(p.name for p in (tmp_path / "zoo" / "runs" / "fake" / "resnet14").iterdir())
+    assert len(trained) == 1, trained
+    digests = {json.loads((tmp_path / f"run{s}" / "summary.json").read_text())["teachers"][0]["sha256"]
+               for s in (0, 1)}
+    assert len(digests) == 1 and TeacherZoo(tmp_path / "zoo").find("fake", "resnet14").sha256 in digests
+
+
+def test_a_teacher_trained_on_the_way_leaves_the_callers_random_state_alone(tmp_path):
+    """The run that makes a missing zoo model is a job of its own: whatever randomness it
+    consumes, the run that asked for it continues from the random state it had."""
+    import random
+
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from distill.distillers import TeacherRequest
+    from distill.teachers import TeacherResolver
+
+    def train(config, overrides):   # stands in for distill.app.run: consumes every stream
+        torch.rand(1000), np.random.rand(1000), random.random()
+        weights = tmp_path / "made.safetensors"
+        save_file(create_model("resnet8", num_classes=10).state_dict(), str(weights))
+        TeacherZoo(tmp_path / "zoo").publish("fake", "resnet8", weights, {"top1": 1.0})
+        return {}
+
+    cfg = make_cfg(tmp_path, "dataset=fake", "teacher.auto_train=true")
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    resolver = TeacherResolver(cfg, dataset, 10, TeacherZoo(tmp_path / "zoo"), [], train)
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    resolver.weights(TeacherRequest("teacher", "resnet8"))
+    after = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    assert torch.equal(after[0], torch.rand(3)) and (after[1] == np.random.rand(3)).all()
+    assert after[2] == random.random()
+    assert TeacherZoo(tmp_path / "zoo").find("fake", "resnet8") is not None
