@@ -128,7 +128,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
         distiller.describe(teacher.role, arch=teacher.name)
     keys = {r.role: r.key for r in requests}
     dry_forward(distiller, [("student" if role == distiller.exported_role else
-                             keys.get(role, f"distiller.{role}"), model)
+                             keys.get(role) or distiller.parts[role].key or "distiller", model)
                             for role, model in (*distiller.evaluated_parts().items(),
                                                 *distiller.frozen_parts().items())],
                 data, device)
@@ -147,11 +147,12 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
         device=device, loggers=resolved["logger"] or {}, config=resolved, seed=cfg.seed,
         run_name=run_name, checkpoint=checkpoint, teachers=[t.record() for t in teachers])
     log_start(run_dir, cfg, device, distiller, teachers)
-    already_finished = checkpoint is not None and checkpoint["state"].get("finished", False)
     summary = trainer.fit()
     log.info("done: best top-1 %.2f%%, last %.2f%%, %.0f images/s, %.1f s", summary["best_top1"],
              summary["last_top1"], summary["train_images_per_sec"] or 0, summary["wall_seconds"])
-    if cfg.distiller.name == "none" and cfg.zoo.publish and not already_finished:
+    # also when the run had finished before: a job killed between its last step and publishing
+    # publishes now (a version the zoo holds already is left as it is)
+    if cfg.distiller.name == "none" and cfg.zoo.publish:
         # before any rank goes on: e.g. a teacher trained for a run is in the zoo for all
         dist_utils.on_main(lambda: publish_to_zoo(TeacherZoo(cfg.zoo.root), dataset, cfg,
                                                   run_dir, summary, data.num_classes))

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from distill.distillers.base import TeacherRequest
 from distill.engine import distributed as dist_utils
 from distill.engine.checkpoint import load_weights, preserved_rng
 from distill.errors import ConfigError
+from distill.locks import Locked
 from distill.models import create_model
 from distill.zoo import TeacherZoo, ZooEntry, file_sha256
 
@@ -40,6 +42,8 @@ Train = Callable[..., dict[str, Any]]   # distill.app.run
 # and early-stop keys do not: a teacher is trained to the end with its dataset's recipe.
 TEACHER_RUN_KEYS = ("dataset", "trainer", "seed", "zoo", "device")
 NOT_FOR_TEACHERS = ("trainer.epochs", "trainer.batch_size", "trainer.max_steps")
+# How often rank 0 of a DDP job asks again for a zoo claim another job holds.
+CLAIM_POLL_SECONDS = 5.0
 # Dataset options that do not change which images are in which split.
 NOT_SPLIT_DEFINING = ("name", "root", "download", "augment", "recipe", "train_fraction")
 
@@ -50,14 +54,14 @@ def split_identity(dataset: dict) -> dict:
     return {k: v for k, v in dataset.items() if k not in NOT_SPLIT_DEFINING}
 
 
-def check_split(entry: ZooEntry, name: str, dataset: dict) -> None:
+def check_split(entry: ZooEntry, name: str, dataset: dict, request: TeacherRequest) -> None:
     trained_on = entry.meta.get("split")
     if trained_on is not None and trained_on != split_identity(dataset):
         raise ConfigError(
             f"the zoo's {name} for {dataset['name']} was trained on another split "
             f"({trained_on}, this run: {split_identity(dataset)}): it may have seen this "
-            f"run's test images", key="teacher",
-            hint="use zoo.root=... for this split, or teacher.checkpoint=PATH")
+            f"run's test images", key=request.key,
+            hint=f"use zoo.root=... for this split, or {request.checkpoint_key}=PATH")
 
 
 def load_state_into(model: torch.nn.Module, state: dict, *, source: str, key: str,
@@ -174,12 +178,26 @@ def link_fingerprint(parent_weights: str | None, parent_name: str, kd_options: d
 
 # --- resolving requests -------------------------------------------------------------------------
 class TeacherResolver:
-    """Finds (and, where allowed, trains) the teachers of one run."""
+    """Finds (and, where allowed, trains) the teachers of one run.
+
+    Under DDP every rank resolves, but rank 0 decides: what the zoo holds is read by rank 0 and
+    broadcast, so all ranks take the same weights even while another job publishes, and all of
+    them take part in any run that trains a missing model."""
 
     def __init__(self, cfg: DictConfig, dataset: dict, num_classes: int, zoo: TeacherZoo,
                  overrides: list[str], train: Train | None):
         self.cfg, self.dataset, self.num_classes = cfg, dataset, num_classes
         self.zoo, self.overrides, self.train = zoo, overrides, train
+
+    def _find(self, name: str) -> ZooEntry | None:
+        """The zoo's current `name`, as rank 0 sees it."""
+        return dist_utils.broadcast_object(
+            self.zoo.find(self.dataset["name"], name) if dist_utils.is_main_process() else None)
+
+    def _find_digest(self, sha256: str) -> ZooEntry | None:
+        return dist_utils.broadcast_object(
+            self.zoo.find_digest(self.dataset["name"], sha256)
+            if dist_utils.is_main_process() else None)
 
     # where the weights are
     def weights(self, request: TeacherRequest, *, may_train: bool = True) -> tuple[str | None, str]:
@@ -191,16 +209,16 @@ class TeacherResolver:
             return request.checkpoint, request.checkpoint_key
         if request.distilled_from is not None:
             return str(self._distilled(request, may_train).weights), request.key
-        entry = self.zoo.find(self.dataset["name"], request.arch)
+        entry = self._find(request.arch)
         if entry is None and self.cfg.teacher.auto_train and self.train and may_train:
             with self._claim(request.arch) as missing:
                 if missing:
                     log.info("no %s teacher for %s in the zoo: training one first",
                              request.arch, self.dataset["name"])
                     self._train(teacher_run_config(self.cfg, request.arch, request.pretrained))
-            entry = self.zoo.find(self.dataset["name"], request.arch)
+            entry = self._find(request.arch)
         if entry is not None:
-            check_split(entry, request.arch, self.dataset)
+            check_split(entry, request.arch, self.dataset, request)
             log.info("teacher %s from the zoo: %s", request.arch, entry.weights)
             return str(entry.weights), request.key
         if request.pretrained:
@@ -210,8 +228,8 @@ class TeacherResolver:
             f"({self.zoo.root})", key=request.key,
             hint="train it first:\n  " + teacher_training_command(
                 self.cfg, self.overrides, request.arch, request.pretrained)
-                 + "\nor add teacher.auto_train=true to train it now, or point "
-                   "teacher.checkpoint=PATH at a weights file")
+                 + f"\nor add teacher.auto_train=true to train it now, or point "
+                   f"{request.checkpoint_key}=... at a weights file")
 
     def _distilled(self, request: TeacherRequest, may_train: bool) -> ZooEntry:
         """The zoo entry `<arch>@kd-<parent>.<fingerprint>` of a distilled link, made now when
@@ -222,7 +240,7 @@ class TeacherResolver:
         zoo_name = (f"{request.arch}@kd-{parent.arch}."
                     f"{link_fingerprint(parent_weights, parent.arch, request.distill_options)}")
         name = self.dataset["name"]
-        entry = self.zoo.find(name, zoo_name)
+        entry = self._find(zoo_name)
         if entry is None and self.train is not None and may_train:
             with self._claim(zoo_name) as missing:
                 if missing:
@@ -243,11 +261,11 @@ class TeacherResolver:
                             "kd": request.distill_options}
                     weights = Path(acfg.run_dir) / "student.safetensors"
                     dist_utils.on_main(lambda: self.zoo.publish(name, zoo_name, weights, meta))
-            entry = self.zoo.find(name, zoo_name)
+            entry = self._find(zoo_name)
         if entry is None:
             raise ConfigError(f"no {zoo_name} in the teacher zoo ({self.zoo.root})",
                               key=request.key, hint="run the distillation once to make it")
-        check_split(entry, zoo_name, self.dataset)
+        check_split(entry, zoo_name, self.dataset, request)
         log.info("%s from the zoo: %s (top-1 %s)", zoo_name, entry.weights, entry.meta.get("top1"))
         return entry
 
@@ -255,12 +273,31 @@ class TeacherResolver:
     def _claim(self, zoo_name: str) -> Iterator[bool]:
         """Held while this job makes a zoo entry; yields whether it is still missing (another
         job may have made it while this one waited). Under DDP rank 0 holds the claim and tells
-        the other ranks, which then train with it: they must not wait on the lock themselves."""
+        the other ranks, which then train with it. While another job holds it, rank 0 tries
+        again every few seconds and every rank hears each answer: a rank left inside one
+        collective for the hours a teacher may train would hit the process group's timeout."""
+        name = self.dataset["name"]
         with contextlib.ExitStack() as stack:
-            missing = None
-            if dist_utils.is_main_process():
-                stack.enter_context(self.zoo.claim(self.dataset["name"], zoo_name))
-                missing = self.zoo.find(self.dataset["name"], zoo_name) is None
+            if dist_utils.world_size() == 1:
+                stack.enter_context(self.zoo.claim(name, zoo_name))
+            else:
+                told = False
+                while True:
+                    holder = None
+                    if dist_utils.is_main_process():
+                        try:
+                            stack.enter_context(self.zoo.claim(name, zoo_name, wait=False))
+                        except Locked as exc:
+                            holder = exc.holder
+                    holder = dist_utils.broadcast_object(holder)
+                    if holder is None:
+                        break
+                    if not told and dist_utils.is_main_process():
+                        log.info("waiting for %s, which is training %s/%s for the zoo", holder,
+                                 name, zoo_name)
+                    told = True
+                    time.sleep(CLAIM_POLL_SECONDS)
+            missing = self.zoo.find(name, zoo_name) is None if dist_utils.is_main_process() else None
             yield dist_utils.broadcast_object(missing)
 
     def _train(self, config: DictConfig) -> dict[str, Any]:
@@ -273,18 +310,24 @@ class TeacherResolver:
     def resolve(self, request: TeacherRequest, pinned: str | None = None) -> ResolvedTeacher:
         """The teacher of `request`. `pinned` (a resumed run's recorded sha256) must be met: a
         teacher from the zoo is taken by that digest (a better version may have become the
-        current one since); weights named by a checkpoint option must still have it; otherwise
-        the run is refused. Nothing is trained for a pinned request."""
+        current one since), torchvision's pretrained weights by theirs; weights named by a
+        checkpoint option must still have it; otherwise the run is refused. Nothing is trained
+        for a pinned request."""
         if pinned is not None and not request.checkpoint:
-            entry = self.zoo.find_digest(self.dataset["name"], pinned)
-            if entry is not None and file_sha256(entry.weights) == pinned:
-                log.info("%s %s: the weights this run started with (sha256 %s): %s",
-                         request.role, request.arch, pinned[:16], entry.weights)
-                model = load_model(request.arch, str(entry.weights), key=request.key,
-                                   num_classes=self.num_classes)
-                return ResolvedTeacher(request.role, request.arch, model, pinned,
-                                       entry.weights, str(entry.weights))
-        source, key = self.weights(request, may_train=pinned is None)
+            found = self._pinned(request, pinned)
+            if found is not None:
+                return found
+        try:
+            source, key = self.weights(request, may_train=pinned is None)
+        except ConfigError as exc:
+            if pinned is None:
+                raise
+            raise ConfigError(
+                f"the {request.role} ({request.arch}) this run started with (sha256 {pinned}) "
+                f"is not in the teacher zoo ({self.zoo.root}) any more", key=exc.key,
+                hint="put it back (the zoo version, or teacher.checkpoint=PATH), or start over "
+                     "with trainer.resume=false (the old files go under previous/), or use "
+                     "another run directory") from None
         if source is None:
             model = self._pretrained(request)
             digest, where = state_sha256(model), "torchvision's pretrained weights"
@@ -301,6 +344,26 @@ class TeacherResolver:
             model = load_model(request.arch, source, key=key, num_classes=self.num_classes)
         return ResolvedTeacher(request.role, request.arch, model, digest,
                                None if source is None else Path(source), where)
+
+    def _pinned(self, request: TeacherRequest, pinned: str) -> ResolvedTeacher | None:
+        """The weights with digest `pinned`: a zoo version, or torchvision's pretrained ones."""
+        entry = self._find_digest(pinned)
+        if entry is not None and file_sha256(entry.weights) == pinned:
+            log.info("%s %s: the weights this run started with (sha256 %s): %s",
+                     request.role, request.arch, pinned[:16], entry.weights)
+            model = load_model(request.arch, str(entry.weights), key=request.key,
+                               num_classes=self.num_classes)
+            return ResolvedTeacher(request.role, request.arch, model, pinned, entry.weights,
+                                   str(entry.weights))
+        if request.pretrained:
+            try:
+                model = self._pretrained(request)
+            except (ConfigError, OSError):   # no hub cache, no network, or not a fitting head
+                return None
+            if state_sha256(model) == pinned:
+                return ResolvedTeacher(request.role, request.arch, model, pinned, None,
+                                       "torchvision's pretrained weights")
+        return None
 
     def _pretrained(self, request: TeacherRequest) -> torch.nn.Module:
         teacher = create_model(request.arch, num_classes=self.num_classes, pretrained=True)

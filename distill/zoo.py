@@ -122,12 +122,14 @@ class TeacherZoo:
         meta = {**meta, "sha256": digest, "published": time.strftime("%Y-%m-%d %H:%M:%S")}
         with exclusive(folder / ".lock", what=f"publishes {dataset}/{name}"):
             version = folder / digest[:16]
+            current = self.find(dataset, name)
+            if version.is_dir() and current is not None and current.sha256 == digest:
+                return True   # published before (e.g. a finished run run again): nothing to do
             if not version.is_dir():
                 staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
                 shutil.copyfile(weights, staging / WEIGHTS)
                 _write_json_atomic(staging / META, meta)
                 os.rename(staging, version)   # a reader sees the whole version or none
-            current = self.find(dataset, name)
             better = (current is None or current.sha256 == digest
                       or meta.get("top1", -1) > current.meta.get("top1", -1))
             if not better:
@@ -142,10 +144,11 @@ class TeacherZoo:
         return True
 
     @contextmanager
-    def claim(self, dataset: str, name: str) -> Iterator[None]:
+    def claim(self, dataset: str, name: str, *, wait: bool = True) -> Iterator[None]:
         """Held while this process makes (dataset, name): another run that needs it waits, then
-        finds it published, instead of training a second copy into the same folders."""
-        with exclusive(self.entry_dir(dataset, name) / ".claim",
+        finds it published, instead of training a second copy into the same folders. With
+        `wait=False`, distill.locks.Locked says who holds it instead."""
+        with exclusive(self.entry_dir(dataset, name) / ".claim", wait=wait,
                        what=f"is training {dataset}/{name} for the zoo"):
             yield
 

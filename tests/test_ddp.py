@@ -58,14 +58,32 @@ def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(tmp_pat
 def test_torchrun_command_line_run(tmp_path):
     """`torchrun --nproc_per_node=2 tools/train.py ...`: the missing teacher is auto-trained
     under DDP, the job has one run directory, rank 0 alone writes it, and the teacher's top-1 is
-    over the whole validation set (equal to a one-process evaluation)."""
+    over the whole validation set (equal to a one-process evaluation). While another process
+    (this test) holds the teacher's zoo claim, the job waits for it, both ranks together."""
+    import time
+
+    from distill.zoo import TeacherZoo
+
     run_dir = tmp_path / "run"
-    torchrun(2, str(REPO / "tools" / "train.py"), "dataset=fake", "distiller=kd",
-             "student=resnet8", "teacher=resnet8", "teacher.auto_train=true",
-             "teacher.auto_train_epochs=1", "trainer.max_steps=3", "trainer.batch_size=64",
-             "trainer.progress=false",
-             "logger=jsonl", f"hydra.run.dir={run_dir}",
-             env={"DISTILL_ZOO": str(tmp_path / "zoo")}, cwd=tmp_path)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                   "PYTHONUNBUFFERED": "1", "DISTILL_ZOO": str(tmp_path / "zoo")}
+    environment.pop("WORLD_SIZE", None)
+    log = tmp_path.parent / f"{tmp_path.name}-torchrun.log"
+    with TeacherZoo(tmp_path / "zoo").claim("fake", "resnet8"), open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             str(REPO / "tools" / "train.py"), "dataset=fake", "distiller=kd", "student=resnet8",
+             "teacher=resnet8", "teacher.auto_train=true", "teacher.auto_train_epochs=1",
+             "trainer.max_steps=3", "trainer.batch_size=64", "trainer.progress=false",
+             "logger=jsonl", f"hydra.run.dir={run_dir}"],
+            cwd=tmp_path, env=environment, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while f"waiting for pid {os.getpid()} on host" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(6)   # both ranks keep asking (rank 0 polls every 5 s) without a timeout
+        assert proc.poll() is None
+    assert proc.wait(timeout=300) == 0, log.read_text()[-5000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 64
     assert summary["per_rank_batch_size"] == 32 and summary["steps"] == 3

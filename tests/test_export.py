@@ -170,7 +170,8 @@ def test_a_missing_teacher_still_exports_the_student(run_dir, tmp_path):
     report = export_run(run_dir, out, batch=2, onnx=False, zoo_root=tmp_path / "empty-zoo",
                         timing=QUICK)
     assert report["teacher"]["model"] == "resnet14" and "params" not in report["teacher"]
-    assert "no trained 'resnet14'" in report["teacher"]["missing"]
+    assert "resnet14" in report["teacher"]["missing"]
+    assert "not in the teacher zoo" in report["teacher"]["missing"]
     assert report["onnx"] is None
     # the stale ONNX file would not match these weights
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "student.safetensors"]

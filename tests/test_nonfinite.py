@@ -145,3 +145,62 @@ def test_non_finite_weights_behind_a_finite_loss_never_reach_a_checkpoint(
     ckpt = _state(run_dir)
     assert ckpt["state"]["global_step"] == 4 and _all_finite(ckpt["parts"]["student"].values())
     assert not (run_dir / "student.safetensors").exists()
+
+
+def test_skip_under_a_manual_step_drops_the_updates_and_counts_the_step(tmp_path, monkeypatch):
+    """DML (two peers, two optimizers, its own step): at step 3 every backward is NaN. With
+    skip, neither peer moves and their BN statistics are put back, the step is counted, the run
+    goes on and ends with finite weights."""
+    from distill.distillers.dml import DML
+
+    original = DML.training_step
+
+    def training_step(self, images, targets, ctx, step):
+        if ctx.step != 3:
+            return original(self, images, targets, ctx, step)
+        trainer_step = step
+
+        class NaNBackward:   # the step as the method sees it, with a NaN in every loss
+            optimizers = trainer_step.optimizers
+
+            def backward(self, loss):
+                trainer_step.backward(loss * float("nan"))
+
+            def step(self, name):
+                return trainer_step.step(name)
+
+        before = {r: {k: v.clone() for k, v in self.part(r).state_dict().items()}
+                  for r in self.peer_roles}
+        terms = original(self, images, targets, ctx, NaNBackward())
+        for role in self.peer_roles:   # weights and BN buffers exactly as before the step
+            after = self.part(role).state_dict()
+            assert all(torch.equal(before[role][k], after[k]) for k in after), role
+        return terms
+
+    monkeypatch.setattr(DML, "training_step", training_step)
+    summary = run(make_cfg(tmp_path, "dataset=fake", "dataset.train_size=128",
+                           "dataset.val_size=64", "distiller=dml", "student=resnet8",
+                           "trainer.epochs=2", "trainer.on_nonfinite=skip", "trainer.log_every=1"))
+    assert summary["steps"] == 8 and summary["skipped_steps"] == 1
+    assert _all_finite(load_file(str(tmp_path / "run" / "student.safetensors")).values())
+
+
+def test_a_manual_step_with_every_update_skipped_leaves_the_fp16_scaler_alone():
+    """GradScaler.update() raises when no scaler.step() ran since the last update: the manual
+    stepper says whether one did, and the trainer updates only then."""
+    from distill.engine.trainer import ManualStepper
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    stepper = ManualStepper({"main": optimizer}, scaler, skip_nonfinite=True,
+                            group_buffers={"main": []})
+    stepper.begin()
+    stepper.backward(model(torch.ones(1, 3)).sum() * float("nan"))
+    assert stepper.step("main") is False and stepper.skipped and not stepper.stepped
+    with pytest.raises(AssertionError, match="No inf checks"):
+        scaler.update()
+    stepper.begin()
+    stepper.backward(model(torch.ones(1, 3)).sum())
+    assert stepper.step("main") is True and stepper.stepped
+    scaler.update()

@@ -159,8 +159,13 @@ def test_the_zoo_keeps_every_version_and_the_best_is_current(tmp_path):
     for path in files:
         entry = zoo.find("d", "m", sha256=file_sha256(path))
         assert entry is not None and entry.weights.read_bytes() == path.read_bytes()
-    assert zoo.publish("d", "m", files[1], {"top1": 90.0})   # a better run of the same weights
-    assert zoo.find("d", "m").sha256 == file_sha256(files[1])
+    torch.manual_seed(7)
+    save_file({"x": torch.randn(3)}, str(tmp_path / "best.safetensors"))
+    assert zoo.publish("d", "m", tmp_path / "best.safetensors", {"top1": 90.0})
+    assert zoo.find("d", "m").sha256 == file_sha256(tmp_path / "best.safetensors")
+    assert zoo.find("d", "m").meta["top1"] == 90.0
+    assert zoo.publish("d", "m", tmp_path / "best.safetensors", {"top1": 90.0})   # again: no-op
+    assert len(zoo.versions("d", "m")) == 4
     assert [(d, m) for d, m, _ in zoo.list()] == [("d", "m")]
     assert not list((tmp_path / "zoo" / "d" / "m").glob(".staging-*"))
 

@@ -32,6 +32,20 @@ from distill.distillers import DISTILLERS, BuildInfo, StepContext, build_distill
 from distill.models import create_model, model_spec  # noqa: E402
 
 
+def method_options(method: str, teacher: str, student: str) -> dict:
+    """The method's options as a run of this pair gets them (its YAML, composed and resolved)."""
+    from hydra import compose, initialize_config_dir
+
+    from distill.validation import resolve_config
+
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"distiller={method}", f"teacher={teacher}",
+                                          f"student={student}"])
+    options = resolve_config(cfg)["distiller"]
+    options.pop("name")
+    return options
+
+
 def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, steps: int,
                          warmup: int, device: torch.device,
                          memory_format: torch.memory_format = torch.channels_last,
@@ -43,10 +57,11 @@ def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, st
     if cls.manual_step:
         raise SystemExit(f"{method}: the floor measures the default step; manual-step methods "
                          "have no single forward to time")
+    options = method_options(method, teacher, student)
     teachers = {r.role: create_model(r.arch, num_classes=100)
-                for r in cls.teacher_requests({}, {"name": teacher})}
+                for r in cls.teacher_requests(options, {"name": teacher})}
     distiller = build_distiller(method, create_model(student, num_classes=100), teachers,
-                                {}, info).to(device, memory_format=memory_format)
+                                options, info).to(device, memory_format=memory_format)
     for what, parts in (("teacher", distiller.frozen_parts()),
                         ("student", distiller.evaluated_parts())):
         if compile in (what, "both"):
@@ -172,7 +187,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="resnet56")
     parser.add_argument("--student", default="resnet20")
-    parser.add_argument("--methods", default="none,kd,dkd,fitnet,at,rkd")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated (default: every registered method with the "
+                             "default step)")
     parser.add_argument("--batches", default="64,128")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5)
@@ -186,6 +203,8 @@ def main() -> None:
     parser.add_argument("--against-torchdistill", action="store_true",
                         help="also time KD in torchdistill (pip install torchdistill==1.1.5)")
     args = parser.parse_args()
+    if args.methods is None:
+        args.methods = ",".join(m for m in DISTILLERS.list() if not DISTILLERS.get(m).manual_step)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if args.device == "auto" else args.device)
     if args.against_torchdistill:

@@ -9,7 +9,7 @@ Re-running it resumes: finished runs are not trained again (delete outputs/demo 
 """
 from __future__ import annotations
 
-import json
+import os
 import subprocess
 import sys
 import time
@@ -34,11 +34,15 @@ def main() -> int:
         return 1
     wall = time.perf_counter() - start
 
-    vanilla = json.loads((SWEEP_DIR / "none" / "summary.json").read_text())
-    kd = json.loads((SWEEP_DIR / "kd" / "summary.json").read_text())
-    teacher_meta = json.loads((REPO / "zoo" / "digits" / "resnet32" / "meta.json").read_text()) \
-        if (REPO / "zoo" / "digits" / "resnet32" / "meta.json").exists() else {}
     from distill.models import create_model
+    from distill.runs import read_run_dir
+    from distill.zoo import TeacherZoo
+
+    vanilla, kd = (read_run_dir(SWEEP_DIR / name).summary for name in ("none", "kd"))
+    zoo_root = Path(os.environ.get("DISTILL_ZOO", REPO / "zoo"))
+    # the version this KD run used (the zoo may hold newer ones)
+    teacher = TeacherZoo(zoo_root).find("digits", "resnet32", sha256=kd["teachers"][0]["sha256"])
+    teacher_meta = teacher.meta if teacher is not None else {}
 
     teacher_params = sum(p.numel() for p in create_model("resnet32", num_classes=10).parameters())
 
@@ -55,7 +59,7 @@ def main() -> int:
     console.print(table)
     console.print(f"KD - vanilla (last top-1): {kd['last_top1'] - vanilla['last_top1']:+.2f} points; "
                   f"wall time {wall:.0f} s. Runs: {SWEEP_DIR}/none, {SWEEP_DIR}/kd; "
-                  f"teacher: zoo/digits/resnet32")
+                  f"teacher: {teacher.weights if teacher is not None else 'not in the zoo'}")
     return 0
 
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, unknown_name_error
 from distill.features import FeatureHooks, feature_shapes
 from distill.models import ModelSpec
 from distill.registry import Registry
@@ -97,6 +97,7 @@ class Part:
     optimizer: str | None      # trained parts: the optimizer that updates them
     evaluated: bool            # evaluated every epoch (frozen parts: once, at the start)
     arch: str | None = None    # registry name, when the part is a registered model
+    key: str | None = None     # the config key that chose it, named in errors about it
 
 
 class ManualStep(Protocol):
@@ -145,9 +146,10 @@ class Distiller(nn.Module):
         model.eval()
 
     def add_trained(self, role: str, module: nn.Module, *, optimizer: str = "main",
-                    evaluated: bool = False, arch: str | None = None) -> None:
+                    evaluated: bool = False, arch: str | None = None,
+                    key: str | None = None) -> None:
         self._declare(role, module, Part(role, frozen=False, optimizer=optimizer,
-                                         evaluated=evaluated, arch=arch))
+                                         evaluated=evaluated, arch=arch, key=key))
 
     def _declare(self, role: str, module: nn.Module, part: Part) -> None:
         if role in self.parts:
@@ -161,7 +163,11 @@ class Distiller(nn.Module):
 
     def check_declared(self) -> None:
         """Every module with parameters or buffers must be a declared part: an undeclared one
-        would silently neither train nor be saved."""
+        would silently neither train nor be saved. The exported part is trained and evaluated."""
+        exported = self.parts.get(self.exported_role)
+        if exported is None or exported.frozen or not exported.evaluated:
+            raise TypeError(f"{type(self).__name__}.exported_role '{self.exported_role}' must name "
+                            f"a part declared with add_trained(..., evaluated=True)")
         for name, child in self.named_children():
             if name not in self.parts and (any(True for _ in child.parameters())
                                            or any(True for _ in child.buffers())):
@@ -297,6 +303,20 @@ def require(options: dict, **rules: str) -> None:
                               allowed=allowed)
 
 
+def require_models(options: dict, option: str, *, at_least: int, allowed: str) -> list[str]:
+    """The option `option` as a list of at least `at_least` registered model names, or a
+    ConfigError naming `distiller.<option>` (close matches for a misspelt name)."""
+    from distill.models import list_models
+
+    names = options.get(option)
+    if not isinstance(names, (list, tuple)) or len(names) < at_least:
+        raise ConfigError(f"invalid value {names!r}", key=f"distiller.{option}", allowed=allowed)
+    for name in names:
+        if name not in list_models():
+            raise unknown_name_error("model", name, list_models(), key=f"distiller.{option}")
+    return list(names)
+
+
 _RULES = {">0": (lambda v: v > 0, "a positive number"),
           ">=0": (lambda v: v >= 0, "zero or positive"),
           "[0,1]": (lambda v: 0 <= v <= 1, "a number in [0, 1]")}
@@ -384,8 +404,11 @@ def build_distiller(name: str, student: nn.Module,
     fixed: dict[str, Any] = {"student": student}
     if "teacher_models" in params:
         fixed["teacher_models"] = teachers
+    elif len(teachers) > 1:
+        raise ConfigError(f"distiller '{name}' takes one teacher, not {len(teachers)} "
+                          f"({', '.join(teachers)})", key="distiller")
     if "teacher" in params:
-        fixed["teacher"] = next(iter(teachers.values()), None) if len(teachers) <= 1 else None
+        fixed["teacher"] = next(iter(teachers.values()), None)
     if "info" in params:
         fixed["info"] = info or BuildInfo()
     distiller = DISTILLERS.build_from_config(name, options, key="distiller", **fixed)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distill.distillers.base import DISTILLERS, BuildInfo, Distiller, require
-from distill.errors import ConfigError, unknown_name_error
+from distill.distillers.base import DISTILLERS, BuildInfo, Distiller, require, require_models
+from distill.errors import ConfigError
 from distill.losses import kd_loss
-from distill.models import create_model, list_models
+from distill.models import create_model
 
 
 @DISTILLERS.register("dml")
@@ -39,20 +39,16 @@ class DML(Distiller):
         models = [student] + [create_model(name, num_classes=info.num_classes) for name in peers[1:]]
         self.peer_roles = [f"peer{i}" for i in range(len(peers))]
         for role, name, model in zip(self.peer_roles, peers, models):
-            self.add_trained(role, model, optimizer=role, evaluated=True, arch=name)
+            self.add_trained(role, model, optimizer=role, evaluated=True, arch=name,
+                             key="distiller.peers")
         self.ce_weight, self.kl_weight = ce_weight, kl_weight
 
     @classmethod
     def check_values(cls, options):
         require(options, ce_weight=">=0", kl_weight=">=0")
-        peers = options.get("peers")
-        if not isinstance(peers, list) or len(peers) < 2:
-            raise ConfigError(f"invalid value {peers!r}", key="distiller.peers",
-                              allowed="a list of two or more model names, the student first, "
-                                      "e.g. distiller.peers=[resnet8,resnet8]")
-        for name in peers:
-            if name not in list_models():
-                raise unknown_name_error("model", name, list_models(), key="distiller.peers")
+        require_models(options, "peers", at_least=2,
+                       allowed="a list of two or more model names, the student first, e.g. "
+                               "distiller.peers=[resnet8,resnet8]")
 
     def training_step(self, images, targets, ctx, step):
         peers = [self.part(role) for role in self.peer_roles]

@@ -6,18 +6,14 @@ as for single-teacher KD. Each teacher is found like the run's teacher (its
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
-from distill.distillers.base import DISTILLERS, Distiller, TeacherRequest, require
-from distill.errors import ConfigError, unknown_name_error
+from distill.distillers.base import (
+    DISTILLERS, Distiller, TeacherRequest, require, require_models)
+from distill.errors import ConfigError
 from distill.losses import ENSEMBLE_MODES, ensemble_log_probs, soft_target_loss
 from distill.losses.ensemble import ensemble_weights
-from distill.models import list_models
-
-log = logging.getLogger("distill")
 
 
 @DISTILLERS.register("multi_teacher")
@@ -38,14 +34,9 @@ class MultiTeacher(Distiller):
     @classmethod
     def check_values(cls, options):
         require(options, temperature=">0", ce_weight=">=0", kd_weight=">=0")
-        teachers = options.get("teachers")
-        if not teachers or isinstance(teachers, str):
-            raise ConfigError(f"invalid value {teachers!r}", key="distiller.teachers",
-                              allowed="a non-empty list of model names, e.g. "
-                                      "distiller.teachers=[resnet56,resnet110]")
-        for name in teachers:
-            if name not in list_models():
-                raise unknown_name_error("model", name, list_models(), key="distiller.teachers")
+        teachers = require_models(options, "teachers", at_least=1,
+                                  allowed="a non-empty list of model names, e.g. "
+                                          "distiller.teachers=[resnet56,resnet110]")
         checkpoints = options.get("teacher_checkpoints")
         if checkpoints is not None and len(checkpoints) != len(teachers):
             raise ConfigError(f"{len(checkpoints)} checkpoints for {len(teachers)} teachers",

@@ -9,12 +9,11 @@ the student is then KD from the last assistant.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 
-from distill.distillers.base import DISTILLERS, TeacherRequest
+from distill.distillers.base import DISTILLERS, TeacherRequest, require_models
 from distill.distillers.kd import KD
-from distill.errors import ConfigError, unknown_name_error
-from distill.models import list_models
 
 KD_OPTIONS = ("ce_weight", "kd_weight", "temperature")   # each link is KD with these
 
@@ -29,20 +28,15 @@ class TAKD(KD):
     @classmethod
     def check_values(cls, options):
         super().check_values(options)
-        assistants = options.get("assistants")
-        if not assistants or isinstance(assistants, str):
-            raise ConfigError(f"invalid value {assistants!r}", key="distiller.assistants",
-                              allowed="a non-empty list of model names, teacher side first, "
-                                      "e.g. distiller.assistants=[resnet32]")
-        for name in assistants:
-            if name not in list_models():
-                raise unknown_name_error("model", name, list_models(), key="distiller.assistants")
+        require_models(options, "assistants", at_least=1,
+                       allowed="a non-empty list of model names, teacher side first, e.g. "
+                               "distiller.assistants=[resnet32]")
 
     @classmethod
     def teacher_requests(cls, options, teacher):
         (link,) = super().teacher_requests(options, teacher)
-        defaults = {"ce_weight": 0.1, "kd_weight": 0.9, "temperature": 4.0}
-        kd = {k: options.get(k, defaults[k]) for k in KD_OPTIONS}
+        defaults = inspect.signature(cls.__init__).parameters   # one place for the defaults
+        kd = {k: options.get(k, defaults[k].default) for k in KD_OPTIONS}
         for arch in options["assistants"]:
             link = TeacherRequest("teacher", arch, key="distiller.assistants",
                                   distilled_from=replace(link, role="parent"), distill_options=kd)

@@ -111,9 +111,10 @@ class ManualStepper:
         self._saved: dict[str, list[torch.Tensor]] = {}
         self._loss: torch.Tensor | None = None
         self.skipped = False
+        self.stepped = False   # GradScaler.update() needs a scaler.step() before it
 
     def begin(self) -> None:
-        self.skipped, self._loss = False, None
+        self.skipped, self.stepped, self._loss = False, False, None
         if self._skip_nonfinite:
             self._saved = {g: [b.clone() for b in bufs] for g, bufs in self._group_buffers.items()}
 
@@ -133,17 +134,29 @@ class ManualStepper:
             return False
         average_gradients(optimizer)
         self._scaler.step(optimizer)
+        self.stepped = True
         optimizer.zero_grad(set_to_none=True)
         return True
 
 
 def average_gradients(optimizer: torch.optim.Optimizer) -> None:
-    """Mean of each gradient over the ranks, in one all-reduce (what DDP does on backward)."""
+    """Mean of each gradient over the ranks (what DDP does on backward). A parameter that got a
+    gradient on some ranks only (a data-dependent branch) gets zeros on the others, as under
+    DDP, so every rank reduces tensors of the same sizes; one that got none anywhere keeps
+    None. Two all-reduces: which parameters have gradients, then the gradients."""
     world = dist_utils.world_size()
     if world == 1:
         return
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"]
-             if p.grad is not None]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not params:
+        return
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
+                            device=params[0].device)
+    dist_utils.all_reduce_sum(has_grad)
+    for p, anywhere in zip(params, has_grad.tolist()):
+        if anywhere and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params if p.grad is not None]
     if grads:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist_utils.all_reduce_sum(flat)
@@ -335,8 +348,7 @@ class Trainer:
             self.state.teachers_top1[role] = metrics["top1"]
             if self.state.teacher_top1 is None:
                 self.state.teacher_top1 = metrics["top1"]
-            label = "teacher" if role == "teacher" else f"teacher {role}"
-            log.info("%s top-1 %.2f%% (top-5 %.2f%%)", label, metrics["top1"], metrics["top5"])
+            log.info("%s top-1 %.2f%% (top-5 %.2f%%)", role, metrics["top1"], metrics["top5"])
             prefix = "teacher" if role == "teacher" else f"teacher/{role}"
             self.trackers.log({f"{prefix}/top1": metrics["top1"], f"{prefix}/top5": metrics["top5"]},
                               step=self.state.global_step, event="teacher")
@@ -352,13 +364,13 @@ class Trainer:
         window = StepWindow(self.opt.on_nonfinite, self.checkpointer.last_good)
         applied = images_seen = window_images = 0
         epoch_start = window_start = time.perf_counter()
-        first_lr = next(iter(self.optimizers.values()))
+        first_optimizer = next(iter(self.optimizers.values()))
         for images, targets in self.loaders.train:
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
             ctx = StepContext(epoch=epoch, step=self.state.global_step, epochs=self.opt.epochs,
                               steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps())
-            lr = first_lr.param_groups[0]["lr"]   # the lr this step uses
+            lr = first_optimizer.param_groups[0]["lr"]   # the lr this step uses
             if self.stepper is not None:
                 losses, skipped = self._manual_step(images, targets, ctx)
             else:
@@ -435,7 +447,8 @@ class Trainer:
         self.stepper.begin()
         with self.autocast() if self.autocast else contextlib.nullcontext():
             losses = self.distiller.training_step(images, targets, ctx, self.stepper)
-        self.scaler.update()
+        if self.stepper.stepped:
+            self.scaler.update()
         return losses, self.stepper.skipped
 
     def _end_epoch(self, epoch: int, epoch_terms: dict[str, float]) -> None:

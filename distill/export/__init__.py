@@ -8,7 +8,9 @@ torch) and `export.json` (params, FLOPs, CPU latency, test top-1 and file sizes 
 teacher). Everything is written into a staging folder first and moved into place only when
 all of it succeeded, so a failed export never leaves a half-written file behind.
 
-The teacher is found the way training found it (`teacher.checkpoint`, else the zoo); when it
+The teacher is the one training used, found by the sha256 the run recorded (a zoo version, or
+`teacher.checkpoint` if it still holds those weights; for TAKD, the root of the assistant chain,
+by the digests the zoo's links record), never a newer zoo version and never trained; when it
 cannot be found the student is still exported and the teacher's numbers say why they are missing.
 A vanilla run (distiller=none) has no teacher: its numbers say "vanilla run: no teacher".
 """

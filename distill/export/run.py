@@ -123,12 +123,15 @@ def find_teacher(run: TrainedRun, zoo_root: str | Path | None = None) -> FoundTe
     if not requests:
         return FoundTeacher(None, None, None, None, missing=VANILLA_NO_TEACHER if method == "none"
                             else f"{method} run: no teacher")
-    request = requests[0]
-    while request.distilled_from is not None:
-        request = request.distilled_from
-    recorded = {t.get("role"): t for t in run.summary.get("teachers") or [] if isinstance(t, dict)}
-    pinned = recorded.get(request.role, {}).get("sha256") if request is requests[0] else None
     zoo = TeacherZoo(zoo_root or cfg.get("zoo", {}).get("root", "zoo"))
+    recorded = {t.get("role"): t for t in run.summary.get("teachers") or [] if isinstance(t, dict)}
+    request = requests[0]
+    pinned = recorded.get(request.role, {}).get("sha256")
+    # up a distilled chain: each zoo link records the digest of the teacher it was made from
+    while request.distilled_from is not None:
+        link = zoo.find_digest(cfg["dataset"]["name"], pinned) if pinned else None
+        pinned = link.meta.get("teacher_sha256") if link is not None else None
+        request = request.distilled_from
     lookup = OmegaConf.create({**cfg, "teacher": teacher})
     resolver = TeacherResolver(lookup, cfg["dataset"], run.num_classes, zoo, [], train=None)
     try:
@@ -136,16 +139,16 @@ def find_teacher(run: TrainedRun, zoo_root: str | Path | None = None) -> FoundTe
     except (ConfigError, OSError) as exc:   # OSError: pretrained weights not downloadable
         reason = exc.message if isinstance(exc, ConfigError) else str(exc)
         return FoundTeacher(None, request.arch, None, None, missing=reason.splitlines()[0])
-    top1 = recorded.get(request.role, {}).get("top1") if pinned else None
     return FoundTeacher(found.model.eval(), request.arch, found.weights,
-                        top1 if top1 is not None else teacher_top1(run, zoo, request.arch,
-                                                                    request is requests[0]))
+                        teacher_top1(run, zoo, found.sha256, request is requests[0]))
 
 
-def teacher_top1(run: TrainedRun, zoo: TeacherZoo, name: str, used: bool) -> float | None:
-    """summary.json's teacher_top1 when that teacher is the one `used` in training (measured by
-    the run on its test split); else (TAKD's root teacher) the zoo's record of it."""
-    if run.summary.get("teacher_top1") is not None and used:
-        return run.summary["teacher_top1"]
-    entry = zoo.find(run.config["dataset"]["name"], name)
-    return entry.meta.get("top1") if entry and not run.config["teacher"].get("checkpoint") else None
+def teacher_top1(run: TrainedRun, zoo: TeacherZoo, sha256: str, used: bool) -> float | None:
+    """The run's own measurement when that teacher is the one `used` in training (its test
+    split); else (TAKD's root teacher) the zoo's record of the version with that digest."""
+    if used:
+        recorded = [t.get("top1") for t in run.summary.get("teachers") or []
+                    if isinstance(t, dict) and t.get("sha256") == sha256]
+        return recorded[0] if recorded else run.summary.get("teacher_top1")
+    entry = zoo.find_digest(run.config["dataset"]["name"], sha256)
+    return entry.meta.get("top1") if entry is not None else None
