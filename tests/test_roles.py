@@ -256,3 +256,35 @@ def test_a_teacher_trained_on_the_way_leaves_the_callers_random_state_alone(tmp_
     assert torch.equal(after[0], torch.rand(3)) and (after[1] == np.random.rand(3)).all()
     assert after[2] == random.random()
     assert TeacherZoo(tmp_path / "zoo").find("fake", "resnet8") is not None
+
+
+def test_what_a_method_may_need_reaches_it(tmp_path, monkeypatch):
+    """The dataset's normalisation and pixel range at build time, the schedule's length at every
+    step, and gradients through a frozen teacher with respect to its input, on request."""
+    from distill.distillers import BuildInfo
+    from distill.distillers.kd import KD
+
+    info = BuildInfo(mean=(0.5, 0.25, 0.0), std=(0.25, 0.5, 1.0))
+    assert info.pixel_range == ((-2.0, -0.5, 0.0), (2.0, 1.5, 1.0))
+
+    seen = []
+    forward = KD.forward
+
+    def recording(self, images, targets, ctx):
+        seen.append((ctx.step, ctx.steps_per_epoch, ctx.total_steps))
+        return forward(self, images, targets, ctx)
+
+    monkeypatch.setattr(KD, "forward", recording)
+    summary = run(_kd(tmp_path, f"teacher.checkpoint={fixed_teacher(tmp_path)}",
+                      "trainer.max_steps=6"))
+    assert seen == [(step, 4, 6) for step in range(6)] and summary["steps"] == 6
+
+    from distill.distillers import build_distiller
+
+    teacher = create_model("resnet8", num_classes=10)
+    distiller = build_distiller("kd", create_model("resnet8", num_classes=10), teacher, {})
+    images = torch.randn(2, 3, 32, 32, requires_grad=True)
+    assert not distiller.frozen_forward("teacher", images).requires_grad
+    distiller.frozen_forward("teacher", images, input_grad=True).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
