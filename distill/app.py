@@ -116,6 +116,12 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     resolver = TeacherResolver(cfg, dataset, data.num_classes, TeacherZoo(cfg.zoo.root),
                                overrides, train=run)
     teachers = [resolver.resolve(r, pinned.get(r.role)) for r in requests]
+    digests = [t.sha256 for t in teachers]
+    for i, teacher in enumerate(teachers):
+        if teacher.sha256 in digests[:i]:
+            log.warning("%s and %s are the same weights (sha256 %s): they teach as one",
+                        teachers[digests.index(teacher.sha256)].role, teacher.role,
+                        teacher.sha256[:16])
     # the teachers' runs left the random state as it was; the student starts from the seed
     seed_everything(cfg.seed)
     student = create_model(cfg.student.name, num_classes=data.num_classes,
