@@ -31,8 +31,6 @@ from distill.zoo import TeacherZoo
 
 log = logging.getLogger("distill")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
 
 
 def seed_everything(seed: int) -> None:

@@ -13,7 +13,8 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from distill.app import CONFIG_DIR, resolve_device, run
+from distill.app import resolve_device, run
+from distill.config import CONFIG_DIR
 from distill.engine import distributed as dist_utils
 from distill.engine.preemption import EXIT_PREEMPTED, Preempted
 from distill.errors import ConfigError

@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from distill.models import list_models
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"   # the checkout's Hydra configs
 
 
 @dataclass

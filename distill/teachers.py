@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distill.config import OptimizerConfig, SchedulerConfig
+from distill.config import CONFIG_DIR, OptimizerConfig, SchedulerConfig
 from distill.distillers.base import TeacherRequest
 from distill.engine import distributed as dist_utils
 from distill.engine.checkpoint import load_weights, preserved_rng
@@ -36,7 +36,6 @@ from distill.zoo import TeacherZoo, ZooEntry, file_sha256
 
 log = logging.getLogger("distill")
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 Train = Callable[..., dict[str, Any]]   # distill.app.run
 # Command-line overrides that carry over to the run that trains a missing teacher; the recipe
 # and early-stop keys do not: a teacher is trained to the end with its dataset's recipe.

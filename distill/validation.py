@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from distill.config import check_known_keys
+from distill.config import CONFIG_DIR, check_known_keys
 from distill.distillers import DISTILLERS
 from distill.distillers.base import FIXED_ARGUMENTS, RUN_FEATURES, refused_features
 from distill.engine import distributed as dist_utils
@@ -46,6 +46,20 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("CUDA was asked for but this machine has no usable GPU", key="device",
                           allowed="auto, cpu")
     return device
+
+
+def method_options(method: str, teacher: str, student: str, *overrides: str) -> dict:
+    """A method's options as a run of this pair gets them: its YAML composed with Hydra (no
+    experiment file, so no per-pair `tuned` values) and resolved, without `name`. What tools and
+    tests build a distiller with outside a run."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"distiller={method}", f"teacher={teacher}",
+                                          f"student={student}", *overrides])
+    options = resolve_config(cfg)["distiller"]
+    options.pop("name")
+    return options
 
 
 def compile_backends() -> list[str]:

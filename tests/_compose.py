@@ -24,13 +24,6 @@ def make_cfg(tmp_path: Path, *overrides: str, run: str = "run"):
 
 def method_options(method: str, teacher: str = "resnet14", student: str = "resnet8",
                    *overrides: str) -> dict:
-    """A method's options as a run gets them: its YAML composed for this pair and resolved,
-    without `name`. What unit tests build a distiller with, for any registered method."""
-    from distill.validation import resolve_config
+    from distill.validation import method_options as composed
 
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"distiller={method}", f"teacher={teacher}",
-                                          f"student={student}", *overrides])
-    options = resolve_config(cfg)["distiller"]
-    options.pop("name")
-    return options
+    return composed(method, teacher, student, *overrides)

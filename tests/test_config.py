@@ -357,3 +357,14 @@ def test_digits_benchmark_runs_every_registered_method():
     assert takd["distiller"]["assistants"] == ["resnet14"]
     assert resolved("distiller=takd")["distiller"]["assistants"] == ["resnet32"]
     assert "assistants" not in resolved("benchmark=digits", "distiller=kd")["distiller"]
+
+
+def test_dml_experiment_is_the_papers_cifar100_setting():
+    out = resolved("experiment=dml_cifar100")
+    assert out["distiller"]["name"] == "dml" and out["distiller"]["peers"] == ["resnet32"] * 2
+    assert (out["trainer"]["epochs"], out["trainer"]["batch_size"]) == (200, 64)
+    assert out["optimizer"]["lr"] == pytest.approx(0.1) and out["optimizer"]["nesterov"] is True
+    assert out["optimizer"]["momentum"] == pytest.approx(0.9)
+    assert out["scheduler"]["milestones"] == [60, 120, 180]
+    baseline = resolved("experiment=dml_cifar100", "distiller=none")
+    assert baseline["student"]["name"] == "resnet32" and baseline["trainer"]["epochs"] == 200

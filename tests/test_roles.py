@@ -288,3 +288,24 @@ def test_what_a_method_may_need_reaches_it(tmp_path, monkeypatch):
     distiller.frozen_forward("teacher", images, input_grad=True).sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_multi_teacher_resumes_bit_exactly(tmp_path):
+    """Two fixed teachers from weights files: a run stopped mid-epoch by trainer.max_steps and
+    resumed ends with the weights of an uninterrupted one, and records both teachers."""
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        path = tmp_path / f"t{seed}.safetensors"
+        save_file(create_model("resnet8", num_classes=10).state_dict(), str(path))
+        paths.append(str(path))
+    base = [*BASE, "distiller=multi_teacher", "distiller.teachers=[resnet8,resnet14]",
+            f"distiller.teacher_checkpoints=[{paths[0]},{fixed_teacher(tmp_path)}]"]
+    straight = run(make_cfg(tmp_path, *base, run="straight"))
+    run(make_cfg(tmp_path, *base, "trainer.max_steps=3", run="resumed"))
+    resumed = run(make_cfg(tmp_path, *base, run="resumed"))
+    a, b = (load_file(str(tmp_path / r / "student.safetensors")) for r in ("straight", "resumed"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert [t["name"] for t in resumed["teachers"]] == ["resnet8", "resnet14"]
+    assert resumed["teachers"] == straight["teachers"]
+    assert resumed["teachers"][1]["sha256"] == file_sha256(fixed_teacher(tmp_path))

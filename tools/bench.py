@@ -30,20 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from distill.distillers import DISTILLERS, BuildInfo, StepContext, build_distiller  # noqa: E402
 from distill.models import create_model, model_spec  # noqa: E402
-
-
-def method_options(method: str, teacher: str, student: str) -> dict:
-    """The method's options as a run of this pair gets them (its YAML, composed and resolved)."""
-    from hydra import compose, initialize_config_dir
-
-    from distill.validation import resolve_config
-
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"distiller={method}", f"teacher={teacher}",
-                                          f"student={student}"])
-    options = resolve_config(cfg)["distiller"]
-    options.pop("name")
-    return options
+from distill.validation import method_options  # noqa: E402
 
 
 def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, steps: int,

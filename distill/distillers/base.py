@@ -21,7 +21,7 @@ from torch import nn
 
 from distill.errors import ConfigError, unknown_name_error
 from distill.features import FeatureHooks, feature_shapes
-from distill.models import ModelSpec
+from distill.models import ModelSpec, list_models
 from distill.registry import Registry
 
 DISTILLERS = Registry("distiller")
@@ -306,8 +306,6 @@ def require(options: dict, **rules: str) -> None:
 def require_models(options: dict, option: str, *, at_least: int, allowed: str) -> list[str]:
     """The option `option` as a list of at least `at_least` registered model names, or a
     ConfigError naming `distiller.<option>` (close matches for a misspelt name)."""
-    from distill.models import list_models
-
     names = options.get(option)
     if not isinstance(names, (list, tuple)) or len(names) < at_least:
         raise ConfigError(f"invalid value {names!r}", key=f"distiller.{option}", allowed=allowed)

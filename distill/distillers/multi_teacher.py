@@ -3,6 +3,9 @@ distribution made from every teacher's softmax at temperature T, their weighted 
 (default) or geometric mean (`mode`), by `distill.losses.ensemble_probs`. CE 0.1 + KD 0.9 at T=4
 as for single-teacher KD. Each teacher is found like the run's teacher (its
 `teacher_checkpoints` entry, else the zoo, else trained now with `teacher.auto_train`).
+There is no reference code to follow (mdistiller, RepDistiller and torchdistill have no
+multi-teacher KD) and no published CIFAR-100 number: this is the paper's sentence, with the
+single-teacher KD loss of the reference code (KL in log space, T^2) against the ensemble.
 """
 from __future__ import annotations
 

@@ -1,23 +1,22 @@
 """Checkpoints and weight files.
 
-- Training state (format 2) holds every trained part by role and every optimizer and schedule
-  by name (docs/engine-roles.md); a format-1 checkpoint (one student, its connectors, one
-  optimizer), written before the roles, is read as format 2 (`upgrade_format_1`).
-
 - Weights (student, teachers in the zoo) are safetensors: loading them cannot run code.
 - Training state (`checkpoints/last.pt`) holds only tensors and plain Python values, so it loads
   with `torch.load(weights_only=True)`: a pickle that would run code is refused, never executed.
   It is written to a temporary file and renamed into place; the previous one is kept as
   `prev.pt`, so a crash mid-write never loses the run, and a `last.pt` damaged later (truncated,
   overwritten) makes resume fall back to `prev.pt` with a warning naming the bad file.
+- Training state (format 2) holds every trained part by role and every optimizer and schedule
+  by name (docs/engine-roles.md); a format-1 checkpoint (one student, its connectors, one
+  optimizer), written before the roles, is read as format 2 (`upgrade_format_1`).
 - Only a checkpoint resume would take is ever demoted to `prev.pt`: a `last.pt` that resume
   skipped is renamed `last.pt.unreadable` by the next save instead, so the good `prev.pt` the
   run resumed from survives until a good `last.pt` replaces it.
 """
 from __future__ import annotations
 
-import logging
 import contextlib
+import logging
 import os
 import random
 import zipfile
@@ -169,7 +168,7 @@ def upgrade_format_1(ckpt: dict) -> dict:
     rest = {k: v for k, v in ckpt.items()
             if k not in ("student", "connectors", "optimizer", "scheduler", "state")}
     return {**rest, "format": FORMAT, "parts": parts, "optimizers": {"main": ckpt["optimizer"]},
-            "schedulers": {"main": ckpt["scheduler"]}, "state": state, "upgraded_from": 1}
+            "schedulers": {"main": ckpt["scheduler"]}, "state": state}
 
 
 def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:

@@ -143,7 +143,8 @@ def average_gradients(optimizer: torch.optim.Optimizer) -> None:
     """Mean of each gradient over the ranks (what DDP does on backward). A parameter that got a
     gradient on some ranks only (a data-dependent branch) gets zeros on the others, as under
     DDP, so every rank reduces tensors of the same sizes; one that got none anywhere keeps
-    None. Two all-reduces: which parameters have gradients, then the gradients."""
+    None. Two all-reduces (which parameters have gradients, then the gradients) and one host
+    sync for the first, per optimizer step and only under DDP."""
     world = dist_utils.world_size()
     if world == 1:
         return

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from distill.config import flatten, schema_defaults
+from distill.config import CONFIG_DIR, flatten, schema_defaults
 from distill.errors import ConfigError
 from distill.report.runs import Run
 from distill.runs import NAME_KEYS
@@ -41,7 +41,6 @@ IGNORED_KEYS = (
 )
 VANILLA = "none"
 METRICS = ("best", "last")
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # not a config key: the teachers' weights digests summary.json records, so runs distilled from
 # different weights (a teacher retrained, another zoo version) never share a row
 TEACHER_DIGESTS = "teacher.sha256"
