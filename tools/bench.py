@@ -28,8 +28,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from distill import cli_args  # noqa: E402
 from distill.distillers import DISTILLERS, BuildInfo, StepContext, build_distiller  # noqa: E402
-from distill.models import create_model, model_spec  # noqa: E402
+from distill.engine.loaders import DATA_PATHS as LOADER_PATHS  # noqa: E402
+from distill.engine.trainer import COMPILE_CHOICES  # noqa: E402
+from distill.errors import ConfigError  # noqa: E402
+from distill.models import create_model, list_models, model_spec  # noqa: E402
 from distill.validation import method_options  # noqa: E402
 
 
@@ -170,49 +174,115 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teacher", default="resnet56")
-    parser.add_argument("--student", default="resnet20")
+DATA_PATHS = [p for p in LOADER_PATHS if p != "auto"]   # "auto" would be one of these
+
+
+def default_step_method(method: str) -> None:
+    if DISTILLERS.get(method).manual_step:
+        raise ConfigError(f"{method} takes over the training step: the floor has no single "
+                          "forward to time", key="--methods",
+                          allowed=", ".join(default_step_methods()))
+
+
+def default_step_methods() -> list[str]:
+    return [m for m in DISTILLERS.list() if not DISTILLERS.get(m).manual_step]
+
+
+def data_paths(text: str) -> list[str]:
+    """Comma-separated trainer data paths; `both` is memory,loader."""
+    names = cli_args.registered_list("data path", lambda: [*DATA_PATHS, "both"])(text)
+    paths = [p for name in names for p in (DATA_PATHS if name == "both" else [name])]
+    if len(set(paths)) < len(paths):
+        raise cli_args.Refusal(f"{text!r} names a data path twice (both = memory,loader)")
+    return paths
+
+
+OUT_SUFFIXES = (".md", ".markdown", ".txt")
+
+
+def build_parser() -> cli_args.ArgumentParser:
+    parser = cli_args.ArgumentParser(description=__doc__.split("\n\n")[0])
+    model = cli_args.registered("model", list_models)
+    parser.add_argument("--teacher", default="resnet56", type=model)
+    parser.add_argument("--student", default="resnet20", type=model)
     parser.add_argument("--methods", default=None,
+                        type=cli_args.registered_list("method", DISTILLERS.list,
+                                                      default_step_method),
                         help="comma-separated (default: every registered method with the "
                              "default step)")
-    parser.add_argument("--batches", default="64,128")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--data-paths", default="memory",
-                        help="trainer data paths to measure: memory, loader or both")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--compile", default="none", choices=("none", "teacher", "student", "both"),
+    parser.add_argument("--batches", default="64,128", type=cli_args.positive_int_list,
+                        help="comma-separated batch sizes (default 64,128)")
+    parser.add_argument("--steps", type=cli_args.positive_int, default=20,
+                        help="timed steps per measurement")
+    parser.add_argument("--warmup", type=cli_args.positive_int, default=5,
+                        help="untimed steps before them (also the trainer's logging window)")
+    parser.add_argument("--repeats", type=cli_args.positive_int, default=3,
+                        help="measurements per figure (the median is reported)")
+    parser.add_argument("--data-paths", default="memory", type=data_paths,
+                        help="trainer data paths to measure, comma-separated: memory, loader; "
+                             "both = memory,loader")
+    parser.add_argument("--device", default="auto", type=cli_args.device,
+                        help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--compile", default="none", choices=COMPILE_CHOICES,
                         help="torch.compile in both measurements (warm-up steps absorb the compile)")
-    parser.add_argument("--out", type=Path, help="write the markdown table here")
+    parser.add_argument("--out", type=cli_args.output_file(OUT_SUFFIXES),
+                        help="write the markdown table here (.md, .markdown or .txt)")
     parser.add_argument("--against-torchdistill", action="store_true",
                         help="also time KD in torchdistill (pip install torchdistill==1.1.5)")
-    args = parser.parse_args()
+    return parser
+
+
+def validate(args: argparse.Namespace) -> None:
     if args.methods is None:
-        args.methods = ",".join(m for m in DISTILLERS.list() if not DISTILLERS.get(m).manual_step)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if args.device == "auto" else args.device)
+        args.methods = default_step_methods()
     if args.against_torchdistill:
+        if "kd" not in args.methods:
+            raise ConfigError("it times KD only; add kd to --methods",
+                              key="--against-torchdistill")
         try:
             import torchdistill  # noqa: F401
         except ImportError:
-            sys.exit("error: --against-torchdistill: torchdistill is not installed "
-                     "(pip install torchdistill==1.1.5)")
+            raise ConfigError("torchdistill is not installed (pip install torchdistill==1.1.5)",
+                              key="--against-torchdistill") from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Every flag converted and checked; a bad one exits 2 with one error screen."""
+    return build_parser().parse_checked(argv, validate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:   # a refused flag (its error is printed) or --help
+        return exc.code
+    try:
+        table = measure_all(args, argv)
+    except ConfigError as exc:   # e.g. a method that cannot run with this teacher and student
+        return cli_args.error(exc.render())   # nothing was written
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+    return 0
+
+
+def measure_all(args: argparse.Namespace, argv: list[str]) -> str:
+    """Every measurement; the markdown table."""
     import logging
     logging.getLogger("distill").setLevel(logging.WARNING)
 
-    rows = []
+    device, rows = args.device, []
     with tempfile.TemporaryDirectory() as tmp:
-        for method in args.methods.split(","):
-            for batch in map(int, args.batches.split(",")):
-                floors, trainers = [], {p: [] for p in args.data_paths.split(",")}
+        for method in args.methods:
+            for batch in args.batches:
+                floors, trainers = [], {p: [] for p in args.data_paths}
                 for _ in range(args.repeats):
                     floors.append(floor_images_per_sec(method, args.teacher, args.student, batch,
                                                        args.steps, args.warmup, device,
                                                        compile=args.compile))
-                    for path in args.data_paths.split(","):
+                    for path in args.data_paths:
                         trainers[path].append(trainer_images_per_sec(
                             method, args.teacher, args.student, batch, args.steps, args.warmup,
                             Path(tmp), path, str(device), args.compile))
@@ -227,7 +297,7 @@ def main() -> None:
                 print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in row.items()), flush=True)
 
-    paths = list(args.data_paths.split(","))
+    paths = list(args.data_paths)
     if args.against_torchdistill:
         paths.append("torchdistill")
     header = ("| method | batch | floor img/s | "
@@ -236,19 +306,15 @@ def main() -> None:
              f"{device.type}; {machine()}; torch.compile: {args.compile}; "
              f"median of {args.repeats} interleaved runs of "
              f"{args.steps} steps after {args.warmup} warm-up steps.", "",
-             "```", "python tools/bench.py " + " ".join(sys.argv[1:]), "```", "",
+             "```", "python tools/bench.py " + " ".join(argv), "```", "",
              header, "|" + "---|" * (3 + 2 * len(paths))]
     for row in rows:
         cells = [row["method"], str(row["batch"]), f"{row['floor']:.0f}"]
         for p in paths:
             cells += [f"{row[p]:.0f}", f"{row[p] / row['floor']:.2f}"] if p in row else ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,36 +11,76 @@ go to export.json. Exit status: 0 done, 2 bad input or a model torch.onnx cannot
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from distill import cli_args
 from distill.cli import print_error
 from distill.errors import ConfigError
-from distill.export import ExportError, Timing, export_run
+from distill.export import ExportError, Timing, export_run, run_dir_error
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run of tools/train.py")
-    parser.add_argument("--out", help="output folder (default: RUN_DIR/export)")
-    parser.add_argument("--batch", type=int, default=64,
+def run_dir(text: str) -> Path:
+    """A folder (that it is a finished run is checked by export_run, before anything is
+    written)."""
+    path = Path(cli_args.non_empty(text))
+    try:
+        problem = None if path.is_dir() else "not a directory" if path.exists() else \
+            "no such directory"
+    except OSError as exc:   # e.g. a name too long for the file system
+        problem = exc.strerror or str(exc)
+    if problem:
+        raise cli_args.Refusal(run_dir_error(path, problem).message)
+    return path
+
+
+def threads(text: str) -> int:
+    count, cores = cli_args.positive_int(text), os.cpu_count() or 1
+    if count > cores:
+        raise cli_args.Refusal(f"this machine has {cores} CPU cores; expected 1 to {cores}, "
+                               f"got {count}")
+    return count
+
+
+def build_parser() -> cli_args.ArgumentParser:
+    parser = cli_args.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", metavar="RUN_DIR", type=run_dir,
+                        help="a finished run of tools/train.py")
+    parser.add_argument("--out", type=cli_args.output_folder,
+                        help="output folder (default: RUN_DIR/export)")
+    parser.add_argument("--batch", type=cli_args.positive_int, default=64,
                         help="batch size of the second latency measurement (default 64)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for the latency measurements (default 1: the most "
-                             "reproducible; more shows what this machine can do)")
-    parser.add_argument("--zoo", help="teacher zoo root (default: the run's zoo.root)")
+    parser.add_argument("--threads", type=threads, default=1,
+                        help="CPU threads for the latency measurements, at most the machine's "
+                             "cores (default 1: the most reproducible; more shows what this "
+                             "machine can do)")
+    parser.add_argument("--zoo", type=cli_args.existing_dir,
+                        help="teacher zoo root (default: the run's zoo.root)")
     parser.add_argument("--no-onnx", dest="onnx", action="store_false",
                         help="skip student.onnx (no onnx packages needed)")
-    parser.add_argument("--budget", type=float, default=1.0,
-                        help="seconds spent timing each model and batch size (default 1)")
-    args = parser.parse_args(argv)
-    for option in ("batch", "threads"):
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            parser.error(f"--{option} must be at least 1, got {value}")
-    return args
+    parser.add_argument("--budget", type=cli_args.non_negative_float, default=1.0,
+                        help=f"seconds spent timing each model and batch size: at least "
+                             f"{Timing.min_repeats} timed forwards, more while within the "
+                             f"budget, at most {Timing.max_repeats} (default 1; 0: "
+                             f"{Timing.min_repeats} only)")
+    return parser
+
+
+def validate(args: argparse.Namespace) -> None:
+    if args.out is not None and args.out.resolve() == args.run_dir.resolve():
+        raise ConfigError(f"{args.out} is the run directory: the export would replace the "
+                          "run's own student.safetensors; give another folder (default: "
+                          "RUN_DIR/export)", key="--out")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Every flag converted and checked (creating nothing); a bad one exits 2 with one error
+    screen."""
+    return build_parser().parse_checked(argv, validate)
 
 
 def number(value: float | None, unit: str = "", scale: float = 1.0, digits: int = 2) -> str:
@@ -81,7 +121,10 @@ def comparison_table(report: dict) -> Table:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:   # a refused flag (its error is printed) or --help
+        return exc.code
     try:
         report = export_run(args.run_dir, args.out, batch=args.batch, onnx=args.onnx,
                             threads=args.threads, zoo_root=args.zoo,

@@ -17,32 +17,43 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from distill import cli_args, report  # noqa: E402
 from distill.errors import ConfigError  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dirs", nargs="+", metavar="DIR",
+def build_parser() -> cli_args.ArgumentParser:
+    parser = cli_args.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="+", metavar="DIR", type=cli_args.existing_dir,
                         help="run directories or sweep folders (searched for .hydra/config.yaml)")
-    parser.add_argument("--metric", choices=("best", "last"), default="last",
+    parser.add_argument("--metric", choices=report.METRICS, default="last",
                         help="top-1 in the tables, bars and gains (default: last). 'last' is the "
                              "model you keep after the final epoch; 'best' is the maximum over "
                              "epochs of the same test set it is reported on (there is no separate "
                              "validation split), so it is selected on the test set and optimistic. "
                              "The detail table and the CSV hold both.")
-    parser.add_argument("--csv", type=Path, metavar="FILE", help="write the long-form table here")
-    parser.add_argument("--plot", type=Path, metavar="FILE.png",
-                        help="write accuracy bars and learning curves here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--csv", type=cli_args.output_file([".csv"]), metavar="FILE.csv",
+                        help="write the long-form table here")
+    parser.add_argument("--plot", type=cli_args.figure_file, metavar="FILE.png",
+                        help="write accuracy bars and learning curves here (any file type "
+                             "matplotlib writes: .png, .pdf, .svg, ...)")
+    return parser
 
-    from distill import report
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Every flag converted and checked (output paths too, creating nothing); a bad one exits 2
+    with one error screen."""
+    return build_parser().parse_checked(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:   # a refused flag (its error is printed) or --help
+        return exc.code
 
     # every file is written before anything is printed: on an error, stdout stays empty
     try:
         runs, unfinished = report.load_runs(args.dirs)
-        for option, path in (("--csv", args.csv), ("--plot", args.plot)):
-            if path is not None:
-                report.check_writable(path, option)   # both, before either is written
         rows = report.summarize(report.group_runs(runs))
         text = report.render_markdown(rows, unfinished, args.metric)
         if args.csv:
@@ -50,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot and rows:
             report.plot_rows(rows, args.plot, args.metric)
     except ConfigError as exc:
-        print(f"error: {exc.render()}", file=sys.stderr)
-        return 2
+        return cli_args.error(exc.render())
     print("```\npython tools/report.py " + " ".join(sys.argv[1:] if argv is None else argv)
           + "\n```\n")
     if not rows:
