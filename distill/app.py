@@ -6,11 +6,12 @@ components get plain keyword arguments.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,7 +22,9 @@ from distill.data import DatasetBundle, build_datasets
 from distill.distillers import DISTILLERS, BuildInfo, Distiller, TeacherRequest, build_distiller
 from distill.engine import distributed as dist_utils
 from distill.engine.loaders import data_path_transforms
-from distill.engine.rundir import check_run_dir, start_run_dir
+from distill.engine.rundir import (check_run_dir, check_schedule_change, discard_if_unused,
+                                   locked, start_run_dir)
+from distill.engine.sampler import steps_per_epoch
 from distill.engine.trainer import Trainer, TrainerOptions
 from distill.errors import ConfigError
 from distill.models import create_model, model_spec
@@ -82,15 +85,42 @@ def check_distiller_fits(name: str, student: str, requests: list[TeacherRequest]
 
 # --- the job ----------------------------------------------------------------------------------
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train one student (or a teacher, with distiller=none). Returns summary.json's content."""
+    """Train one student (or a teacher, with distiller=none). Returns summary.json's content.
+    The run directory is locked for the whole job; a command refused before training starts
+    leaves it as it found it (and removes it when it was made for this command)."""
     overrides = overrides or []
-    resolved = validate(cfg)
+    run_dir = Path(cfg.run_dir)
+    with contextlib.ExitStack() as held:
+        try:
+            resolved = validate(cfg)
+            device = resolve_device(cfg.device)
+            dist_utils.init_from_env(use_cuda=device.type == "cuda")
+            held.enter_context(locked(run_dir))
+            trainer, publish = prepare(cfg, resolved, overrides, run_dir, device)
+        except ConfigError:
+            dist_utils.on_main(lambda: discard_if_unused(run_dir))
+            raise
+        summary = trainer.fit()
+        log.info("done: best top-1 %.2f%%, last %.2f%%, %.0f images/s, %.1f s",
+                 summary["best_top1"], summary["last_top1"], summary["train_images_per_sec"] or 0,
+                 summary["wall_seconds"])
+        # also when the run had finished before: a job killed between its last step and
+        # publishing publishes now (a version the zoo holds already is left as it is); before
+        # any rank goes on: e.g. a teacher trained for a run is in the zoo for all
+        if publish is not None:
+            dist_utils.on_main(lambda: publish(summary))
+        return summary
+
+
+def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path,
+            device: torch.device) -> tuple[Trainer, Callable[[dict], Any] | None]:
+    """Everything before the first step, in the order that refuses a bad command before any
+    file of the run directory is changed: the checkpoint to resume and what may differ from it,
+    the data, the teachers, the models and one dry forward pass; then the directory is started
+    and the trainer built. Returns the trainer and what publishes the result to the zoo."""
     # recorded with the config (.hydra/config.yaml, tracker hparams): trainer.batch_size is the
     # global batch, and this says over how many processes it was split
     resolved["world_size"] = dist_utils.launch_world_size()
-    device = resolve_device(cfg.device)
-    dist_utils.init_from_env(use_cuda=device.type == "cuda")
-    run_dir = Path(cfg.run_dir)
     distiller_cls = DISTILLERS.get(cfg.distiller.name)
     checkpoint = check_run_dir(run_dir, resolved, resume=cfg.trainer.resume,
                                teacherless=not distiller_cls.requires_teacher)
@@ -98,6 +128,13 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     dataset = resolved["dataset"]
     data = build_data(dataset)
     data_path_transforms(data, cfg.trainer.data_path)   # trainer.data_path=memory must fit
+    if checkpoint is not None:
+        check_schedule_change(checkpoint["config"], resolved,
+                              steps_taken=checkpoint["state"]["global_step"],
+                              steps_per_epoch=steps_per_epoch(len(data.train),
+                                                              cfg.trainer.batch_size,
+                                                              resolved["world_size"]),
+                              follows_run_length=distiller_cls.follows_run_length)
 
     options = {k: v for k, v in resolved["distiller"].items() if k != "name"}
     requests = distiller_cls.teacher_requests(options, resolved["teacher"])
@@ -112,7 +149,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
                     "the teacher it resumes with cannot be checked against the one it started "
                     "with (recorded from now on)")
     resolver = TeacherResolver(cfg, dataset, data.num_classes, TeacherZoo(cfg.zoo.root),
-                               overrides, train=run)
+                               overrides, train=run, data_digest=data.data_digest)
     teachers = [resolver.resolve(r, pinned.get(r.role)) for r in requests]
     digests = [t.sha256 for t in teachers]
     for i, teacher in enumerate(teachers):
@@ -151,16 +188,11 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
         device=device, loggers=resolved["logger"] or {}, config=resolved, seed=cfg.seed,
         run_name=run_name, checkpoint=checkpoint, teachers=[t.record() for t in teachers])
     log_start(run_dir, cfg, device, distiller, teachers)
-    summary = trainer.fit()
-    log.info("done: best top-1 %.2f%%, last %.2f%%, %.0f images/s, %.1f s", summary["best_top1"],
-             summary["last_top1"], summary["train_images_per_sec"] or 0, summary["wall_seconds"])
-    # also when the run had finished before: a job killed between its last step and publishing
-    # publishes now (a version the zoo holds already is left as it is)
+    publish = None
     if cfg.distiller.name == "none" and cfg.zoo.publish:
-        # before any rank goes on: e.g. a teacher trained for a run is in the zoo for all
-        dist_utils.on_main(lambda: publish_to_zoo(TeacherZoo(cfg.zoo.root), dataset, cfg,
-                                                  run_dir, summary, data.num_classes))
-    return summary
+        def publish(summary: dict) -> None:
+            publish_to_zoo(TeacherZoo(cfg.zoo.root), dataset, cfg, run_dir, summary, data)
+    return trainer, publish
 
 
 def log_start(run_dir: Path, cfg: DictConfig, device: torch.device, distiller: Distiller,
@@ -178,7 +210,7 @@ def log_start(run_dir: Path, cfg: DictConfig, device: torch.device, distiller: D
 
 
 def publish_to_zoo(zoo: TeacherZoo, dataset: dict, cfg: DictConfig, run_dir: Path,
-                   summary: dict, num_classes: int) -> None:
+                   summary: dict, data: DatasetBundle) -> None:
     """Only models trained to the end on the full training split become zoo teachers."""
     if dataset.get("train_fraction", 1.0) != 1.0:
         log.info("not published to the zoo: trained on part of the training split")
@@ -188,4 +220,5 @@ def publish_to_zoo(zoo: TeacherZoo, dataset: dict, cfg: DictConfig, run_dir: Pat
         zoo.publish(dataset["name"], cfg.student.name, run_dir / "student.safetensors", {
             "top1": summary["last_top1"], "best_top1": summary["best_top1"],
             "epochs": summary["epochs"], "seed": cfg.seed, "run_dir": str(run_dir.resolve()),
-            "num_classes": num_classes, "split": split_identity(dataset)})
+            "num_classes": data.num_classes,
+            "split": split_identity(dataset, data.data_digest)})

@@ -4,7 +4,8 @@
     distill-train -m distiller=none,kd seed=0,1,2 dataset=digits
 
 Bad input ends in one short screen naming the key and what is allowed, exit code 2, no
-traceback; a non-finite loss exits 3; a preempted run 75 (it resumes when run again).
+traceback; a non-finite loss exits 3; a run stopped by SIGTERM/SIGUSR1 exits 75, by Ctrl-C 130
+(either resumes when run again).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from distill.app import resolve_device, run
 from distill.config import CONFIG_DIR
 from distill.engine import distributed as dist_utils
-from distill.engine.preemption import EXIT_PREEMPTED, Preempted
+from distill.engine.preemption import EXIT_INTERRUPTED, Preempted
 from distill.errors import ConfigError
 
 
@@ -52,8 +53,12 @@ def _hydra_task(cfg: DictConfig) -> float | None:
     except FloatingPointError as exc:   # a non-finite loss (trainer.on_nonfinite=stop)
         print_error(exc)
         sys.exit(3)
-    except Preempted:   # the trainer logged the step and how to resume; a sweep stops here too
-        sys.exit(EXIT_PREEMPTED)
+    except Preempted as exc:   # the trainer logged the step and how to resume; a sweep stops too
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:   # Ctrl-C before training started, or pressed three times
+        print_error(RuntimeError("interrupted; re-running the command resumes from the last "
+                                 "checkpoint, if one was written"))
+        sys.exit(EXIT_INTERRUPTED)
     return summary["best_top1"]
 
 

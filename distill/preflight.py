@@ -16,8 +16,21 @@ from distill.errors import ConfigError, unknown_name_error
 GROUPS = ("dataset", "teacher", "student", "distiller", "optimizer", "scheduler", "trainer",
           "logger", "experiment", "benchmark")
 # Hydra creates these folders before distill runs, so a bad one must be caught here
-_OUTPUT_DIR = re.compile(r"^\+{0,2}(?P<key>run_dir|hydra\.(?:run|sweep)\.dir)=(?P<value>.+)$")
+_OUTPUT_DIR = re.compile(r"^\+{0,2}(?P<key>run_dir|hydra\.(?:run|sweep)\.dir)=(?P<value>.*)$")
 _CHOICE = re.compile(r"^\+{0,2}(?P<group>[a-z_]+)=(?P<value>.*)$")
+_TAG_ARG = re.compile(r"^\+{0,2}tag=(?P<value>.*)$")
+# A tag is one part of one folder name: letters, digits, _ . + - (no separators, no '..')
+_TAG = re.compile(r"^\w[\w.+-]{0,99}$")
+NAME_MAX = 255   # bytes of one path component (Linux, macOS)
+PATH_MAX = 4000  # bytes of a whole path, with room below the OS's 4096 for file names
+
+
+def check_tag(tag: str) -> None:
+    """`tag` goes into the run directory's name: it must stay one folder name inside outputs/."""
+    if tag != "" and not (_TAG.match(tag) and ".." not in tag):
+        raise ConfigError(f"invalid value {tag!r}", key="tag",
+                          allowed="up to 100 letters, digits, '_', '.', '+', '-' (starting with "
+                                  "a letter or digit; no '/', no '..'), or empty")
 
 
 def group_options(group: str, config_dir: Path) -> set[str]:
@@ -43,7 +56,16 @@ def check_output_dir(arg: str) -> None:
     match = _OUTPUT_DIR.match(arg)
     if not match or "${" in match["value"]:
         return
+    if not match["value"].strip():
+        raise ConfigError("empty: the run would write into the working directory",
+                          key=match["key"], allowed="a folder for the run, e.g. outputs/my-run")
     path = Path(match["value"]).expanduser().absolute()
+    too_long = next((part for part in path.parts if len(part.encode()) > NAME_MAX), None)
+    if too_long is not None or len(str(path).encode()) > PATH_MAX:
+        what = (f"the folder name {too_long[:40]!r}... is longer than {NAME_MAX} bytes"
+                if too_long else f"the path is longer than {PATH_MAX} bytes")
+        raise ConfigError(f"cannot create {str(path)[:80]}...: {what}", key=match["key"],
+                          hint=f"choose a shorter {match['key']}")
     for parent in (path, *path.parents):
         if parent.exists():
             if not parent.is_dir():
@@ -58,6 +80,10 @@ def check_output_dir(arg: str) -> None:
 def check_overrides(argv: list[str], config_dir: Path) -> None:
     for arg in argv:
         check_output_dir(arg)
+        tag = _TAG_ARG.match(arg)
+        if tag:
+            for value in _values(tag["value"]) or [""]:
+                check_tag(value)
         match = _CHOICE.match(arg)
         if not match or match["group"] not in GROUPS:
             continue

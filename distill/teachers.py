@@ -32,7 +32,7 @@ from distill.engine.checkpoint import load_weights, preserved_rng
 from distill.errors import ConfigError
 from distill.locks import Locked
 from distill.models import create_model
-from distill.zoo import TeacherZoo, ZooEntry, file_sha256
+from distill.zoo import TeacherZoo, ZooEntry, file_sha256, split_key
 
 log = logging.getLogger("distill")
 
@@ -44,23 +44,18 @@ NOT_FOR_TEACHERS = ("trainer.epochs", "trainer.batch_size", "trainer.max_steps")
 # How often rank 0 of a DDP job asks again for a zoo claim another job holds.
 CLAIM_POLL_SECONDS = 5.0
 # Dataset options that do not change which images are in which split.
-NOT_SPLIT_DEFINING = ("name", "root", "download", "augment", "recipe", "train_fraction")
+# (Which images a folder's check skipped is in its data digest.)
+NOT_SPLIT_DEFINING = ("name", "root", "download", "augment", "recipe", "train_fraction",
+                      "bad_images", "check_images")
 
 
-def split_identity(dataset: dict) -> dict:
-    """The dataset options that define its train/test split. A zoo teacher trained on another
-    split may have trained on this run's test images, so the two must agree."""
-    return {k: v for k, v in dataset.items() if k not in NOT_SPLIT_DEFINING}
-
-
-def check_split(entry: ZooEntry, name: str, dataset: dict, request: TeacherRequest) -> None:
-    trained_on = entry.meta.get("split")
-    if trained_on is not None and trained_on != split_identity(dataset):
-        raise ConfigError(
-            f"the zoo's {name} for {dataset['name']} was trained on another split "
-            f"({trained_on}, this run: {split_identity(dataset)}): it may have seen this "
-            f"run's test images", key=request.key,
-            hint=f"use zoo.root=... for this split, or {request.checkpoint_key}=PATH")
+def split_identity(dataset: dict, data_digest: str | None = None) -> dict:
+    """What a zoo model was trained on: the dataset options that define the train/test split,
+    and the digest of the data itself when the user supplied it (an image folder's listing, a
+    data file: DatasetBundle.data_digest). A teacher trained on other data, or on another split
+    (which may hold this run's test images), is never taken for this one, nor compared with it."""
+    identity = {k: v for k, v in dataset.items() if k not in NOT_SPLIT_DEFINING}
+    return {**identity, "data_sha256": data_digest} if data_digest else identity
 
 
 def load_state_into(model: torch.nn.Module, state: dict, *, source: str, key: str,
@@ -127,10 +122,11 @@ def teacher_training_command(cfg: DictConfig, overrides: list[str], arch: str | 
 
 
 def zoo_run_config(cfg: DictConfig, *, student: str, distiller: dict | DictConfig,
-                   zoo_name: str) -> DictConfig:
+                   zoo_name: str, split: dict) -> DictConfig:
     """A run that makes a zoo model from cfg: same data, the dataset's recipe (or
     teacher.auto_train_epochs), the full training split, to the end (no max_steps), in
-    <zoo.root>/runs/<dataset>/<zoo_name>/seed<N>."""
+    <zoo.root>/runs/<dataset>/<zoo_name>/<split key>/seed<N> (models of other data or splits
+    are other runs)."""
     zcfg = copy.deepcopy(cfg)
     OmegaConf.set_struct(zcfg, False)
     zcfg.student.name = student
@@ -145,14 +141,15 @@ def zoo_run_config(cfg: DictConfig, *, student: str, distiller: dict | DictConfi
     zcfg.trainer.max_steps = None
     zcfg.dataset.pop("train_fraction", None)
     zcfg.tuned = {}
-    zcfg.run_dir = str(Path(cfg.zoo.root) / "runs" / cfg.dataset.name / zoo_name / f"seed{cfg.seed}")
+    zcfg.run_dir = str(Path(cfg.zoo.root) / "runs" / cfg.dataset.name / zoo_name
+                       / split_key(split) / f"seed{cfg.seed}")
     zcfg.tag = ""
     return zcfg
 
 
-def teacher_run_config(cfg: DictConfig, arch: str, pretrained: bool) -> DictConfig:
+def teacher_run_config(cfg: DictConfig, arch: str, pretrained: bool, split: dict) -> DictConfig:
     """The vanilla run that trains a teacher of `arch` and publishes it to the zoo."""
-    tcfg = zoo_run_config(cfg, student=arch, zoo_name=arch,
+    tcfg = zoo_run_config(cfg, student=arch, zoo_name=arch, split=split,
                           distiller=OmegaConf.load(CONFIG_DIR / "distiller" / "none.yaml"))
     tcfg.student.pretrained = pretrained
     tcfg.teacher.auto_train = False
@@ -184,14 +181,25 @@ class TeacherResolver:
     them take part in any run that trains a missing model."""
 
     def __init__(self, cfg: DictConfig, dataset: dict, num_classes: int, zoo: TeacherZoo,
-                 overrides: list[str], train: Train | None):
+                 overrides: list[str], train: Train | None, data_digest: str | None = None):
+        """`data_digest`: the run's DatasetBundle.data_digest (user-supplied data)."""
         self.cfg, self.dataset, self.num_classes = cfg, dataset, num_classes
+        self.split = split_identity(dataset, data_digest)
         self.zoo, self.overrides, self.train = zoo, overrides, train
 
     def _find(self, name: str) -> ZooEntry | None:
-        """The zoo's current `name`, as rank 0 sees it."""
+        """The zoo's current `name` for this run's data and split, as rank 0 sees it."""
         return dist_utils.broadcast_object(
-            self.zoo.find(self.dataset["name"], name) if dist_utils.is_main_process() else None)
+            self.zoo.find(self.dataset["name"], name, split=self.split)
+            if dist_utils.is_main_process() else None)
+
+    def _other_data(self, name: str) -> str:
+        """For a 'not in the zoo' error: what the zoo holds of `name` for other data."""
+        others = self.zoo.other_splits(self.dataset["name"], name, self.split)
+        if not others:
+            return ""
+        return (f"; it holds {len(others)} trained on other data or another split (e.g. "
+                f"{others[0]}; this run: {self.split}), which never teach this one")
 
     def _find_digest(self, sha256: str) -> ZooEntry | None:
         return dist_utils.broadcast_object(
@@ -214,17 +222,17 @@ class TeacherResolver:
                 if missing:
                     log.info("no %s teacher for %s in the zoo: training one first",
                              request.arch, self.dataset["name"])
-                    self._train(teacher_run_config(self.cfg, request.arch, request.pretrained))
+                    self._train(teacher_run_config(self.cfg, request.arch, request.pretrained,
+                                                   self.split))
             entry = self._find(request.arch)
         if entry is not None:
-            check_split(entry, request.arch, self.dataset, request)
             log.info("teacher %s from the zoo: %s", request.arch, entry.weights)
             return str(entry.weights), request.key
         if request.pretrained:
             return None, f"{request.key}.pretrained"
         raise ConfigError(
             f"no trained '{request.arch}' for dataset '{self.dataset['name']}' in the teacher zoo "
-            f"({self.zoo.root})", key=request.key,
+            f"({self.zoo.root}){self._other_data(request.arch)}", key=request.key,
             hint="train it first:\n  " + teacher_training_command(
                 self.cfg, self.overrides, request.arch, request.pretrained)
                  + f"\nor add teacher.auto_train=true to train it now, or point "
@@ -245,6 +253,7 @@ class TeacherResolver:
                 if missing:
                     log.info("training %s (KD from %s) for the zoo", request.arch, parent.arch)
                     acfg = zoo_run_config(self.cfg, student=request.arch, zoo_name=zoo_name,
+                                          split=self.split,
                                           distiller={"name": "kd", **request.distill_options})
                     acfg.teacher.name = parent.arch
                     acfg.teacher.pretrained = parent.pretrained and parent_weights is None
@@ -254,7 +263,7 @@ class TeacherResolver:
                     meta = {"top1": summary["last_top1"], "best_top1": summary["best_top1"],
                             "epochs": summary["epochs"], "seed": self.cfg.seed,
                             "run_dir": str(Path(acfg.run_dir).resolve()),
-                            "num_classes": self.num_classes, "split": split_identity(self.dataset),
+                            "num_classes": self.num_classes, "split": self.split,
                             "distilled_from": parent.arch, "teacher_weights": parent_weights,
                             "teacher_sha256": (summary.get("teachers") or [{}])[0].get("sha256"),
                             "kd": request.distill_options}
@@ -262,9 +271,9 @@ class TeacherResolver:
                     dist_utils.on_main(lambda: self.zoo.publish(name, zoo_name, weights, meta))
             entry = self._find(zoo_name)
         if entry is None:
-            raise ConfigError(f"no {zoo_name} in the teacher zoo ({self.zoo.root})",
+            raise ConfigError(f"no {zoo_name} in the teacher zoo ({self.zoo.root})"
+                              f"{self._other_data(zoo_name)}",
                               key=request.key, hint="run the distillation once to make it")
-        check_split(entry, zoo_name, self.dataset, request)
         log.info("%s from the zoo: %s (top-1 %s)", zoo_name, entry.weights, entry.meta.get("top1"))
         return entry
 
@@ -296,14 +305,20 @@ class TeacherResolver:
                                  name, zoo_name)
                     told = True
                     time.sleep(CLAIM_POLL_SECONDS)
-            missing = self.zoo.find(name, zoo_name) is None if dist_utils.is_main_process() else None
+            missing = (self.zoo.find(name, zoo_name, split=self.split) is None
+                       if dist_utils.is_main_process() else None)
             yield dist_utils.broadcast_object(missing)
 
     def _train(self, config: DictConfig) -> dict[str, Any]:
         """A run that makes a zoo model: its own job, which leaves this run's random state (and
         so its student's initialisation) exactly as it was."""
         with preserved_rng():
-            return self.train(config, overrides=[])
+            try:
+                return self.train(config, overrides=[])
+            except ConfigError as exc:   # e.g. its run directory holds a run it cannot resume
+                raise ConfigError(f"the run that makes a zoo model for this one, in "
+                                  f"{config.run_dir}: {exc.message}", key=exc.key,
+                                  allowed=exc.allowed, hint=exc.hint) from None
 
     # the model
     def resolve(self, request: TeacherRequest, pinned: str | None = None) -> ResolvedTeacher:

@@ -4,13 +4,15 @@ with. (Types were checked when Hydra composed the config against the schema in d
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from distill.config import CONFIG_DIR, check_known_keys
+from distill.config import CONFIG_DIR, check_known_keys, flatten, schema_defaults
 from distill.distillers import DISTILLERS
-from distill.distillers.base import FIXED_ARGUMENTS, RUN_FEATURES, refused_features
+from distill.distillers.base import FIXED_ARGUMENTS, RUN_FEATURES, check_common, refused_features
 from distill.engine import distributed as dist_utils
 from distill.engine.loaders import DATA_PATHS
 from distill.engine.nonfinite import NONFINITE_POLICIES
@@ -18,7 +20,11 @@ from distill.engine.optim import OPTIMIZERS, SCHEDULES
 from distill.engine.trainer import COMPILE_CHOICES, PRECISIONS
 from distill.errors import ConfigError, unknown_name_error
 from distill.models import list_models, model_spec
+from distill.preflight import check_tag
 from distill.registry import check_options
+
+# numpy's seeds are 32-bit, and ranks above 0 add 7919 x rank to the seed
+MAX_SEED = 2**31 - 1
 
 
 def resolve_config(cfg: DictConfig) -> dict:
@@ -81,8 +87,13 @@ def validate(cfg: DictConfig) -> dict:
          "false when momentum is 0 (Nesterov needs momentum)"),
         ("optimizer.weight_decay", lambda: opt.weight_decay >= 0, "zero or positive"),
         ("scheduler.name", lambda: sched.name in SCHEDULES, lambda: ", ".join(SCHEDULES)),
-        ("scheduler.gamma", lambda: sched.gamma > 0, "a positive number"),
+        ("scheduler.gamma", lambda: 0 < sched.gamma <= 1, "a decay factor in (0, 1]"),
+        ("scheduler.milestones", lambda: all(m >= 1 for m in sched.milestones) and all(
+            a < b for a, b in zip(sched.milestones, sched.milestones[1:])),
+         "epochs (at least 1) in increasing order, e.g. [150,180,210]; [] for none"),
         ("scheduler.warmup_epochs", lambda: sched.warmup_epochs >= 0, "zero or positive"),
+        ("scheduler.min_lr_ratio", lambda: 0 <= sched.min_lr_ratio <= 1,
+         "in [0, 1]: the cosine floor as a fraction of the base lr"),
         ("trainer.epochs", lambda: trainer.epochs >= 1, "at least 1"),
         ("trainer.batch_size", lambda: trainer.batch_size >= 1, "at least 1"),
         ("trainer.eval_batch_size", lambda: trainer.eval_batch_size >= 1, "at least 1"),
@@ -99,7 +110,16 @@ def validate(cfg: DictConfig) -> dict:
          or trainer.compile_backend in compile_backends(), lambda: ", ".join(compile_backends())),
         ("trainer.on_nonfinite", lambda: trainer.on_nonfinite in NONFINITE_POLICIES,
          lambda: ", ".join(NONFINITE_POLICIES)),
+        ("teacher.auto_train_epochs", lambda: cfg.teacher.auto_train_epochs is None
+         or cfg.teacher.auto_train_epochs >= 1, "null (the dataset recipe's epochs) or at least 1"),
+        ("teacher.checkpoint", lambda: cfg.teacher.checkpoint is None
+         or cfg.teacher.checkpoint.strip() != "", "null (the zoo) or the path of a weights file"),
+        ("seed", lambda: 0 <= cfg.seed <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
+        ("zoo.root", lambda: cfg.zoo.root.strip() != "", "a folder (default: zoo, or $DISTILL_ZOO)"),
+        ("run_dir", lambda: cfg.run_dir.strip() != "",
+         "a folder for this run (default: outputs/<dataset>/<pair>/<method>/seed<N>)"),
     ]
+    check_finite(resolved)
     for key, ok, allowed in checks:
         if not ok():
             raise ConfigError(f"invalid value {OmegaConf.select(cfg, key)!r}", key=key,
@@ -108,6 +128,8 @@ def validate(cfg: DictConfig) -> dict:
     options = {k: v for k, v in resolved["distiller"].items() if k != "name"}
     check_options(distiller_cls, options, key="distiller", skip=FIXED_ARGUMENTS)
     distiller_cls.check_values(options)
+    check_common(distiller_cls, options, trainer.epochs)
+    check_tag(cfg.tag)
     for group in ("teacher", "student"):
         if cfg[group].name not in list_models():
             raise unknown_name_error("model", cfg[group].name, list_models(), key=group)
@@ -128,6 +150,15 @@ def validate(cfg: DictConfig) -> dict:
         raise ConfigError("SyncBatchNorm runs on GPUs only", key="trainer.sync_bn",
                           allowed="false on CPU")
     return resolved
+
+
+def check_finite(resolved: dict) -> None:
+    """A float key of the schema holding nan or inf is refused by name (inf passes `> 0`)."""
+    defaults = schema_defaults()
+    for key, value in flatten(resolved).items():
+        if isinstance(defaults.get(key), float) and isinstance(value, float) \
+                and not math.isfinite(value):
+            raise ConfigError(f"invalid value {value!r}", key=key, allowed="a finite number")
 
 
 def check_run_features(name: str, distiller_cls: type, trainer: dict, world_size: int) -> None:

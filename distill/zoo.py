@@ -4,13 +4,17 @@ Layout (root is `zoo.root`, default ./zoo, or $DISTILL_ZOO):
 
     <root>/<dataset>/<name>/<sha256[:16]>/model.safetensors   one folder per published version,
     <root>/<dataset>/<name>/<sha256[:16]>/meta.json            never changed once written
-    <root>/<dataset>/<name>/current.json                       the version new runs take
+    <root>/<dataset>/<name>/current.json                       the version new runs take, per split
     <root>/<dataset>/<name>/model.safetensors, meta.json       an entry published before versions
 
 `<name>` is an architecture (`resnet56`) or a distilled model (`resnet32@kd-resnet56.1a2b3c4d`).
-Publishing never replaces weights: a model that beats the current version's top-1 becomes the
-current version, and every older one stays loadable by its sha256, which is what a run records
-of its teachers, so resuming or exporting an older run finds the very teacher it used.
+A version's meta.json records the split it was trained on (`split`: the dataset options that
+define it, plus the digest of user-supplied data: distill.teachers.split_identity). Versions of
+different splits never compete: a lookup sees only its own split's versions, and each split has
+its own current version. Publishing never replaces weights: a model that beats the current
+version's top-1 becomes the current version, and every older one stays loadable by its sha256,
+which is what a run records of its teachers, so resuming or exporting an older run finds the
+very teacher it used. A damaged meta.json stops the lookup with its path (never guessed at).
 
 Writes are safe when a sweep's jobs run in parallel: a version folder is written under a temporary
 name and renamed into place, current.json is replaced atomically under a lock, and `claim`
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distill.errors import ConfigError
 from distill.locks import exclusive
 
 log = logging.getLogger("distill")
@@ -57,12 +62,48 @@ class ZooEntry:
         return self.meta.get("sha256") or file_sha256(self.weights)
 
 
+def split_key(split: dict | None) -> str:
+    """16 hex digits naming a split identity (current.json's key, zoo run folders)."""
+    return hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _read_json(path: Path) -> dict:
+    """A pointer file: missing or damaged reads as no pointer (lookups fall back on top-1)."""
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+# meta.json keys a lookup or a publication reads, and the types they must have
+_META_TYPES = {"top1": (int, float), "sha256": str, "split": dict, "published": str}
+
+
+def read_meta(path: Path) -> dict:
+    """A version's meta.json; {} when there is none (an entry from before meta files). One that
+    cannot be read, is not a JSON object, or has a key of the wrong type is a ConfigError
+    naming it: a guessed meta would let a model trained on other data pass as this split's."""
+    if not path.exists():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        problem = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"damaged teacher zoo file {path}: {problem}", key="zoo.root",
+                          hint=f"restore it, or remove the folder {path.parent} (that version is "
+                               "then gone) and run again") from None
+    if not isinstance(value, dict):
+        problem = f"a JSON {type(value).__name__}, not an object"
+    else:
+        problem = next((f"'{k}' is {value[k]!r}" for k, t in _META_TYPES.items()
+                        if value.get(k) is not None and (not isinstance(value[k], t)
+                                                         or isinstance(value[k], bool))), None)
+        if problem is None:
+            return value
+    raise ConfigError(f"damaged teacher zoo file {path}: {problem}", key="zoo.root",
+                      hint=f"restore it, or remove the folder {path.parent} (that version is "
+                           "then gone) and run again")
 
 
 def _write_json_atomic(path: Path, value: dict) -> None:
@@ -81,48 +122,79 @@ class TeacherZoo:
     def versions(self, dataset: str, name: str) -> list[ZooEntry]:
         """Every published version, pre-version entries included, in publication order."""
         folder = self.entry_dir(dataset, name)
-        found = [ZooEntry(p, _read_json(p.parent / META))
+        found = [ZooEntry(p, read_meta(p.parent / META))
                  for p in folder.glob(f"*/{WEIGHTS}") if not p.parent.name.startswith(".")]
         if (folder / WEIGHTS).is_file():
-            found.append(ZooEntry(folder / WEIGHTS, _read_json(folder / META)))
+            found.append(ZooEntry(folder / WEIGHTS, read_meta(folder / META)))
         return sorted(found, key=lambda e: str(e.meta.get("published", "")))
 
-    def find(self, dataset: str, name: str, sha256: str | None = None) -> ZooEntry | None:
-        """The current version of (dataset, name), or the version with that `sha256`."""
+    def _pointers(self, dataset: str, name: str, versions: list[ZooEntry]) -> dict[str, str]:
+        """split key -> sha256 of that split's current version. current.json of one pointer
+        (before splits had their own) points for the split of the version it names."""
+        recorded = _read_json(self.entry_dir(dataset, name) / CURRENT)
+        by_split = recorded.get("splits")
+        if isinstance(by_split, dict):
+            return {k: v["sha256"] for k, v in by_split.items()
+                    if isinstance(v, dict) and isinstance(v.get("sha256"), str)}
+        named = next((e for e in versions if recorded.get("sha256")
+                      and e.meta.get("sha256") == recorded["sha256"]), None)
+        return {split_key(named.meta.get("split")): named.meta["sha256"]} if named else {}
+
+    def find(self, dataset: str, name: str, sha256: str | None = None,
+             split: dict | None = None) -> ZooEntry | None:
+        """The version with that `sha256`, else the current version for `split` (a split
+        identity; None: any split). Versions published before splits were recorded match
+        every split."""
         versions = self.versions(dataset, name)
         if sha256 is not None:
             return next((e for e in versions if e.sha256 == sha256), None)
+        if split is not None:
+            versions = [e for e in versions if e.meta.get("split") in (None, split)]
         if not versions:
             return None
-        current = _read_json(self.entry_dir(dataset, name) / CURRENT).get("sha256")
+        pointers = self._pointers(dataset, name, versions)
+        current = (pointers.get(split_key(split)) if split is not None
+                   else next(iter(pointers.values()), None))
         chosen = next((e for e in versions if current and e.meta.get("sha256") == current), None)
         # no (valid) pointer: a crash between a version's rename and the pointer's update, or
         # an entry from before versions: the best top-1, the newest among equals
         return chosen or max(reversed(versions), key=lambda e: e.meta.get("top1", -1))
 
+    def other_splits(self, dataset: str, name: str, split: dict) -> list[dict]:
+        """The splits (other than `split`) that versions of (dataset, name) were trained on."""
+        found = []
+        for entry in self.versions(dataset, name):
+            trained_on = entry.meta.get("split")
+            if trained_on not in (None, split) and trained_on not in found:
+                found.append(trained_on)
+        return found
+
     def find_digest(self, dataset: str, sha256: str) -> ZooEntry | None:
         """The version of any name of `dataset` whose weights have this digest."""
         folder = self.root / dataset
         for candidate in folder.glob(f"*/{sha256[:16]}/{WEIGHTS}"):
-            entry = ZooEntry(candidate, _read_json(candidate.parent / META))
+            entry = ZooEntry(candidate, read_meta(candidate.parent / META))
             if entry.sha256 == sha256:
                 return entry
         for legacy in folder.glob(f"*/{WEIGHTS}"):
-            entry = ZooEntry(legacy, _read_json(legacy.parent / META))
+            entry = ZooEntry(legacy, read_meta(legacy.parent / META))
             if entry.sha256 == sha256:
                 return entry
         return None
 
     def publish(self, dataset: str, name: str, weights: Path, meta: dict[str, Any]) -> bool:
-        """Add `weights` as a version of (dataset, name); it becomes the current version when its
-        top-1 beats the current one's. Returns whether it did."""
+        """Add `weights` as a version of (dataset, name); it becomes the current version of its
+        split (`meta["split"]`) when its top-1 beats that split's current one. Returns whether
+        it did."""
         digest = file_sha256(weights)
         folder = self.entry_dir(dataset, name)
         folder.mkdir(parents=True, exist_ok=True)
         meta = {**meta, "sha256": digest, "published": time.strftime("%Y-%m-%d %H:%M:%S")}
+        split = meta.get("split")
         with exclusive(folder / ".lock", what=f"publishes {dataset}/{name}"):
             version = folder / digest[:16]
-            current = self.find(dataset, name)
+            versions = self.versions(dataset, name)
+            current = self.find(dataset, name, split=split)
             if version.is_dir() and current is not None and current.sha256 == digest:
                 return True   # published before (e.g. a finished run run again): nothing to do
             if not version.is_dir():
@@ -138,7 +210,9 @@ class TeacherZoo:
                          current.meta.get("top1", float("nan")), meta.get("top1", float("nan")),
                          digest[:16])
                 return False
-            _write_json_atomic(folder / CURRENT, {"sha256": digest, "top1": meta.get("top1")})
+            pointers = {k: {"sha256": v} for k, v in self._pointers(dataset, name, versions).items()}
+            pointers[split_key(split)] = {"sha256": digest, "top1": meta.get("top1")}
+            _write_json_atomic(folder / CURRENT, {"splits": pointers})
         log.info("published %s/%s to the teacher zoo: %s (top-1 %.2f, sha256 %s)", dataset, name,
                  version, meta.get("top1", float("nan")), digest[:16])
         return True

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from _compose import make_cfg
 from distill.app import run
 from distill.distillers.none import Vanilla
-from distill.engine.preemption import EXIT_PREEMPTED, Preempted
+from distill.engine.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "tools" / "train.py"
@@ -65,11 +65,15 @@ class Job:
     whole process group, as SLURM does."""
 
     def __init__(self, home: Path, name: str, *extra: str, send: signal.Signals | None = None,
-                 group: bool = False, launcher: tuple[str, ...] = (sys.executable,)):
+                 group: bool = False, launcher: tuple[str, ...] = (sys.executable,),
+                 repeat: float | None = None):
         self.run_dir = home / name
         self.log = home / f"{name}.log"
         self.args = [*launcher, str(TRAIN), *ARGS, *extra, f"hydra.run.dir={self.run_dir}"]
         self.send, self.group = send, group
+        self.repeat = repeat   # send the signal again every `repeat` s until the job exits
+        self.sent = 0
+        self.last_sent = 0.0
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(self.args, cwd=home, env=_env(home), stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=group)
@@ -95,9 +99,13 @@ def drive(jobs: dict[str, Job], timeout: float = 300) -> dict[str, Job]:
                 continue
             if job.proc.poll() is not None:   # exited (also before its signal: reported below)
                 job.exited_at = time.monotonic()
-            elif (job.send and job.signalled_at is None
-                  and _train_steps(job.run_dir) >= SIGNAL_AFTER_STEPS):
-                job.signalled_at = time.monotonic()
+            elif job.send and ((job.signalled_at is None
+                                and _train_steps(job.run_dir) >= SIGNAL_AFTER_STEPS)
+                               or (job.repeat and job.signalled_at is not None
+                                   and time.monotonic() - job.last_sent >= job.repeat)):
+                job.last_sent = time.monotonic()
+                job.signalled_at = job.signalled_at or job.last_sent
+                job.sent += 1
                 if job.group:
                     os.killpg(job.proc.pid, job.send)
                 else:
@@ -120,6 +128,10 @@ def jobs(tmp_path_factory) -> dict[str, Job]:
         # fit, it inherits the handler and must not die mid-step
         "sigusr1": Job(home, "sigusr1", "trainer.data_path=loader", "trainer.num_workers=1",
                        send=signal.SIGUSR1, group=True),
+        # Ctrl-C (twice: the second while the run stops), and SIGTERM every 10 ms until the
+        # process is gone: late signals must never turn the stop into a death by signal
+        "sigint": Job(home, "sigint", send=signal.SIGINT, repeat=0.05),
+        "sigterm_storm": Job(home, "sigterm_storm", send=signal.SIGTERM, repeat=0.01),
     })
 
 
@@ -168,6 +180,20 @@ def test_sigusr1_to_the_process_group_with_loader_workers(jobs):
     _check_preempted(jobs["sigusr1"], "SIGUSR1")
 
 
+def test_ctrl_c_stops_like_sigterm_with_its_own_exit_code(jobs):
+    job = jobs["sigint"]
+    _check_preempted(job, "SIGINT", exit_code=EXIT_INTERRUPTED)
+    assert job.sent >= 1
+
+
+def test_signals_while_the_run_stops_never_kill_it(jobs):
+    """SIGTERM every 10 ms from the first until the process has exited: still exit 75, one
+    checkpoint, no traceback (before, a late SIGTERM could end it with 143)."""
+    job = jobs["sigterm_storm"]
+    _check_preempted(job, "SIGTERM")
+    assert job.sent >= 3, job.sent
+
+
 @pytest.mark.slow
 def test_torchrun_forwards_sigterm_and_both_ranks_stop_at_one_step(tmp_path):
     """Two gloo ranks under torchrun, which answers SIGTERM by sending it to its workers (and
@@ -207,6 +233,10 @@ def test_submitit_handler_runs_after_the_checkpoint(tmp_path, monkeypatch):
             run(make_cfg(tmp_path, *RUN))
         assert calls == [(signal.SIGUSR2, 3)]
         assert signal.getsignal(signal.SIGUSR2) is submitit_like, "handlers are restored"
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        # a stopped process is on its way out: a late SIGTERM must not kill it (143)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGUSR2, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)

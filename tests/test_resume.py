@@ -114,9 +114,10 @@ def _kill_mid_epoch(proc: subprocess.Popen, run_dir: Path) -> None:
 
 
 def _files(run_dir: Path) -> dict[str, bytes]:
-    """Every file of a run dir and its bytes, but Hydra's own log, which each command appends to."""
+    """Every file of a run dir and its bytes, but Hydra's own log, which each command appends to,
+    and the lock file, which names whichever process held the directory last."""
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name != "train.log"}
+            if p.is_file() and p.name not in ("train.log", ".lock")}
 
 
 class _Collect(logging.Handler):

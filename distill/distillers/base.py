@@ -12,6 +12,7 @@ updates sets `manual_step = True` and implements `training_step` instead.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -126,6 +127,9 @@ class Distiller(nn.Module):
     needs: ClassVar[frozenset[str]] = frozenset()
     # True when some steps leave trainable parameters without gradients (DDP must look for them)
     may_leave_parameters_unused: bool = False
+    # True when the method's losses depend on the run's length (ctx.epochs, ctx.total_steps):
+    # then a resumed run may not change trainer.epochs (distill.engine.rundir)
+    follows_run_length: ClassVar[bool] = False
     exported_role: str = "student"
 
     def __init__(self, student: nn.Module | None = None, teacher: nn.Module | None = None):
@@ -255,6 +259,17 @@ class Distiller(nn.Module):
         """Range checks on config options, run before anything is built. Override per method."""
 
     @classmethod
+    def check_schedule(cls, options: dict, epochs: int) -> None:
+        """Checks of options against the run's length (`trainer.epochs`). Override per method."""
+
+    @classmethod
+    def loss_term_weights(cls, options: dict) -> dict[str, float]:
+        """The weight of each loss term, by option name: all zero trains nothing, which is
+        refused. Default: every number option named `*_weight`; override where a term's weight
+        is a product or named otherwise."""
+        return {k: v for k, v in options.items() if k.endswith("_weight") and _is_number(v)}
+
+    @classmethod
     def teacher_requests(cls, options: dict, teacher: dict) -> list[TeacherRequest]:
         """The frozen teachers this method needs, given its options and the `teacher` config
         group: by default the one `teacher=` names."""
@@ -293,14 +308,39 @@ class Distiller(nn.Module):
         raise NotImplementedError
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def require(options: dict, **rules: str) -> None:
     """`require(options, temperature=">0", kd_weight=">=0")`: a ConfigError naming the first
-    option given in `options` that breaks its rule."""
+    option given in `options` that breaks its rule. Every rule wants a finite number."""
     for name, rule in rules.items():
         test, allowed = _RULES[rule]
-        if name in options and not test(options[name]):
-            raise ConfigError(f"invalid value {options[name]!r}", key=f"distiller.{name}",
+        value = options.get(name)
+        if name in options and not (_is_number(value) and math.isfinite(value) and test(value)):
+            raise ConfigError(f"invalid value {value!r}", key=f"distiller.{name}",
                               allowed=allowed)
+
+
+def check_common(cls: type[Distiller], options: dict, epochs: int) -> None:
+    """What every method's options must satisfy, whatever its own check_values says: layer
+    options are null (the defaults) or name layers, never empty; not every loss weight is zero;
+    then the method's own checks against the run's length."""
+    for name, value in options.items():
+        if name.startswith(("student_", "teacher_")) and name.endswith(("layer", "layers")) \
+                and value is not None:
+            names = value if isinstance(value, (list, tuple)) else [value]
+            if not names or not all(isinstance(n, str) and n.strip() for n in names):
+                raise ConfigError(f"invalid value {value!r}", key=f"distiller.{name}",
+                                  allowed="null (the model's default layers) or module names "
+                                          "of the model (an empty name or list is not a layer)")
+    weights = cls.loss_term_weights(options)
+    if weights and not any(w != 0 for w in weights.values()):
+        raise ConfigError(f"every loss term has weight 0 ({', '.join(sorted(weights))}): the run "
+                          "would train nothing", key="distiller",
+                          allowed="at least one positive loss weight")
+    cls.check_schedule(options, epochs)
 
 
 def require_models(options: dict, option: str, *, at_least: int, allowed: str) -> list[str]:
@@ -315,8 +355,8 @@ def require_models(options: dict, option: str, *, at_least: int, allowed: str) -
     return list(names)
 
 
-_RULES = {">0": (lambda v: v > 0, "a positive number"),
-          ">=0": (lambda v: v >= 0, "zero or positive"),
+_RULES = {">0": (lambda v: v > 0, "a positive (finite) number"),
+          ">=0": (lambda v: v >= 0, "zero or a positive (finite) number"),
           "[0,1]": (lambda v: 0 <= v <= 1, "a number in [0, 1]")}
 
 

@@ -26,6 +26,10 @@ class DKD(Distiller):
         require(options, temperature=">0", ce_weight=">=0", alpha=">=0", beta=">=0",
                 warmup_epochs=">=0")
 
+    @classmethod
+    def loss_term_weights(cls, options):
+        return {k: options[k] for k in ("ce_weight", "alpha", "beta") if k in options}
+
     def forward(self, images, targets, ctx):
         logits = self.student(images)
         logits_teacher = self.teacher_logits(images)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from distill.distillers.base import (
     DISTILLERS, BuildInfo, FeatureDistiller, default_layers, layer_shapes, require)
 from distill.distillers.connectors import build_connector
+from distill.errors import ConfigError
 from distill.losses import fitnet_loss, kd_loss
 
 
@@ -46,6 +47,15 @@ class FitNet(FeatureDistiller):
     def check_values(cls, options):
         require(options, ce_weight=">=0", feat_weight=">=0", hint_epochs=">=0", kd_weight=">=0",
                 temperature=">0")
+
+    @classmethod
+    def check_schedule(cls, options, epochs):
+        if options.get("hint_epochs", 0) >= epochs:
+            raise ConfigError(
+                f"{options['hint_epochs']} hint epochs in a {epochs}-epoch run: the student "
+                "would train on hints only and never on labels or logits",
+                key="distiller.hint_epochs",
+                allowed=f"0 (one stage) or fewer than trainer.epochs ({epochs})")
 
     def forward(self, images, targets, ctx):
         logits, logits_teacher, (feat_s,), (feat_t,) = self.forward_features(images)

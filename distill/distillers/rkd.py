@@ -30,6 +30,13 @@ class RKD(FeatureDistiller):
         require(options, ce_weight=">=0", feat_weight=">=0", distance_weight=">=0",
                 angle_weight=">=0")
 
+    @classmethod
+    def loss_term_weights(cls, options):
+        feat = options.get("feat_weight", 1.0)
+        return {"ce_weight": options.get("ce_weight", 1.0),
+                "feat_weight x distance_weight": feat * options.get("distance_weight", 25.0),
+                "feat_weight x angle_weight": feat * options.get("angle_weight", 50.0)}
+
     def forward(self, images, targets, ctx):
         logits, _, (embed_s,), (embed_t,) = self.forward_features(images)
         if embed_s.shape[0] < 2:

@@ -1,7 +1,12 @@
 """Preemption: a signal asks the run to stop at the next step boundary with a checkpoint.
 
-SIGTERM (what SLURM, Kubernetes and torchrun send first) and SIGUSR1 set a flag instead of
-killing the process. The trainer asks `stop_signal()` after every optimizer step; under DDP the
+SIGTERM (what SLURM, Kubernetes and torchrun send first), SIGUSR1 and SIGINT (Ctrl-C) set a flag
+instead of killing the process. The command exits EXIT_PREEMPTED (75) after SIGTERM/SIGUSR1 and
+EXIT_INTERRUPTED (130, the shell's code for Ctrl-C) after SIGINT; either way re-running the
+same command resumes. More signals while the run stops change nothing, up to the moment the
+process exits (a second SIGTERM a moment after the first must not kill it mid-checkpoint);
+only a third Ctrl-C gives up waiting (KeyboardInterrupt: files already written stay whole,
+since every one is renamed into place). The trainer asks `stop_signal()` after every optimizer step; under DDP the
 ranks add up their flags on log steps, so every rank finishes the same step and stops together
 even when the signal reached only some of them. Rank 0 then writes `checkpoints/last.pt` (renamed into
 place, so never half-written), and `Preempted` ends the run with EXIT_PREEMPTED. Re-running the
@@ -43,11 +48,23 @@ from distill.engine import distributed as dist_utils
 
 # EX_TEMPFAIL (sysexits.h): "try again later" -- the run is fine and resumes when re-run
 EXIT_PREEMPTED = 75
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_INTERRUPTED = 130   # 128 + SIGINT, as a shell reports Ctrl-C; also resumes when re-run
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+FORCE_AFTER_INTERRUPTS = 3   # Ctrl-C pressed this often stops waiting for the step
 
 
 class Preempted(Exception):
     """The run stopped on a signal after writing its checkpoint; re-run the command to resume."""
+
+    def __init__(self, message: str, signum: int = 0):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.signum == signal.SIGINT else EXIT_PREEMPTED
+
+
 
 
 def _submitit_signal() -> signal.Signals | None:
@@ -64,13 +81,18 @@ class PreemptionGuard:
     def __init__(self, device: torch.device | None = None):
         self.device = device or torch.device("cpu")
         self.received = 0            # the first signal's number; 0 while none came
+        self.interrupts = 0          # Ctrl-C presses
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # A second SIGTERM changes nothing on purpose: SLURM and torchrun may both deliver one
         # to a worker, and dying on the second would lose the checkpoint. A hung run still
-        # stops on SIGINT (Ctrl-C), which is not caught here, or SIGKILL.
+        # stops on a third Ctrl-C, or SIGKILL.
         self.received = self.received or signum
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts >= FORCE_AFTER_INTERRUPTS:
+                raise KeyboardInterrupt
 
     def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is not threading.main_thread():
@@ -82,10 +104,16 @@ class PreemptionGuard:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        stopping = exc_type is Preempted
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # After a stop the process is on its way out: where the previous handler would kill
+            # it (SIG_DFL) or raise (Python's Ctrl-C handler), later signals are ignored instead,
+            # so another SIGTERM cannot turn exit 75 into death by signal (143). SIG_IGN, not a
+            # Python function: the interpreter puts SIG_DFL back for those while it exits.
+            late = stopping and handler in (signal.SIG_DFL, signal.default_int_handler)
+            signal.signal(sig, signal.SIG_IGN if late else handler)
         previous = self._previous.get(self.received)
-        if exc_type is Preempted and callable(previous):
+        if stopping and callable(previous) and previous is not signal.default_int_handler:
             # e.g. submitit's handler: it requeues the job now that the checkpoint is written
             # (and may exit the process itself). SIG_DFL / SIG_IGN are not callable: skipped.
             previous(self.received, None)

@@ -1,23 +1,32 @@
-"""The run directory: is it a run to resume, a different experiment, or old files to set aside?"""
+"""The run directory: is it a run to resume, a different experiment, or old files to set aside?
+Who may write it (one process: `locked`), and what a refused command leaves in it (nothing:
+`discard_if_unused`)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from distill.config import schema_defaults
+from distill.engine import distributed as dist_utils
 from distill.engine.checkpoint import load_latest_checkpoint
+from distill.engine.optim import lr_factor_fn
 from distill.errors import ConfigError
+from distill.locks import Locked, exclusive
 
 log = logging.getLogger("distill")
 
 # Settings that may differ when a run is resumed; any other difference is a different experiment.
+# `trainer.epochs` may grow (never shrink) while the steps already taken keep their learning
+# rate and the method does not follow the run's length (check_schedule_change).
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.resume", "trainer.num_workers",
                      "trainer.log_every", "trainer.progress", "trainer.eval_batch_size", "logger",
                      "run_dir", "zoo", "teacher.auto_train", "teacher.auto_train_epochs", "device",
@@ -29,6 +38,7 @@ RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.resume", "t
 # Where the teachers' weights are: may move, because a checkpoint that records the teachers'
 # sha256 (format 2) is checked against the weights themselves.
 TEACHER_FILES = ("teacher.checkpoint", "distiller.teacher_checkpoints")
+LOCK_FILE = ".lock"   # held by the process that runs in the directory (distill.locks)
 RUN_ARTIFACTS = ("metrics.jsonl", "summary.json", "student.safetensors", "checkpoints", "wandb",
                  ".hydra")
 
@@ -50,6 +60,84 @@ def config_differences(old: Any, new: Any, prefix: str = "",
             diffs += config_differences(old.get(key), new.get(key), path + ".", allowed)
         return diffs
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Held for the whole run: a second process started in the same directory (the same command
+    twice, two sweeps over one folder) is refused before it reads or writes anything, naming the
+    holder's PID and host. An flock: a killed run never leaves it stuck. Under DDP rank 0 holds
+    it for the job and every rank hears whether it got it."""
+    with contextlib.ExitStack() as stack:
+        holder = None
+        if dist_utils.is_main_process():
+            try:
+                stack.enter_context(exclusive(run_dir / LOCK_FILE, wait=False))
+            except Locked as exc:
+                holder = exc.holder
+            except OSError as exc:
+                holder = f"! {exc.strerror or exc}"
+        holder = dist_utils.broadcast_object(holder)
+        if holder is not None and holder.startswith("! "):
+            raise ConfigError(f"cannot write to {run_dir}: {holder[2:]}", key="run_dir")
+        if holder is not None:
+            raise ConfigError(
+                f"{run_dir} is in use by {holder}: one run directory holds one running process",
+                key="run_dir",
+                hint="wait for that run to end (re-running the command then resumes it), or "
+                     "choose another run directory (tag=..., hydra.run.dir=...). The lock dies "
+                     "with its process, so a killed run never blocks the directory.")
+        yield
+
+
+def discard_if_unused(run_dir: Path, stop_at: Path | None = None) -> None:
+    """After a refused command: remove the run directory if nothing but this process's lock is
+    in it (Hydra creates it before distill reads the config), and the empty folders above it up
+    to `stop_at` (default: the working directory), so a typo leaves no trace."""
+    run_dir = run_dir.absolute()
+    stop_at = (stop_at or Path.cwd()).absolute()
+    if run_dir == stop_at or run_dir in stop_at.parents:
+        return
+    try:
+        if {p.name for p in run_dir.iterdir()} - {LOCK_FILE}:
+            return
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        folder = run_dir
+        while folder != stop_at and stop_at in folder.parents:
+            folder.rmdir()
+            folder = folder.parent
+        if folder == run_dir:   # outside the working directory: only the run's own folder
+            run_dir.rmdir()
+    except OSError:   # not empty (another job's files), gone, or not ours to remove
+        return
+
+
+def check_schedule_change(old: dict, new: dict, *, steps_taken: int, steps_per_epoch: int,
+                          follows_run_length: bool) -> None:
+    """A resumed run may lengthen its schedule (`trainer.epochs` up), never shorten it: a shorter
+    one would be declared finished (and published) at a point the recorded schedule never
+    ended. Lengthening is refused too when the steps already taken would have had another
+    learning rate (cosine over more epochs) or the method follows the run's length."""
+    before, after = old["trainer"]["epochs"], new["trainer"]["epochs"]
+    if after == before:
+        return
+    hint = ("resume with trainer.epochs=" + str(before) + ", or start over with "
+            "trainer.resume=false (the old files go under previous/), or use another run "
+            "directory (tag=...)")
+    if after < before:
+        raise ConfigError(f"the run in this directory was started for {before} epochs; a "
+                          f"resumed run may extend its schedule, not shorten it to {after}",
+                          key="trainer.epochs", hint=hint)
+    old_lr = lr_factor_fn(epochs=before, steps_per_epoch=steps_per_epoch, **old["scheduler"])
+    new_lr = lr_factor_fn(epochs=after, steps_per_epoch=steps_per_epoch, **new["scheduler"])
+    changed = next((s for s in range(steps_taken + 1) if old_lr(s) != new_lr(s)), None)
+    if changed is not None or follows_run_length:
+        why = (f"the {new['scheduler']['name']} schedule over {after} epochs gives step "
+               f"{changed} another learning rate than the one it trained with"
+               if changed is not None else
+               f"distiller '{new['distiller']['name']}' follows the run's length")
+        raise ConfigError(f"cannot extend this run from {before} to {after} epochs: {why}",
+                          key="trainer.epochs", hint=hint)
 
 
 def check_run_dir(run_dir: Path, config: dict, *, resume: bool,

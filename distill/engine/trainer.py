@@ -323,9 +323,16 @@ class Trainer:
                     if self.stop_signal:
                         dist_utils.barrier()   # no rank exits before rank 0's checkpoint is on disk
                         raise self._preempted()
+                if self._last_evaluated_step() != self.state.global_step:
+                    # resumed past where a shorter trainer.max_steps ends: the summary (and a
+                    # zoo publication) reports the weights it saves, never an earlier evaluation
+                    self._end_epoch(self.state.global_step // self.steps_per_epoch, {})
             return self._finish()
         finally:
             self.trackers.close()
+
+    def _last_evaluated_step(self) -> int | None:
+        return self.state.history[-1]["step"] if self.state.history else None
 
     def _preempted(self) -> Preempted:
         step = self.state.global_step
@@ -334,7 +341,7 @@ class Trainer:
         self.trackers.log({"preempted_at_step": step}, step=step, event="preempted")
         if self.main:
             log.warning(message)
-        return Preempted(message)
+        return Preempted(message, self.stop_signal)
 
     def _evaluate(self, model: nn.Module) -> dict[str, float]:
         return evaluate(model, self.loaders.val, self.device, reduce=dist_utils.all_reduce_sum,
@@ -419,6 +426,13 @@ class Trainer:
                 break
         self.state.train_seconds += time.perf_counter() - epoch_start
         self.state.train_images += images_seen * self.world_size
+        if images_seen and not applied:
+            # every step skipped (e.g. a teacher that outputs NaN): finishing would publish
+            # untrained weights as a result
+            raise FloatingPointError(
+                f"every step of epoch {epoch + 1} ({self.state.skipped_steps} skipped in all) had "
+                f"a non-finite loss and was skipped (trainer.on_nonfinite=skip): nothing is being "
+                f"trained, so the run stops here; {self.checkpointer.last_good()}")
         return _mean_over_ranks(sums, max(applied, 1))
 
     def _default_step(self, images: torch.Tensor, targets: torch.Tensor, ctx: StepContext,
