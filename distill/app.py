@@ -124,8 +124,11 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
     distiller_cls = DISTILLERS.get(cfg.distiller.name)
     checkpoint = check_run_dir(run_dir, resolved, resume=cfg.trainer.resume,
                                teacherless=not distiller_cls.requires_teacher)
-    seed_everything(cfg.seed)
     dataset = resolved["dataset"]
+    publishes = cfg.distiller.name == "none" and cfg.zoo.publish
+    if publishes:   # a damaged zoo entry is named now, not after hours of training
+        TeacherZoo(cfg.zoo.root).versions(dataset["name"], cfg.student.name)
+    seed_everything(cfg.seed)
     data = build_data(dataset)
     data_path_transforms(data, cfg.trainer.data_path)   # trainer.data_path=memory must fit
     if checkpoint is not None:
@@ -189,7 +192,7 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
         run_name=run_name, checkpoint=checkpoint, teachers=[t.record() for t in teachers])
     log_start(run_dir, cfg, device, distiller, teachers)
     publish = None
-    if cfg.distiller.name == "none" and cfg.zoo.publish:
+    if publishes:
         def publish(summary: dict) -> None:
             publish_to_zoo(TeacherZoo(cfg.zoo.root), dataset, cfg, run_dir, summary, data)
     return trainer, publish

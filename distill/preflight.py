@@ -57,14 +57,14 @@ def check_output_dir(arg: str) -> None:
     if not match or "${" in match["value"]:
         return
     if not match["value"].strip():
-        raise ConfigError("empty: the run would write into the working directory",
-                          key=match["key"], allowed="a folder for the run, e.g. outputs/my-run")
+        raise ConfigError(f"{match['key']} is empty: the run would write into the working "
+                          "directory", key="run_dir", allowed="a folder for the run, e.g. outputs/my-run")
     path = Path(match["value"]).expanduser().absolute()
     too_long = next((part for part in path.parts if len(part.encode()) > NAME_MAX), None)
     if too_long is not None or len(str(path).encode()) > PATH_MAX:
         what = (f"the folder name {too_long[:40]!r}... is longer than {NAME_MAX} bytes"
                 if too_long else f"the path is longer than {PATH_MAX} bytes")
-        raise ConfigError(f"cannot create {str(path)[:80]}...: {what}", key=match["key"],
+        raise ConfigError(f"cannot create {str(path)[:80]}...: {what}", key="run_dir",
                           hint=f"choose a shorter {match['key']}")
     for parent in (path, *path.parents):
         if parent.exists():

@@ -316,8 +316,10 @@ class TeacherResolver:
             try:
                 return self.train(config, overrides=[])
             except ConfigError as exc:   # e.g. its run directory holds a run it cannot resume
+                # its trainer.epochs is this run's teacher.auto_train_epochs (or the recipe's)
+                key = "teacher.auto_train_epochs" if exc.key == "trainer.epochs" else exc.key
                 raise ConfigError(f"the run that makes a zoo model for this one, in "
-                                  f"{config.run_dir}: {exc.message}", key=exc.key,
+                                  f"{config.run_dir}: {exc.message}", key=key,
                                   allowed=exc.allowed, hint=exc.hint) from None
 
     # the model

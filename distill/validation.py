@@ -5,6 +5,7 @@ with. (Types were checked when Hydra composed the config against the schema in d
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -78,6 +79,7 @@ def validate(cfg: DictConfig) -> dict:
     """All the checks; returns the resolved config."""
     check_known_keys(cfg)
     resolved = resolve_config(cfg)
+    check_recipe(resolved["dataset"].get("recipe"))
     opt, sched, trainer = cfg.optimizer, cfg.scheduler, cfg.trainer
     checks = [
         ("optimizer.name", lambda: opt.name in OPTIMIZERS, lambda: ", ".join(OPTIMIZERS)),
@@ -91,10 +93,11 @@ def validate(cfg: DictConfig) -> dict:
         ("scheduler.milestones", lambda: all(m >= 1 for m in sched.milestones) and all(
             a < b for a, b in zip(sched.milestones, sched.milestones[1:])),
          "epochs (at least 1) in increasing order, e.g. [150,180,210]; [] for none"),
-        ("scheduler.warmup_epochs", lambda: sched.warmup_epochs >= 0, "zero or positive"),
         ("scheduler.min_lr_ratio", lambda: 0 <= sched.min_lr_ratio <= 1,
          "in [0, 1]: the cosine floor as a fraction of the base lr"),
         ("trainer.epochs", lambda: trainer.epochs >= 1, "at least 1"),
+        ("scheduler.warmup_epochs", lambda: 0 <= sched.warmup_epochs <= trainer.epochs,
+         "zero or positive, at most trainer.epochs (a longer ramp never reaches the base lr)"),
         ("trainer.batch_size", lambda: trainer.batch_size >= 1, "at least 1"),
         ("trainer.eval_batch_size", lambda: trainer.eval_batch_size >= 1, "at least 1"),
         ("trainer.max_steps", lambda: trainer.max_steps is None or trainer.max_steps >= 1,
@@ -125,6 +128,11 @@ def validate(cfg: DictConfig) -> dict:
             raise ConfigError(f"invalid value {OmegaConf.select(cfg, key)!r}", key=key,
                               allowed=allowed() if callable(allowed) else allowed)
     distiller_cls = DISTILLERS.get(cfg.distiller.name, key="distiller")
+    checkpoint = cfg.teacher.checkpoint
+    if distiller_cls.requires_teacher and checkpoint is not None \
+            and not Path(checkpoint).expanduser().is_file():
+        raise ConfigError(f"no such file: {checkpoint}", key="teacher.checkpoint",
+                          allowed="null (the teacher zoo) or the path of a weights file")
     options = {k: v for k, v in resolved["distiller"].items() if k != "name"}
     check_options(distiller_cls, options, key="distiller", skip=FIXED_ARGUMENTS)
     distiller_cls.check_values(options)
@@ -150,6 +158,37 @@ def validate(cfg: DictConfig) -> dict:
         raise ConfigError("SyncBatchNorm runs on GPUs only", key="trainer.sync_bn",
                           allowed="false on CPU")
     return resolved
+
+
+# The dataset's recipe: what its keys feed, and the rule of each. Checked whether or not this run
+# reads them (trainer.epochs=2 leaves recipe.epochs unread), because the run that trains a
+# missing teacher does.
+RECIPE_RULES = {
+    "epochs": (lambda v: _is_int(v) and v >= 1, "an integer of at least 1 (trainer.epochs)"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer of at least 1 (trainer.batch_size)"),
+    "lr": (lambda v: _is_real(v) and v > 0, "a positive finite number (optimizer.lr)"),
+    "weight_decay": (lambda v: _is_real(v) and v >= 0, "zero or a positive finite number "
+                                                       "(optimizer.weight_decay)"),
+    "milestones": (lambda v: isinstance(v, list) and all(_is_int(m) and m >= 1 for m in v)
+                   and all(a < b for a, b in zip(v, v[1:])),
+                   "epochs (at least 1) in increasing order (scheduler.milestones); [] for none"),
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_recipe(recipe: dict | None) -> None:
+    for key, value in (recipe or {}).items():
+        rule = RECIPE_RULES.get(key)
+        if rule is not None and not rule[0](value):
+            raise ConfigError(f"invalid value {value!r}", key=f"dataset.recipe.{key}",
+                              allowed=rule[1])
 
 
 def check_finite(resolved: dict) -> None:

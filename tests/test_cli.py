@@ -137,6 +137,39 @@ BAD = {
     "teacher-checkpoint-damaged": (
         ["distiller=kd", "teacher=resnet8", "teacher.checkpoint={garbage}"], 2,
         "teacher.checkpoint", [r"not a valid safetensors file"], None),
+    # paths: run directories are built from validated parts
+    "tag-leaves-the-outputs-tree": (["tag=../../escaped"], 2, "tag", [r"no '/', no '\.\.'"], None),
+    "tag-with-a-separator": (["tag=a/b"], 2, "tag", [r"'a/b'"], None),
+    "tag-too-long": (["tag=" + "x" * 300], 2, "tag", [r"up to 100"], None),
+    "empty-run-dir": (["run_dir="], 2, "run_dir", [r"working directory"], None),
+    "run-dir-name-too-long": (["hydra.run.dir={home}/" + "x" * 300], 2, "run_dir",
+                              [r"longer than 255 bytes"], None),
+    "seed-out-of-range": (["seed=-1"], 2, "seed", [r"\[0, 2147483647\]"], None),
+    # configurations that would train nothing
+    "hint-stage-covers-the-run": (
+        ["distiller=fitnet", "distiller.hint_epochs=1"], 2, "distiller.hint_epochs",
+        [r"hints only"], None),
+    "every-loss-weight-zero": (
+        ["distiller=kd", "distiller.ce_weight=0", "distiller.kd_weight=0"], 2, "distiller",
+        [r"train nothing", r"ce_weight", r"kd_weight"], None),
+    "every-dkd-weight-zero": (
+        ["distiller=dkd", "distiller.ce_weight=0", "distiller.alpha=0", "distiller.beta=0"], 2,
+        "distiller", [r"alpha", r"beta"], None),
+    "negative-milestone": (["scheduler.milestones=[-1]"], 2, "scheduler.milestones",
+                           [r"increasing order"], None),
+    "unsorted-milestones": (["scheduler.milestones=[20,10]"], 2, "scheduler.milestones",
+                            [r"increasing order"], None),
+    "cosine-floor-above-the-base-lr": (["scheduler=cosine", "scheduler.min_lr_ratio=2"], 2,
+                                       "scheduler.min_lr_ratio", [r"\[0, 1\]"], None),
+    "empty-attention-layer-list": (["distiller=at", "distiller.student_layers=[]"], 2,
+                                   "distiller.student_layers", [r"empty"], None),
+    "empty-hint-layer-name": (["distiller=fitnet", "distiller.student_layer=''"], 2,
+                              "distiller.student_layer", [r"empty"], None),
+    "zero-auto-train-epochs": (
+        ["distiller=kd", "teacher.auto_train=true", "teacher.auto_train_epochs=0"], 2,
+        "teacher.auto_train_epochs", [r"null \(the dataset recipe's epochs\)"], None),
+    "infinite-warmup": (["scheduler.warmup_epochs=inf"], 2, "scheduler.warmup_epochs",
+                        [r"finite"], None),
 }
 
 
@@ -320,6 +353,8 @@ def test_bad_input(results, teacher_weights, case):
     for pattern in patterns:
         assert re.search(pattern, r.output), f"no match for {pattern!r}\n{r}"
     assert not (r.home / "run" / "summary.json").exists(), "a bad command must not train"
+    # Hydra makes the run folder before distill reads the config: a refusal removes it again
+    assert not (r.home / "run").exists(), "a refused command left its run folder behind"
     # refused before the run record is written: nothing half-written to mistake for a run
     assert not (r.home / "run" / ".hydra").exists(), "the run record was written"
     assert not (r.home / "run" / "metrics.jsonl").exists(), "metrics were written"

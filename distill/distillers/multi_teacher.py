@@ -9,6 +9,8 @@ single-teacher KD loss of the reference code (KL in log space, T^2) against the 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -51,6 +53,10 @@ class MultiTeacher(Distiller):
         weights = options.get("weights")
         if weights is not None:
             try:
+                if not isinstance(weights, (list, tuple)) or not all(
+                        isinstance(w, (int, float)) and not isinstance(w, bool)
+                        and math.isfinite(w) for w in weights):
+                    raise ValueError(f"invalid value {weights!r}")
                 ensemble_weights(len(teachers), weights)
             except ValueError as exc:
                 raise ConfigError(str(exc), key="distiller.weights",

@@ -39,6 +39,7 @@ RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.resume", "t
 # sha256 (format 2) is checked against the weights themselves.
 TEACHER_FILES = ("teacher.checkpoint", "distiller.teacher_checkpoints")
 LOCK_FILE = ".lock"   # held by the process that runs in the directory (distill.locks)
+HYDRA_LOG = "train.log"   # Hydra's job log (hydra.job.name in configs/train.yaml)
 RUN_ARTIFACTS = ("metrics.jsonl", "summary.json", "student.safetensors", "checkpoints", "wandb",
                  ".hydra")
 
@@ -91,17 +92,20 @@ def locked(run_dir: Path) -> Iterator[None]:
 
 
 def discard_if_unused(run_dir: Path, stop_at: Path | None = None) -> None:
-    """After a refused command: remove the run directory if nothing but this process's lock is
-    in it (Hydra creates it before distill reads the config), and the empty folders above it up
-    to `stop_at` (default: the working directory), so a typo leaves no trace."""
+    """After a refused command: remove the run directory if nothing but the lock and Hydra's job
+    log is in it (Hydra creates both before distill reads the config; a folder that held a run
+    has its .hydra/ record), and the empty folders above it up to `stop_at` (default: the
+    working directory), so a typo leaves no trace."""
     run_dir = run_dir.absolute()
     stop_at = (stop_at or Path.cwd()).absolute()
     if run_dir == stop_at or run_dir in stop_at.parents:
         return
     try:
-        if {p.name for p in run_dir.iterdir()} - {LOCK_FILE}:
+        if {p.name for p in run_dir.iterdir()} - {LOCK_FILE, HYDRA_LOG}:
             return
+        _close_file_logs(run_dir)
         (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        (run_dir / HYDRA_LOG).unlink(missing_ok=True)
         folder = run_dir
         while folder != stop_at and stop_at in folder.parents:
             folder.rmdir()
@@ -110,6 +114,19 @@ def discard_if_unused(run_dir: Path, stop_at: Path | None = None) -> None:
             run_dir.rmdir()
     except OSError:   # not empty (another job's files), gone, or not ours to remove
         return
+
+
+def _close_file_logs(folder: Path) -> None:
+    """Detach the logging handlers that write into `folder` (Hydra's job log) before it goes:
+    a later record would recreate the file, or fail on the missing folder."""
+    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            path = getattr(handler, "baseFilename", None)
+            if path is not None and Path(path).parent == folder:
+                logger.removeHandler(handler)
+                handler.close()
 
 
 def check_schedule_change(old: dict, new: dict, *, steps_taken: int, steps_per_epoch: int,
