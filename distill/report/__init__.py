@@ -21,12 +21,12 @@ from distill.report.group import (
     summarize, teacher_label)
 from distill.report.plot import plot_rows
 from distill.report.render import (
-    CSV_COLUMNS, cell, check_writable, csv_record, in_column, method_order, pairs,
+    CSV_COLUMNS, cell, csv_record, in_column, method_order, pairs,
     render_markdown, write_csv, writing)
 from distill.report.runs import Run, Unfinished, find_run_dirs, load_run, load_runs
 
 __all__ = ["CSV_COLUMNS", "IGNORED_KEYS", "METRICS", "TEACHER_DIGESTS", "VANILLA", "Group",
-           "Row", "Run", "Unfinished", "cell", "check_writable", "csv_record", "find_run_dirs",
+           "Row", "Run", "Unfinished", "cell", "csv_record", "find_run_dirs",
            "flops", "format_value", "group_runs", "has_teacher", "in_column", "keys_that_differ",
            "load_run", "load_runs", "method_defaults", "method_order", "num_classes", "pairs",
            "plot_rows", "render_markdown", "result_config", "summarize", "teacher_label",

@@ -163,14 +163,6 @@ def writing(path: str | Path, option: str):
         raise ConfigError(f"cannot write {path}: {why}", key=option) from None
 
 
-def check_writable(path: str | Path, option: str) -> None:
-    """Before any output is written: a ConfigError when `path` cannot be written (its folder
-    cannot be created, or it is a folder)."""
-    with writing(path, option) as target:
-        if target.is_dir():
-            raise IsADirectoryError(target)
-
-
 def write_csv(rows: list[Row], path: str | Path, option: str = "--csv") -> None:
     with writing(path, option) as target, open(target, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
