@@ -18,12 +18,12 @@ import torch
 from omegaconf import DictConfig
 
 from distill.config import run_path
-from distill.data import DatasetBundle, build_datasets
+from distill.data import DATASETS, DatasetBundle, build_datasets
 from distill.distillers import DISTILLERS, BuildInfo, Distiller, TeacherRequest, build_distiller
 from distill.engine import distributed as dist_utils
 from distill.engine.loaders import data_path_transforms
 from distill.engine.rundir import (check_run_dir, check_schedule_change, discard_if_unused,
-                                   locked, start_run_dir)
+                                   locked, note_new_folders, start_run_dir)
 from distill.engine.sampler import steps_per_epoch
 from distill.engine.trainer import Trainer, TrainerOptions
 from distill.errors import ConfigError
@@ -90,12 +90,18 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     leaves it as it found it (and removes it when it was made for this command)."""
     overrides = overrides or []
     run_dir = Path(cfg.run_dir)
+    try:
+        resolved = validate(cfg)   # reads no file: the run directory is not touched yet
+        device = resolve_device(cfg.device)
+    except ConfigError:
+        discard_if_unused(run_dir, locked_here=False)   # not a folder a live run holds
+        raise
+    dist_utils.init_from_env(use_cuda=device.type == "cuda")
+    note_new_folders(run_dir)
     with contextlib.ExitStack() as held:
+        # a process refused here has touched nothing of the holder's
+        held.enter_context(locked(run_dir))
         try:
-            resolved = validate(cfg)
-            device = resolve_device(cfg.device)
-            dist_utils.init_from_env(use_cuda=device.type == "cuda")
-            held.enter_context(locked(run_dir))
             trainer, publish = prepare(cfg, resolved, overrides, run_dir, device)
         except ConfigError:
             dist_utils.on_main(lambda: discard_if_unused(run_dir))
@@ -127,10 +133,23 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
     dataset = resolved["dataset"]
     publishes = cfg.distiller.name == "none" and cfg.zoo.publish
     if publishes:   # a damaged zoo entry is named now, not after hours of training
-        TeacherZoo(cfg.zoo.root).versions(dataset["name"], cfg.student.name)
+        dist_utils.on_main(lambda: TeacherZoo(cfg.zoo.root).versions(dataset["name"],
+                                                                     cfg.student.name))
     seed_everything(cfg.seed)
     data = build_data(dataset)
     data_path_transforms(data, cfg.trainer.data_path)   # trainer.data_path=memory must fit
+    if data.data_digest is not None:
+        # recorded with the config: a resume on other data is refused, the zoo and the report
+        # keep runs on different data apart
+        resolved["data_sha256"] = data.data_digest
+    recorded = (checkpoint or {}).get("config", {}).get("data_sha256")
+    if recorded is not None and recorded != data.data_digest:
+        raise ConfigError(
+            f"the data changed since this run started (digest {recorded[:16]}, now "
+            f"{(data.data_digest or 'none')[:16]}): its weights were trained on the old data",
+            key=DATASETS.meta(dataset["name"]).get("data_key", "dataset"),
+            hint="put the data back, or start over with trainer.resume=false (the old files go "
+                 "under previous/), or use another run directory (tag=...)")
     if checkpoint is not None:
         check_schedule_change(checkpoint["config"], resolved,
                               steps_taken=checkpoint["state"]["global_step"],

@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import sys
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from distill.app import resolve_device, run
 from distill.config import CONFIG_DIR
 from distill.engine import distributed as dist_utils
-from distill.engine.preemption import EXIT_INTERRUPTED, Preempted
+from distill.engine.preemption import EXIT_INTERRUPTED, Preempted, exit_on_stop
+from distill.engine.rundir import note_new_folders
 from distill.errors import ConfigError
 
 
@@ -62,6 +64,18 @@ def _hydra_task(cfg: DictConfig) -> float | None:
     return summary["best_top1"]
 
 
+class NoteNewFolders(Callback):
+    """A Hydra callback (configs/train.yaml, hydra.callbacks): notes which folders of the run
+    (or sweep) directory Hydra is about to create, so a command refused before its first step
+    removes them again and nothing that was there before (distill.engine.rundir)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        note_new_folders(str(OmegaConf.select(config, "hydra.run.dir")))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        note_new_folders(str(OmegaConf.select(config, "hydra.sweep.dir")))
+
+
 def main() -> None:
     """Entry point of tools/train.py and the `distill-train` console script."""
     import hydra
@@ -73,4 +87,9 @@ def main() -> None:
     except ConfigError as exc:
         print_error(exc)
         sys.exit(2)
-    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")(_hydra_task)()
+    exit_on_stop()   # this process ends when a run stops on a signal (late signals ignored)
+    try:
+        hydra.main(version_base="1.3", config_path=str(CONFIG_DIR),
+                   config_name="train")(_hydra_task)()
+    finally:
+        exit_on_stop(False)   # main() called in-process (tests) leaves the process as it was

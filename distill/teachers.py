@@ -189,22 +189,20 @@ class TeacherResolver:
 
     def _find(self, name: str) -> ZooEntry | None:
         """The zoo's current `name` for this run's data and split, as rank 0 sees it."""
-        return dist_utils.broadcast_object(
-            self.zoo.find(self.dataset["name"], name, split=self.split)
-            if dist_utils.is_main_process() else None)
+        return dist_utils.on_main(lambda: self.zoo.find(self.dataset["name"], name,
+                                                        split=self.split))
 
     def _other_data(self, name: str) -> str:
         """For a 'not in the zoo' error: what the zoo holds of `name` for other data."""
-        others = self.zoo.other_splits(self.dataset["name"], name, self.split)
+        others = dist_utils.on_main(
+            lambda: self.zoo.other_splits(self.dataset["name"], name, self.split))
         if not others:
             return ""
         return (f"; it holds {len(others)} trained on other data or another split (e.g. "
                 f"{others[0]}; this run: {self.split}), which never teach this one")
 
     def _find_digest(self, sha256: str) -> ZooEntry | None:
-        return dist_utils.broadcast_object(
-            self.zoo.find_digest(self.dataset["name"], sha256)
-            if dist_utils.is_main_process() else None)
+        return dist_utils.on_main(lambda: self.zoo.find_digest(self.dataset["name"], sha256))
 
     # where the weights are
     def weights(self, request: TeacherRequest, *, may_train: bool = True) -> tuple[str | None, str]:
@@ -305,9 +303,8 @@ class TeacherResolver:
                                  name, zoo_name)
                     told = True
                     time.sleep(CLAIM_POLL_SECONDS)
-            missing = (self.zoo.find(name, zoo_name, split=self.split) is None
-                       if dist_utils.is_main_process() else None)
-            yield dist_utils.broadcast_object(missing)
+            yield dist_utils.on_main(
+                lambda: self.zoo.find(name, zoo_name, split=self.split) is None)
 
     def _train(self, config: DictConfig) -> dict[str, Any]:
         """A run that makes a zoo model: its own job, which leaves this run's random state (and

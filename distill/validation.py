@@ -119,10 +119,9 @@ def validate(cfg: DictConfig) -> dict:
          or cfg.teacher.checkpoint.strip() != "", "null (the zoo) or the path of a weights file"),
         ("seed", lambda: 0 <= cfg.seed <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
         ("zoo.root", lambda: cfg.zoo.root.strip() != "", "a folder (default: zoo, or $DISTILL_ZOO)"),
-        ("run_dir", lambda: cfg.run_dir.strip() != "",
-         "a folder for this run (default: outputs/<dataset>/<pair>/<method>/seed<N>)"),
     ]
     check_finite(resolved)
+    check_run_dir_value(cfg.run_dir)
     for key, ok, allowed in checks:
         if not ok():
             raise ConfigError(f"invalid value {OmegaConf.select(cfg, key)!r}", key=key,
@@ -189,6 +188,14 @@ def check_recipe(recipe: dict | None) -> None:
         if rule is not None and not rule[0](value):
             raise ConfigError(f"invalid value {value!r}", key=f"dataset.recipe.{key}",
                               allowed=rule[1])
+
+
+def check_run_dir_value(run_dir: str) -> None:
+    if not str(run_dir).strip():
+        raise ConfigError(f"invalid value {run_dir!r}: the run would write into the working "
+                          "directory", key="run_dir",
+                          allowed="a folder for this run (default: "
+                                  "outputs/<dataset>/<pair>/<method>/seed<N>)")
 
 
 def check_finite(resolved: dict) -> None:

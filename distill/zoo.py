@@ -143,13 +143,17 @@ class TeacherZoo:
     def find(self, dataset: str, name: str, sha256: str | None = None,
              split: dict | None = None) -> ZooEntry | None:
         """The version with that `sha256`, else the current version for `split` (a split
-        identity; None: any split). Versions published before splits were recorded match
-        every split."""
+        identity; None: any split). Versions published before splits were recorded match a
+        split of packaged data only (no `data_sha256`)."""
         versions = self.versions(dataset, name)
         if sha256 is not None:
             return next((e for e in versions if e.sha256 == sha256), None)
         if split is not None:
-            versions = [e for e in versions if e.meta.get("split") in (None, split)]
+            # a version from before splits were recorded may be taken for packaged data (whose
+            # options say it all), never for data of the user's, which it cannot be told from
+            legacy_ok = "data_sha256" not in split
+            versions = [e for e in versions if e.meta.get("split") == split
+                        or (legacy_ok and e.meta.get("split") is None)]
         if not versions:
             return None
         pointers = self._pointers(dataset, name, versions)

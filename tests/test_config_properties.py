@@ -146,7 +146,7 @@ def names_the_key(key: str, detail: str) -> bool:
     return (named == key
             or key in text   # e.g. a recipe value reported by the key that reads it
             or (key.endswith(".name") and named == key.rsplit(".", 1)[0])
-            or (named == "distiller" and "weight 0" in text and option in text))
+            or (named == "distiller" and "weight 0" in text and option in text))   # all zero
 
 
 def test_every_boundary_value_is_refused_by_name_or_documented(walk):

@@ -135,6 +135,18 @@ def test_cifar_digest_is_the_batch_files(tmp_path):
     assert build_datasets("cifar10", root=str(tmp_path / "b"), download=False).data_digest != digest
 
 
+def test_the_official_cifar_release_is_identified_by_its_name(tmp_path, monkeypatch):
+    """Files equal to the official release (torchvision's md5 list) have no digest, as before
+    digests existed, so zoo teachers published then are still found."""
+    from distill.data import cifar
+
+    folder, _, _ = make_cifar10(tmp_path / "a", n=3)
+    md5 = {f: hashlib.md5(open(os.path.join(folder, f), "rb").read()).hexdigest()
+           for f in cifar.CIFAR10.release_md5}
+    monkeypatch.setattr(cifar, "CIFAR10", replace(cifar.CIFAR10, release_md5=md5))
+    assert build_datasets("cifar10", root=str(tmp_path / "a"), download=False).data_digest is None
+
+
 def test_package_data_has_no_digest():
     assert build_datasets("fake", train_size=16, val_size=8).data_digest is None
     assert fake().data_digest is None

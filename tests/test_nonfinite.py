@@ -214,3 +214,27 @@ def test_a_run_whose_every_step_is_skipped_fails_instead_of_finishing(tmp_path, 
         run(make_cfg(tmp_path, *kd_args, "trainer.on_nonfinite=skip"))
     assert not (tmp_path / "run" / "summary.json").exists()
     assert not (tmp_path / "run" / "student.safetensors").exists()
+
+
+def test_a_skipped_step_then_a_stop_signal_is_a_preemption(tmp_path, kd_args, monkeypatch):
+    """The first step of epoch 2 is non-finite (skipped) and a stop signal comes during it: the
+    run stops with its checkpoint (exit 75), not as an epoch whose every step was skipped."""
+    import os
+    import signal
+
+    from distill.engine.preemption import Preempted
+
+    forward = KD.forward
+
+    def forward_with_nan_and_signal(self, images, targets, ctx):
+        logits, terms = forward(self, images, targets, ctx)
+        if ctx.step == 4:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            terms["kd"] = terms["kd"] * float("nan")
+        return logits, terms
+
+    monkeypatch.setattr(KD, "forward", forward_with_nan_and_signal)
+    with pytest.raises(Preempted):
+        run(make_cfg(tmp_path, *kd_args, "trainer.on_nonfinite=skip"))
+    state = _state(tmp_path / "run")["state"]
+    assert state["global_step"] == 5 and state["skipped_steps"] == 1

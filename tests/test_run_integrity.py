@@ -68,6 +68,33 @@ def test_a_live_run_directory_refuses_a_second_process_and_a_killed_one_leaves_n
     assert summary["steps"] == 8
 
 
+def test_a_refused_command_never_removes_a_folder_it_did_not_make(tmp_path, monkeypatch):
+    """A live run's folder holds only its lock while it prepares (data, a teacher trained on the
+    way): a second command refused there, by the lock or by a bad value, removes nothing. A
+    refused command removes the folders it made itself, never one that was there before."""
+    monkeypatch.chdir(tmp_path)
+    live = tmp_path / "outputs" / "live"
+    live.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from distill.locks import exclusive\n"
+         f"with exclusive({str(live / '.lock')!r}):\n print('held', flush=True); time.sleep(600)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for bad in ([], ["trainer.batch_size=0"]):
+            with pytest.raises(ConfigError):
+                run(make_cfg(tmp_path, *BASE, "trainer.epochs=1", *bad, run="outputs/live"))
+            assert (live / ".lock").is_file()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    mine = tmp_path / "mine" / "empty"
+    mine.mkdir(parents=True)
+    with pytest.raises(ConfigError):
+        run(make_cfg(tmp_path, *BASE, "trainer.batch_size=0", run="mine/empty/a/run"))
+    assert mine.is_dir() and not (mine / "a").exists()
+
+
 # --- resumed schedules -----------------------------------------------------------------------
 def _stop_at(monkeypatch, step: int) -> None:
     """SIGUSR1 during `step` (0-based): the run checkpoints that step, mid-epoch, unevaluated."""
@@ -81,16 +108,8 @@ def _stop_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(Vanilla, "forward", signalling_forward)
 
 
-@pytest.fixture
-def restore_signals():
-    yield
-    for sig in (signal.SIGTERM, signal.SIGUSR1):   # a stopped run leaves them ignored
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def test_a_resumed_run_never_shortens_its_schedule_and_reports_the_weights_it_saves(
-        tmp_path, monkeypatch, restore_signals):
+        tmp_path, monkeypatch):
     """A teacher run of 3 epochs stopped at step 6 (mid-epoch 2): re-run with trainer.epochs=1
     it is refused (before, it was declared finished at 1.5 epochs and published with the top-1
     of step 4); with a smaller trainer.max_steps it ends where it is, evaluating the weights
@@ -100,6 +119,7 @@ def test_a_resumed_run_never_shortens_its_schedule_and_reports_the_weights_it_sa
     with pytest.raises(Preempted):
         run(make_cfg(tmp_path, *BASE, "trainer.epochs=3"))
     monkeypatch.undo()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL, "a library call restores them"
     zoo = TeacherZoo(tmp_path / "zoo")
 
     with pytest.raises(ConfigError) as err:
@@ -125,7 +145,7 @@ def test_a_resumed_run_never_shortens_its_schedule_and_reports_the_weights_it_sa
 
 
 def test_a_teacher_cut_short_on_the_way_is_never_published_from_a_shorter_schedule(
-        tmp_path, monkeypatch, restore_signals):
+        tmp_path, monkeypatch):
     """The teacher a KD run trains on the way (as TAKD's assistants are) is stopped mid-run;
     the next command asks for fewer teacher epochs: refused, naming teacher.auto_train_epochs
     (before, it was published as finished under the same name). The original command resumes
@@ -223,6 +243,18 @@ def test_a_teacher_trained_on_one_image_folder_never_teaches_another(tmp_path):
         run(make_cfg(tmp_path, *common, f"dataset.root={second}", "distiller=kd", run="kd2"))
     assert err.value.key == "teacher" and "trained on other data" in err.value.message
     assert not (tmp_path / "kd2").exists(), "a refused run left its folder"
+    # the teacher's run resumed on changed data (images swapped between the classes) would
+    # publish weights of the old data under the new data's digest: refused
+    swap = first / "train" / "swap"
+    os.rename(first / "train" / "a", swap)
+    os.rename(first / "train" / "b", first / "train" / "a")
+    os.rename(swap, first / "train" / "b")
+    with pytest.raises(ConfigError, match="the data changed since this run started") as err:
+        run(make_cfg(tmp_path, *common, f"dataset.root={first}", "distiller=none", run="teacher"))
+    assert err.value.key == "dataset.root"
+    os.rename(first / "train" / "a", swap)
+    os.rename(first / "train" / "b", first / "train" / "a")
+    os.rename(swap, first / "train" / "b")
     moved = tmp_path / "moved"
     os.rename(first, moved)   # the same images in another place are the same data
     summary = run(make_cfg(tmp_path, *common, f"dataset.root={moved}", "distiller=kd",

@@ -323,10 +323,16 @@ def require(options: dict, **rules: str) -> None:
                               allowed=allowed)
 
 
+# Weights of loss terms computed on the logits (CE, KD, DKD's parts, DML's KL): with all of them
+# zero, only feature terms are left and nothing trains the classifier.
+LOGIT_TERM_WEIGHTS = ("ce_weight", "kd_weight", "kl_weight", "alpha", "beta")
+
+
 def check_common(cls: type[Distiller], options: dict, epochs: int) -> None:
     """What every method's options must satisfy, whatever its own check_values says: layer
-    options are null (the defaults) or name layers, never empty; not every loss weight is zero;
-    then the method's own checks against the run's length."""
+    options are null (the defaults) or name layers, never empty; not every loss weight is zero,
+    nor every weight of a term on the logits; then the method's own checks against the run's
+    length."""
     for name, value in options.items():
         if name.startswith(("student_", "teacher_")) and name.endswith(("layer", "layers")) \
                 and value is not None:
@@ -340,6 +346,11 @@ def check_common(cls: type[Distiller], options: dict, epochs: int) -> None:
         raise ConfigError(f"every loss term has weight 0 ({', '.join(sorted(weights))}): the run "
                           "would train nothing", key="distiller",
                           allowed="at least one positive loss weight")
+    on_logits = {k: w for k, w in weights.items() if k in LOGIT_TERM_WEIGHTS}
+    if on_logits and not any(w != 0 for w in on_logits.values()):
+        raise ConfigError(f"no loss term on the logits ({', '.join(sorted(on_logits))} have weight "
+                          "0): the features train, the classifier stays at chance",
+                          key="distiller", allowed="a positive weight for one of them")
     cls.check_schedule(options, epochs)
 
 

@@ -36,9 +36,11 @@ The hand-over is tested in-process with a stand-in for submitit's handler
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -51,6 +53,19 @@ EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130   # 128 + SIGINT, as a shell reports Ctrl-C; also resumes when re-run
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 FORCE_AFTER_INTERRUPTS = 3   # Ctrl-C pressed this often stops waiting for the step
+# SIGINTs closer together than this are one press (under torchrun the terminal's and torchrun's
+# forwarded copy arrive together)
+SAME_PRESS_SECONDS = 0.5
+_exit_on_stop = False
+
+
+def exit_on_stop(enabled: bool = True) -> None:
+    """Called by an entry point whose process ends when a run stops on a signal (the command
+    line): from then on, signals that come after the stop are ignored until the process is
+    gone, so a second SIGTERM cannot turn exit 75 into death by signal (143). In a process that
+    goes on (a notebook, a test), the handlers that were there before are put back instead."""
+    global _exit_on_stop
+    _exit_on_stop = enabled
 
 
 class Preempted(Exception):
@@ -82,6 +97,7 @@ class PreemptionGuard:
         self.device = device or torch.device("cpu")
         self.received = 0            # the first signal's number; 0 while none came
         self.interrupts = 0          # Ctrl-C presses
+        self._last_interrupt = -math.inf
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -90,7 +106,10 @@ class PreemptionGuard:
         # stops on a third Ctrl-C, or SIGKILL.
         self.received = self.received or signum
         if signum == signal.SIGINT:
-            self.interrupts += 1
+            now = time.monotonic()
+            if now - self._last_interrupt >= SAME_PRESS_SECONDS:
+                self.interrupts += 1
+            self._last_interrupt = now
             if self.interrupts >= FORCE_AFTER_INTERRUPTS:
                 raise KeyboardInterrupt
 
@@ -110,7 +129,8 @@ class PreemptionGuard:
             # it (SIG_DFL) or raise (Python's Ctrl-C handler), later signals are ignored instead,
             # so another SIGTERM cannot turn exit 75 into death by signal (143). SIG_IGN, not a
             # Python function: the interpreter puts SIG_DFL back for those while it exits.
-            late = stopping and handler in (signal.SIG_DFL, signal.default_int_handler)
+            late = (stopping and _exit_on_stop
+                    and handler in (signal.SIG_DFL, signal.default_int_handler))
             signal.signal(sig, signal.SIG_IGN if late else handler)
         previous = self._previous.get(self.received)
         if stopping and callable(previous) and previous is not signal.default_int_handler:

@@ -34,7 +34,8 @@ RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.resume", "t
                      "world_size",   # the global batch is the same on any number of ranks
                      "trainer.data_path",   # the same augmentation, another random stream
                      "trainer.on_nonfinite",   # e.g. resume a stopped run with skip
-                     "tuned")   # per-pair values are compared where they are read: distiller.*
+                     "tuned",   # per-pair values are compared where they are read: distiller.*
+                     "data_sha256")   # compared once the data is read (distill.app.prepare)
 # Where the teachers' weights are: may move, because a checkpoint that records the teachers'
 # sha256 (format 2) is checked against the weights themselves.
 TEACHER_FILES = ("teacher.checkpoint", "distiller.teacher_checkpoints")
@@ -91,28 +92,55 @@ def locked(run_dir: Path) -> Iterator[None]:
         yield
 
 
-def discard_if_unused(run_dir: Path, stop_at: Path | None = None) -> None:
-    """After a refused command: remove the run directory if nothing but the lock and Hydra's job
-    log is in it (Hydra creates both before distill reads the config; a folder that held a run
-    has its .hydra/ record), and the empty folders above it up to `stop_at` (default: the
-    working directory), so a typo leaves no trace."""
+# The first missing folder of every run directory this process is about to make (or watched
+# Hydra make: distill.cli.NoteNewFolders): a refused command removes what it made, nothing else.
+_NEW_FOLDERS: set[Path] = set()
+
+
+def note_new_folders(path: str | Path) -> None:
+    """Call before `path` is created: remembers its first ancestor that does not exist yet, so
+    `discard_if_unused` knows which folders this command made."""
+    path = Path(path).absolute()
+    top = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        top = folder
+    if top is not None:
+        _NEW_FOLDERS.add(top)
+
+
+def discard_if_unused(run_dir: Path, *, locked_here: bool = True) -> None:
+    """After a refused command: remove the run directory if this command made it and nothing
+    but the lock and Hydra's job log is in it (a folder that held a run has its .hydra/ record),
+    with the empty folders above it that it made too, so a typo leaves no trace. A folder that
+    existed before the command is never removed, nor one another process holds the lock of:
+    `locked_here=False` (refused before taking it) takes it first, or leaves the folder."""
     run_dir = run_dir.absolute()
-    stop_at = (stop_at or Path.cwd()).absolute()
-    if run_dir == stop_at or run_dir in stop_at.parents:
+    top = next((t for t in _NEW_FOLDERS if t == run_dir or t in run_dir.parents), None)
+    if top is None or not run_dir.is_dir():
+        return
+    if not locked_here:
+        try:
+            with exclusive(run_dir / LOCK_FILE, wait=False):
+                discard_if_unused(run_dir)
+        except (Locked, OSError):
+            pass
         return
     try:
         if {p.name for p in run_dir.iterdir()} - {LOCK_FILE, HYDRA_LOG}:
             return
         _close_file_logs(run_dir)
-        (run_dir / LOCK_FILE).unlink(missing_ok=True)
         (run_dir / HYDRA_LOG).unlink(missing_ok=True)
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)   # still held: released when the run ends
         folder = run_dir
-        while folder != stop_at and stop_at in folder.parents:
-            folder.rmdir()
+        while True:
+            folder.rmdir()   # OSError once a folder holds something else
+            if folder == top:
+                _NEW_FOLDERS.discard(top)
+                return
             folder = folder.parent
-        if folder == run_dir:   # outside the working directory: only the run's own folder
-            run_dir.rmdir()
-    except OSError:   # not empty (another job's files), gone, or not ours to remove
+    except OSError:   # not empty (another job's files), or gone
         return
 
 

@@ -373,6 +373,7 @@ class Trainer:
         applied = images_seen = window_images = 0
         epoch_start = window_start = time.perf_counter()
         first_optimizer = next(iter(self.optimizers.values()))
+        whole_epoch = self.state.global_step % self.steps_per_epoch == 0   # not a resumed tail
         for images, targets in self.loaders.train:
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
@@ -426,9 +427,9 @@ class Trainer:
                 break
         self.state.train_seconds += time.perf_counter() - epoch_start
         self.state.train_images += images_seen * self.world_size
-        if images_seen and not applied:
-            # every step skipped (e.g. a teacher that outputs NaN): finishing would publish
-            # untrained weights as a result
+        if images_seen and not applied and whole_epoch and not self.stop_signal:
+            # every step of an epoch (or of a run shorter than one) skipped, e.g. a teacher that
+            # outputs NaN: finishing would publish untrained weights as a result
             raise FloatingPointError(
                 f"every step of epoch {epoch + 1} ({self.state.skipped_steps} skipped in all) had "
                 f"a non-finite loss and was skipped (trainer.on_nonfinite=skip): nothing is being "
