@@ -68,10 +68,11 @@ ACCEPTED = [
     (("distiller.*_weight", "distiller.alpha", "distiller.beta"), {"0"},
      "that loss term is off (every weight zero is refused)"),
     (("distiller.*_weight", "distiller.alpha", "distiller.beta", "distiller.temperature",
-      "distiller.p", "distiller.sigma"), {"huge"},
+      "distiller.p", "distiller.sigma", "distiller.init_lr", "distiller.init_var"), {"huge"},
      "as given: a loss that overflows stops the run (trainer.on_nonfinite)"),
     (("distiller.warmup_epochs",), {"0"}, "DKD without its warm-up ramp"),
     (("distiller.hint_epochs",), {"0"}, "FitNet in one stage (the reference recipe)"),
+    (("distiller.init_epochs",), {"0"}, "no init stage: the main stage from step one"),
     (("distiller.sigma",), {"0"}, "noisy_kd without noise: plain KD"),
     (("distiller.fraction",), {"0"}, "noisy_kd noises no example: plain KD"),
 ]

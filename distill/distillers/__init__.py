@@ -7,13 +7,13 @@ import importlib
 import pkgutil
 
 from distill.distillers.base import (
-    DISTILLERS, BuildInfo, Distiller, FeatureDistiller, StepContext, TeacherRequest,
-    build_distiller)
+    DISTILLERS, MAIN_STAGE, BuildInfo, Distiller, FeatureDistiller, Stage, StepContext,
+    TeacherRequest, build_distiller)
 
 NOT_METHODS = ("base", "connectors")
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in NOT_METHODS:
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["DISTILLERS", "BuildInfo", "Distiller", "FeatureDistiller", "StepContext",
-           "TeacherRequest", "build_distiller"]
+__all__ = ["DISTILLERS", "MAIN_STAGE", "BuildInfo", "Distiller", "FeatureDistiller", "Stage",
+           "StepContext", "TeacherRequest", "build_distiller"]

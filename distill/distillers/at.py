@@ -6,16 +6,10 @@ Stages are paired from the deepest down when the two models have different numbe
 """
 from __future__ import annotations
 
-import logging
-
 import torch.nn.functional as F
 
-from distill.distillers.base import (
-    DISTILLERS, BuildInfo, FeatureDistiller, default_layers, layer_shapes, require)
-from distill.errors import ConfigError
+from distill.distillers.base import DISTILLERS, BuildInfo, FeatureDistiller, require, stage_pairs
 from distill.losses import at_loss
-
-log = logging.getLogger("distill")
 
 
 @DISTILLERS.register("at")
@@ -25,26 +19,9 @@ class AT(FeatureDistiller):
     def __init__(self, student, teacher, ce_weight: float = 1.0, feat_weight: float = 1000.0,
                  p: float = 2.0, student_layers: list[str] | None = None,
                  teacher_layers: list[str] | None = None, *, info: BuildInfo):
-        given = student_layers is not None or teacher_layers is not None
-        student_layers = list(student_layers or default_layers(
-            info.student_spec, self.option_key("student"), "stages"))
-        teacher_layers = list(teacher_layers or default_layers(
-            info.teacher_spec, self.option_key("teacher"), "stages"))
-        if len(student_layers) != len(teacher_layers):
-            if given:
-                raise ConfigError(f"{len(student_layers)} student layers but "
-                                  f"{len(teacher_layers)} teacher layers", key=self.option_key("student"),
-                                  allowed="lists of the same length, paired in order")
-            n = min(len(student_layers), len(teacher_layers))
-            student_layers, teacher_layers = student_layers[-n:], teacher_layers[-n:]
-            log.info("AT pairs the deepest %d stages: %s", n, list(zip(student_layers, teacher_layers)))
+        student_layers, teacher_layers = stage_pairs(type(self), student_layers, teacher_layers,
+                                                     info, student=student, teacher=teacher)
         super().__init__(student, teacher, student_layers, teacher_layers)
-        for role, model, names in (("student", student, student_layers),
-                                   ("teacher", teacher, teacher_layers)):
-            for name, shape in zip(names, layer_shapes(model, names, info)):
-                if len(shape) != 4:
-                    raise ConfigError(f"'{name}' gives a {tuple(shape)} tensor; attention maps need "
-                                      "(N, C, H, W) feature maps", key=self.option_key(role))
         self.ce_weight, self.feat_weight, self.p = ce_weight, feat_weight, p
 
     @classmethod

@@ -12,6 +12,7 @@ updates sets `manual_step = True` and implements `training_step` instead.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from distill.models import ModelSpec, list_models
 from distill.registry import Registry
 
 DISTILLERS = Registry("distiller")
+log = logging.getLogger("distill")
 
 # What a method may say it cannot run with (`Distiller.unsupported`), and the config key that
 # turns each on: a refused combination names that key.
@@ -42,15 +44,31 @@ NEEDS = {
 }
 
 
+MAIN_STAGE = "main"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage a method runs before its main training, as the reference code does (RepDistiller's
+    init stage of AB, FSP and FT): `epochs` whole epochs at the start of the run, in which the
+    method's manual step trains what the stage trains. The main stage (`trainer.epochs`, with
+    the run's schedule) follows; checkpoints, resume and logs treat the run as one."""
+
+    name: str
+    epochs: int
+
+
 @dataclass(frozen=True)
 class StepContext:
     """Where training is, for methods whose weights follow a schedule (e.g. DKD's warm-up)."""
 
-    epoch: int                 # 0-based epoch index
+    epoch: int                 # 0-based epoch index (over the whole run, stages included)
     step: int                  # global optimizer step (0-based: the step being taken)
-    epochs: int                # total epochs of the run
+    epochs: int                # total epochs of the run (stages included)
     steps_per_epoch: int = 0
     total_steps: int = 0       # the run's last step (trainer.max_steps included)
+    stage: str = MAIN_STAGE    # the stage this step belongs to (Distiller.stages)
+    stage_epoch: int = 0       # 0-based epoch within that stage
 
 
 @dataclass(frozen=True)
@@ -228,11 +246,18 @@ class Distiller(nn.Module):
                    if not part.frozen and not part.evaluated
                    for p in self.part(role).parameters())
 
+    # --- stages ------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        """The stages before the main one (none by default). A method with stages sets
+        `manual_step`, so each stage steps only its own optimizer."""
+        return []
+
     # --- optimizers --------------------------------------------------------------------------
     def configure_optimizers(self, default: OptimizerFactory) -> dict[str, tuple[Any, Any]]:
         """{name: (optimizer, scheduler)}, one per optimizer name of the trained parts. The
-        default gives each the run's optimizer and schedule; `default(params, lr=...)` builds one
-        with some settings changed."""
+        default gives each the run's optimizer and the run's schedule, which starts with the
+        main stage; `default(params, lr=...)` builds one with some settings changed, and
+        `default(params, constant=True)` one whose lr stays as given (a stage's own)."""
         return {name: default(params) for name, params in self.parameter_groups().items()}
 
     # --- state by role -----------------------------------------------------------------------
@@ -368,7 +393,8 @@ def require_models(options: dict, option: str, *, at_least: int, allowed: str) -
 
 _RULES = {">0": (lambda v: v > 0, "a positive (finite) number"),
           ">=0": (lambda v: v >= 0, "zero or a positive (finite) number"),
-          "[0,1]": (lambda v: 0 <= v <= 1, "a number in [0, 1]")}
+          "[0,1]": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+          "(0,1]": (lambda v: 0 < v <= 1, "a number in (0, 1]")}
 
 
 def refused_features(cls: type[Distiller]) -> dict[str, str]:
@@ -410,6 +436,38 @@ class FeatureDistiller(Distiller):
         feats_student = [self.student_hooks.features[n] for n in self.student_layers]
         feats_teacher = [self.teacher_hooks.features[n] for n in self.teacher_layers]
         return logits, logits_teacher, feats_student, feats_teacher
+
+
+def stage_pairs(cls: type[FeatureDistiller], student_layers: list[str] | None,
+                teacher_layers: list[str] | None, info: BuildInfo, *, student: nn.Module,
+                teacher: nn.Module, maps: bool = True) -> tuple[list[str], list[str]]:
+    """(student layers, teacher layers) paired in order: the options as given, else each
+    model's stage outputs (the reference's feat[1:-1]). Default lists of different lengths are
+    paired from the deepest down (every reference pair has equal counts, where the pairing is
+    the reference's); given lists must have the same length. With `maps`, every layer must give
+    (N, C, H, W) feature maps."""
+    given = student_layers is not None or teacher_layers is not None
+    student_layers = list(student_layers or default_layers(
+        info.student_spec, cls.option_key("student"), "stages"))
+    teacher_layers = list(teacher_layers or default_layers(
+        info.teacher_spec, cls.option_key("teacher"), "stages"))
+    if len(student_layers) != len(teacher_layers):
+        if given:
+            raise ConfigError(f"{len(student_layers)} student layers but "
+                              f"{len(teacher_layers)} teacher layers", key=cls.option_key("student"),
+                              allowed="lists of the same length, paired in order")
+        n = min(len(student_layers), len(teacher_layers))
+        student_layers, teacher_layers = student_layers[-n:], teacher_layers[-n:]
+        log.info("%s pairs the deepest %d stages: %s", cls.__name__, n,
+                 list(zip(student_layers, teacher_layers)))
+    if maps:
+        for role, model, names in (("student", student, student_layers),
+                                   ("teacher", teacher, teacher_layers)):
+            for name, shape in zip(names, layer_shapes(model, names, info)):
+                if len(shape) != 4:
+                    raise ConfigError(f"'{name}' gives a {tuple(shape)} tensor; this method needs "
+                                      "(N, C, H, W) feature maps", key=cls.option_key(role))
+    return student_layers, teacher_layers
 
 
 def _hooks(model: nn.Module, names: list[str], key: str) -> FeatureHooks:

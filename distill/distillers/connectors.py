@@ -69,3 +69,70 @@ def build_connector(student_shape, teacher_shape, *, keys: tuple[str, str]) -> n
         allowed="two feature maps (C,H,W) where the student's H,W are the teacher's, twice them, "
                 "half them, or larger; or two feature vectors",
         hint=f"pick other layers with {keys[0]}=... and {keys[1]}=...")
+
+
+class VIDRegressor(nn.Module):
+    """VID's per-layer head (RepDistiller distiller_zoo/VID.py, the authors' code): three 1x1
+    convolutions without bias (student channels -> teacher channels -> teacher channels ->
+    teacher channels, ReLU between) predicting the teacher map's mean, and a learned
+    per-channel `log_scale` whose softplus (+ eps) is the predicted variance, initialised to
+    `init_var`."""
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int,
+                 init_var: float = 5.0, eps: float = 1e-5):
+        super().__init__()
+        from distill.losses.vid import vid_log_scale_init
+
+        self.regressor = nn.Sequential(
+            nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.ReLU(),
+            nn.Conv2d(mid_channels, mid_channels, 1, bias=False), nn.ReLU(),
+            nn.Conv2d(mid_channels, out_channels, 1, bias=False))
+        self.log_scale = nn.Parameter(torch.full((out_channels,),
+                                                 vid_log_scale_init(init_var, eps)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.regressor(x)
+
+
+def _factor_block(widths: list[int], *, transpose: bool, batch_norm: bool) -> nn.Sequential:
+    """3x3 convolutions (stride 1, padding 1, bias) through `widths`, each followed by BN (or
+    nothing) and LeakyReLU(0.1): the layout of RepDistiller's Paraphraser and Translator (its
+    no-BN slots are empty, so the state-dict keys are the reference's)."""
+    conv = nn.ConvTranspose2d if transpose else nn.Conv2d
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip(widths, widths[1:]):
+        layers += [conv(c_in, c_out, 3, 1, 1),
+                   nn.BatchNorm2d(c_out) if batch_norm else nn.Identity(),
+                   nn.LeakyReLU(0.1, inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class Paraphraser(nn.Module):
+    """Factor Transfer's teacher-side autoencoder (RepDistiller models/util.py, no BN): an
+    encoder to `rate` x the teacher's channels (the factor) and a transposed decoder back."""
+
+    def __init__(self, channels: int, rate: float = 0.5):
+        super().__init__()
+        factor = int(channels * rate)
+        self.encoder = _factor_block([channels, channels, factor, factor], transpose=False,
+                                     batch_norm=False)
+        self.decoder = _factor_block([factor, factor, channels, channels], transpose=True,
+                                     batch_norm=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction (the init stage's target is `x` itself)."""
+        return self.decoder(self.encoder(x))
+
+
+class Translator(nn.Module):
+    """Factor Transfer's student-side encoder (RepDistiller models/util.py, with BN): the
+    student map to the teacher factor's width."""
+
+    def __init__(self, in_channels: int, teacher_channels: int, rate: float = 0.5):
+        super().__init__()
+        factor = int(teacher_channels * rate)
+        self.encoder = _factor_block([in_channels, in_channels, factor, factor], transpose=False,
+                                     batch_norm=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)

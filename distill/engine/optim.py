@@ -30,9 +30,11 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], *, name: str = "sgd", 
 
 
 def lr_factor_fn(*, name: str, epochs: int, steps_per_epoch: int, milestones: Sequence[int] = (),
-                 gamma: float = 0.1, warmup_epochs: float = 0.0,
-                 min_lr_ratio: float = 0.0) -> Callable[[int], float]:
-    """factor(step): the multiplier of the base lr at optimizer step `step` (0-based)."""
+                 gamma: float = 0.1, warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0,
+                 start_epoch: int = 0) -> Callable[[int], float]:
+    """factor(step): the multiplier of the base lr at optimizer step `step` (0-based). With
+    `start_epoch`, the schedule begins after that many epochs (a method's stages run first):
+    its step 0 is the run's step start_epoch x steps_per_epoch."""
     if name not in SCHEDULES:
         raise ConfigError(f"unknown scheduler '{name}'", key="scheduler.name",
                           allowed=", ".join(SCHEDULES))
@@ -40,6 +42,7 @@ def lr_factor_fn(*, name: str, epochs: int, steps_per_epoch: int, milestones: Se
     warmup_steps = warmup_epochs * steps_per_epoch
 
     def factor(step: int) -> float:
+        step = max(step - start_epoch * steps_per_epoch, 0)
         epoch = step / steps_per_epoch
         if name == "multistep":
             value = gamma ** bisect.bisect_right(milestones, step // steps_per_epoch)
@@ -58,9 +61,10 @@ def lr_factor_fn(*, name: str, epochs: int, steps_per_epoch: int, milestones: Se
 
 def build_scheduler(optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, epochs: int,
                     name: str = "multistep", milestones: Sequence[int] = (), gamma: float = 0.1,
-                    warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0
+                    warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0, start_epoch: int = 0
                     ) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(
         name=name, epochs=epochs, steps_per_epoch=steps_per_epoch, milestones=milestones,
-        gamma=gamma, warmup_epochs=warmup_epochs, min_lr_ratio=min_lr_ratio))
+        gamma=gamma, warmup_epochs=warmup_epochs, min_lr_ratio=min_lr_ratio,
+        start_epoch=start_epoch))

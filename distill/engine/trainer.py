@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from torch import nn
 
 from distill.config import flatten
 from distill.data import DatasetBundle
-from distill.distillers import Distiller, StepContext
+from distill.distillers import MAIN_STAGE, Distiller, StepContext
 from distill.engine import distributed as dist_utils
 from distill.engine.checkpoint import save_weights
 from distill.engine.checkpointer import Checkpointer
@@ -55,6 +56,11 @@ from distill.runs import read_run_dir
 from distill.tracking import Trackers, build_trackers
 
 log = logging.getLogger("distill")
+# Every schedule advances with the global step, also while its optimizer sits out a step (a
+# method's stage that trains other parts, a skipped non-finite step): PyTorch's warning that a
+# scheduler stepped before its optimizer is expected there.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before",
+                        category=UserWarning)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_CHOICES = ("none", "teacher", "student", "both")
@@ -199,10 +205,23 @@ class Trainer:
                     module.compile(backend=options.compile_backend)
         self.model = self._wrap(distiller, sync_bn=options.sync_bn)
 
-        def default_optimizer(params, **overrides) -> tuple[torch.optim.Optimizer, Any]:
+        # a method's stages come first; trainer.epochs (and the schedule) is the main stage's
+        self.stages = distiller.stages()
+        self.stage_starts = {}   # stage name -> its first epoch
+        first = 0
+        for stage in self.stages:
+            self.stage_starts[stage.name] = first
+            first += stage.epochs
+        self.stage_starts[MAIN_STAGE] = first
+        self.epochs = first + options.epochs   # the run's, stages included
+
+        def default_optimizer(params, *, constant: bool = False,
+                              **overrides) -> tuple[torch.optim.Optimizer, Any]:
             opt = build_optimizer(params, **{**optimizer, **overrides})
+            schedule = ({**scheduler, "name": "constant", "warmup_epochs": 0.0} if constant
+                        else {**scheduler, "start_epoch": first})
             return opt, build_scheduler(opt, steps_per_epoch=self.steps_per_epoch,
-                                        epochs=options.epochs, **scheduler)
+                                        epochs=options.epochs, **schedule)
 
         configured = distiller.configure_optimizers(default_optimizer)
         self.optimizers = {name: pair[0] for name, pair in configured.items()}
@@ -272,8 +291,14 @@ class Trainer:
             config=self.config, teachers=self.teachers, step=self.state.global_step)
 
     # --- the loop ---------------------------------------------------------------------------
+    def stage_of(self, epoch: int) -> tuple[str, int]:
+        """(stage name, epoch within it) of a 0-based epoch of the run."""
+        name = max((n for n, first in self.stage_starts.items() if first <= epoch),
+                   key=self.stage_starts.get)
+        return name, epoch - self.stage_starts[name]
+
     def total_steps(self) -> int:
-        steps = self.opt.epochs * self.steps_per_epoch
+        steps = self.epochs * self.steps_per_epoch
         return min(steps, self.opt.max_steps) if self.opt.max_steps else steps
 
     def _done(self) -> bool:
@@ -374,11 +399,19 @@ class Trainer:
         epoch_start = window_start = time.perf_counter()
         first_optimizer = next(iter(self.optimizers.values()))
         whole_epoch = self.state.global_step % self.steps_per_epoch == 0   # not a resumed tail
+        stage, stage_epoch = self.stage_of(epoch)
+        if self.stages and self.main and self.state.global_step == epoch * self.steps_per_epoch \
+                and stage_epoch == 0:
+            log.info("stage %s: epochs %d-%d of %d", stage, epoch + 1,
+                     epoch + (self.opt.epochs if stage == MAIN_STAGE else
+                              next(s.epochs for s in self.stages if s.name == stage)),
+                     self.epochs)
         for images, targets in self.loaders.train:
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
-            ctx = StepContext(epoch=epoch, step=self.state.global_step, epochs=self.opt.epochs,
-                              steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps())
+            ctx = StepContext(epoch=epoch, step=self.state.global_step, epochs=self.epochs,
+                              steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps(),
+                              stage=stage, stage_epoch=stage_epoch)
             lr = first_optimizer.param_groups[0]["lr"]   # the lr this step uses
             if self.stepper is not None:
                 losses, skipped = self._manual_step(images, targets, ctx)
@@ -420,7 +453,7 @@ class Trainer:
                                    "train/lr": lr, "train/images_per_sec": speed,
                                    "train/epoch": epoch, **skipped_count},
                                   step=self.state.global_step, event="train")
-                bar.update(self.state.global_step, epoch=epoch + 1, epochs=self.opt.epochs,
+                bar.update(self.state.global_step, epoch=epoch + 1, epochs=self.epochs,
                            terms=terms, images_per_sec=speed)
                 window_images, window_start = 0, now
             if self._done() or self.stop_signal:
@@ -484,6 +517,8 @@ class Trainer:
         others = {role: r for role, r in results.items() if role != exported}
         entry = {"epoch": completed, "step": self.state.global_step,
                  "top1": metrics["top1"], "top5": metrics["top5"]}
+        if self.stages:
+            entry["stage"] = self.stage_of(epoch)[0]
         if others:
             entry["models"] = {role: {"top1": r["top1"], "top5": r["top5"]}
                                for role, r in results.items()}
@@ -496,8 +531,10 @@ class Trainer:
                           step=self.state.global_step, event="epoch")
         terms = "  ".join(f"{k} {v:.4f}" for k, v in epoch_terms.items())
         also = "".join(f"  {role} {r['top1']:.2f}%" for role, r in others.items())
+        if self.stages:
+            terms = f"[{self.stage_of(epoch)[0]}]  {terms}"
         log.info("epoch %s/%d  %s  val top-1 %.2f%% (best %.2f%%)  top-5 %.2f%%%s",
-                 completed, self.opt.epochs, terms, metrics["top1"], self.state.best_top1,
+                 completed, self.epochs, terms, metrics["top1"], self.state.best_top1,
                  metrics["top5"], also)
         self._tick_wall_clock()
         self.save_checkpoint()
@@ -506,7 +543,7 @@ class Trainer:
         self.state.finished = True
         self._tick_wall_clock()
         exported = self.distiller.exported
-        completed_all = self.state.global_step >= self.opt.epochs * self.steps_per_epoch
+        completed_all = self.state.global_step >= self.epochs * self.steps_per_epoch
         parts = self.distiller.parts
         summary = {
             "best_top1": self.state.best_top1,

@@ -1,0 +1,54 @@
+"""Correlation Congruence (Peng et al., ICCV 2019) with the reference CIFAR-100 recipe
+(RepDistiller `--distill correlation -a 0 -b 0.02`): CE 1 plus 0.02 x `cc_loss` between the
+pooled embeddings (the reference's feat[-1]), each mapped to `feat_dim` (128) by its own
+trained linear head, the teacher's included, as the reference trains both.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, default_layers,
+                                     layer_shapes, require)
+from distill.errors import ConfigError
+from distill.losses import cc_loss
+
+
+@DISTILLERS.register("cc")
+class CC(FeatureDistiller):
+    def __init__(self, student, teacher, ce_weight: float = 1.0, feat_weight: float = 0.02,
+                 feat_dim: int = 128, student_layer: str | None = None,
+                 teacher_layer: str | None = None, *, info: BuildInfo):
+        student_layer = student_layer or default_layers(
+            info.student_spec, self.option_key("student"), "pooled")[0]
+        teacher_layer = teacher_layer or default_layers(
+            info.teacher_spec, self.option_key("teacher"), "pooled")[0]
+        super().__init__(student, teacher, [student_layer], [teacher_layer])
+        widths = []
+        for role, model, name in (("student", student, student_layer),
+                                  ("teacher", teacher, teacher_layer)):
+            (shape,) = layer_shapes(model, [name], info)
+            widths.append(int(shape[1:].numel()))
+        # RepDistiller's LinearEmbed: flatten, one linear layer (bias), no normalisation
+        self.add_trained("embed_student", nn.Linear(widths[0], feat_dim))
+        self.add_trained("embed_teacher", nn.Linear(widths[1], feat_dim))
+        self.ce_weight, self.feat_weight = ce_weight, feat_weight
+
+    @classmethod
+    def check_values(cls, options):
+        require(options, ce_weight=">=0", feat_weight=">=0", feat_dim=">0")
+        if not isinstance(options.get("feat_dim", 128), int):
+            raise ConfigError(f"invalid value {options['feat_dim']!r}", key="distiller.feat_dim",
+                              allowed="a positive integer (the embedding width)")
+
+    def forward(self, images, targets, ctx):
+        logits, _, (feat_s,), (feat_t,) = self.forward_features(images)
+        embed_s = self.embed_student(feat_s.flatten(1))
+        embed_t = self.embed_teacher(feat_t.flatten(1))
+        if embed_s.shape[0] < 2:
+            # a batch of one (the last of an epoch) has no neighbouring pair: no CC signal
+            congruence = (embed_s.sum() + embed_t.sum()) * 0.0
+        else:
+            congruence = cc_loss(embed_s, embed_t)
+        return logits, {"ce": self.ce_weight * F.cross_entropy(logits, targets),
+                        "cc": self.feat_weight * congruence}

@@ -1,0 +1,34 @@
+"""Probabilistic Knowledge Transfer (Passalis & Tefas, ECCV 2018) with the reference CIFAR-100
+recipe (RepDistiller `--distill pkt -a 0 -b 30000`, mdistiller PKT.FEAT_WEIGHT 30000): CE 1
+plus 30000 x `pkt_loss` on the pooled embeddings, the inputs of the two classifiers (the
+reference's feat[-1]). The kernels are within each batch, so the widths may differ.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, default_layers,
+                                     require)
+from distill.losses import pkt_loss
+
+
+@DISTILLERS.register("pkt")
+class PKT(FeatureDistiller):
+    def __init__(self, student, teacher, ce_weight: float = 1.0, feat_weight: float = 30000.0,
+                 student_layer: str | None = None, teacher_layer: str | None = None,
+                 *, info: BuildInfo):
+        student_layer = student_layer or default_layers(
+            info.student_spec, self.option_key("student"), "pooled")[0]
+        teacher_layer = teacher_layer or default_layers(
+            info.teacher_spec, self.option_key("teacher"), "pooled")[0]
+        super().__init__(student, teacher, [student_layer], [teacher_layer])
+        self.ce_weight, self.feat_weight = ce_weight, feat_weight
+
+    @classmethod
+    def check_values(cls, options):
+        require(options, ce_weight=">=0", feat_weight=">=0")
+
+    def forward(self, images, targets, ctx):
+        logits, _, (embed_s,), (embed_t,) = self.forward_features(images)
+        return logits, {"ce": self.ce_weight * F.cross_entropy(logits, targets),
+                        "pkt": self.feat_weight * pkt_loss(embed_s, embed_t)}

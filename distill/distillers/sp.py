@@ -1,0 +1,34 @@
+"""Similarity-Preserving KD (Tung & Mori, ICCV 2019) with the reference CIFAR-100 recipe
+(RepDistiller `--distill similarity -a 0 -b 3000`, mdistiller SP.FEAT_WEIGHT 3000): CE 1 plus
+3000 x `sp_loss` on the last stage output (the reference's feat[-2]). The batch similarity
+matrices are compared, so the two maps may have any channel counts and sizes.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, default_layers,
+                                     require)
+from distill.losses import sp_loss
+
+
+@DISTILLERS.register("sp")
+class SP(FeatureDistiller):
+    def __init__(self, student, teacher, ce_weight: float = 1.0, feat_weight: float = 3000.0,
+                 student_layer: str | None = None, teacher_layer: str | None = None,
+                 *, info: BuildInfo):
+        student_layer = student_layer or default_layers(
+            info.student_spec, self.option_key("student"), "stages")[-1]
+        teacher_layer = teacher_layer or default_layers(
+            info.teacher_spec, self.option_key("teacher"), "stages")[-1]
+        super().__init__(student, teacher, [student_layer], [teacher_layer])
+        self.ce_weight, self.feat_weight = ce_weight, feat_weight
+
+    @classmethod
+    def check_values(cls, options):
+        require(options, ce_weight=">=0", feat_weight=">=0")
+
+    def forward(self, images, targets, ctx):
+        logits, _, (feat_s,), (feat_t,) = self.forward_features(images)
+        return logits, {"ce": self.ce_weight * F.cross_entropy(logits, targets),
+                        "sp": self.feat_weight * sp_loss(feat_s, feat_t)}
