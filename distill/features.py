@@ -11,7 +11,14 @@ looked through: DDP / DataParallel (``.module``) and torch.compile (``._orig_mod
 tensors keep their autograd graph, so losses on them backpropagate into the model.
 
 Caveat: a module whose output is later modified in place (e.g. a BatchNorm followed by
-``ReLU(inplace=True)``) will show the modified tensor; hook the activation instead.
+``ReLU(inplace=True)``) will show the modified tensor; hook the activation instead, or ask for
+``name:preact``.
+
+Pre-activation features (``name:preact``, what AB and OFD distil): for a BatchNorm, a copy of
+its output taken before anything modifies it in place; for a residual block whose forward ends
+in ``relu(bn_last(...) + identity)`` (the CIFAR ResNets' BasicBlock and Bottleneck, with a
+``downsample`` or ``shortcut`` branch), that sum before the ReLU, assembled from hooks on its
+last BatchNorm, its shortcut and its input, since the sum itself is no module's output.
 """
 from __future__ import annotations
 
@@ -24,6 +31,8 @@ from torch import nn
 from distill.errors import ConfigError, close_matches
 
 INPUT_SUFFIX = ":in"
+PREACT_SUFFIX = ":preact"
+SHORTCUTS = ("downsample", "shortcut")   # the residual branch's module name in our model zoo
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -38,10 +47,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def _split(name: str) -> tuple[str, bool]:
-    """"fc:in" -> ("fc", True); "layer1" -> ("layer1", False)."""
+    """"fc:in" -> ("fc", True); "layer1" -> ("layer1", False); "x:preact" -> ("x", False)."""
     if name.endswith(INPUT_SUFFIX):
         return name[: -len(INPUT_SUFFIX)], True
-    return name, False
+    return name.removesuffix(PREACT_SUFFIX), False
 
 
 class FeatureHooks:
@@ -70,8 +79,38 @@ class FeatureHooks:
         self._handles.append(root.register_forward_pre_hook(self._clear))
         for name in self.names:
             module_name, want_input = _split(name)
+            if name.endswith(PREACT_SUFFIX):
+                self._hook_preact(name, modules[module_name])
+                continue
             self._handles.append(
                 modules[module_name].register_forward_hook(self._capture(name, want_input)))
+
+    def _hook_preact(self, name: str, module: nn.Module) -> None:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            self._handles.append(module.register_forward_hook(
+                lambda m, args, out: self.features.__setitem__(name, out.clone())))
+            return
+        norms = [c for c in module.children() if isinstance(c, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            raise ConfigError(f"'{name}' is neither a BatchNorm nor a residual block with one: "
+                              "no pre-activation to take", key="features",
+                              hint="name a BatchNorm, or a block of the CIFAR ResNets")
+        shortcut = next((getattr(module, n) for n in SHORTCUTS
+                         if isinstance(getattr(module, n, None), nn.Module)), None)
+        parts: dict[str, torch.Tensor] = {}
+        self._handles.append(module.register_forward_pre_hook(
+            lambda m, args: parts.__setitem__("input", args[0])))
+        self._handles.append(norms[-1].register_forward_hook(
+            lambda m, args, out: parts.__setitem__("branch", out.clone())))
+        if shortcut is not None:
+            self._handles.append(shortcut.register_forward_hook(
+                lambda m, args, out: parts.__setitem__("identity", out)))
+
+        def assemble(m: nn.Module, args: tuple, out: Any) -> None:
+            self.features[name] = parts["branch"] + parts.get("identity", parts["input"])
+            parts.clear()
+
+        self._handles.append(module.register_forward_hook(assemble))
 
     def _clear(self, module: nn.Module, args: Any) -> None:
         self.features.clear()

@@ -20,12 +20,12 @@ from distill.engine.checkpoint import read_checkpoint
 from distill.losses import nst_loss, pkt_loss, sp_loss
 from distill.models import create_model, model_spec
 
-CANON = ("nst", "sp", "pkt", "cc", "vid", "kdsvd", "ft")
+CANON = ("nst", "sp", "pkt", "cc", "vid", "kdsvd", "ft", "ab", "fsp")
 BASE = ["dataset=fake", "dataset.train_size=64", "dataset.val_size=32", "student=resnet8",
         "teacher=resnet14", "trainer.batch_size=16", "trainer.log_every=1", "device=cpu",
         "zoo.publish=false", "trainer.epochs=2"]
 # a method's stages get one epoch each here, so a run of 2 main epochs crosses every boundary
-STAGED = {"ft": ["distiller.init_epochs=1"]}
+STAGED = {m: ["distiller.init_epochs=1"] for m in ("ft", "ab", "fsp")}
 
 
 def _stop_points(method: str) -> list[int]:
@@ -125,3 +125,48 @@ def test_ft_trains_the_paraphraser_first_then_student_and_translator():
     groups = d.parameter_groups()
     assert {id(p) for p in groups["init"]} == {id(p) for p in d.paraphraser.parameters()}
     assert d.init_lr == 0.01 and method_options("ft")["feat_weight"] == 200.0
+
+
+@pytest.mark.parametrize("method", ["ab", "fsp"])
+def test_ab_and_fsp_train_the_body_first_then_ce_alone(method):
+    """Init stage: the student's body (not its classifier) and AB's connectors, with the feature
+    loss alone, at the run's lr (constant); main stage: the student with CE alone."""
+    d = _build(method)
+    assert [(s.name, s.epochs) for s in d.stages()] == [("init", 30)]
+    if method == "ab":
+        assert d.student_layers == ["layer1.0:preact", "layer2.0:preact", "layer3.0:preact"]
+        assert d.layer_weights == [0.25, 0.5, 1.0]
+    else:
+        assert d.student_layers == ["layer1:in", "layer1", "layer2", "layer3"]
+    seen = {}
+
+    def factory(params, constant=False, **overrides):
+        seen.setdefault("calls", []).append((constant, overrides, {id(p) for p in params}))
+        return torch.optim.SGD(params, lr=0.1), None
+
+    optimizers = d.configure_optimizers(factory)
+    (main, init) = seen["calls"]
+    assert main[0] is False and init[0] is True and init[1] == {}
+    fc = {id(p) for p in d.student.fc.parameters()}
+    assert main[2] == {id(p) for p in d.student.parameters()}
+    body = {id(p) for p in d.student.parameters()} - fc
+    extra = {id(p) for p in d.parameter_groups().get("init", [])}
+    assert init[2] == body | extra and not init[2] & fc
+    stepped = []
+
+    class Step:
+        def backward(self, loss):
+            loss.backward()
+
+        def step(self, name):
+            stepped.append(name)
+
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    terms = d.training_step(x, y, StepContext(0, 0, 31, stage="init"), Step())
+    assert set(terms) == {method} and stepped == ["init"] and terms[method] > 0
+    assert d.student.fc.weight.grad is None
+    d.zero_grad(set_to_none=True)
+    terms = d.training_step(x, y, StepContext(30, 4, 31, stage=MAIN_STAGE), Step())
+    assert set(terms) == {"ce"} and stepped == ["init", "main"]
+    assert torch.allclose(terms["ce"], F.cross_entropy(d.student(x), y))
+    assert optimizers.keys() == {"main", "init"}

@@ -103,7 +103,9 @@ def test_bad_kwarg_is_config_error():
 
 def test_model_spec():
     spec = model_spec("resnet20")
-    assert spec == ModelSpec(("layer1", "layer2", "layer3"), "fc", 32, "resnet")
+    assert spec == ModelSpec(("layer1", "layer2", "layer3"), "fc", 32, "resnet",
+                             stem="layer1:in",
+                             preact=("layer1.2:preact", "layer2.2:preact", "layer3.2:preact"))
     assert model_spec("mobilenetv2").classifier == "classifier.0"
     with pytest.raises(Exception):
         spec.classifier = "x"  # frozen

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import ConfigError, unknown_name_error
@@ -438,9 +439,57 @@ class FeatureDistiller(Distiller):
         return logits, logits_teacher, feats_student, feats_teacher
 
 
+class InitStageDistiller(FeatureDistiller):
+    """RepDistiller's two-stage methods whose init stage trains the student's body (every
+    parameter but its classifier's) and the method's connectors with a feature loss alone, for
+    `init_epochs`, with their own SGD at a constant lr (the run's, or `init_lr`), the run's
+    momentum and weight decay; the main stage is then the student alone with CE (the
+    reference's `-a 0` with no feature term after the init stage). A subclass gives
+    `init_loss(feats_student, feats_teacher)` and the layers."""
+
+    manual_step = True
+
+    def __init__(self, student, teacher, student_layers, teacher_layers, *, info: BuildInfo,
+                 init_epochs: int, init_lr: float | None, ce_weight: float):
+        super().__init__(student, teacher, student_layers, teacher_layers)
+        classifier = (info.student_spec.classifier or "").removesuffix(":in") \
+            if info.student_spec else ""
+        head = {id(p) for p in student.get_submodule(classifier).parameters()} if classifier \
+            else set()
+        self._body = [p for p in student.parameters() if id(p) not in head]
+        self.init_epochs, self.init_lr, self.ce_weight = init_epochs, init_lr, ce_weight
+
+    def stages(self):
+        return [Stage("init", self.init_epochs)] if self.init_epochs else []
+
+    def configure_optimizers(self, default):
+        groups = self.parameter_groups()
+        init = [*self._body, *groups.get("init", [])]
+        return {"main": default(groups["main"]),
+                "init": default(init, constant=True,
+                                **({"lr": self.init_lr} if self.init_lr else {}))}
+
+    def init_loss(self, feats_student: list[torch.Tensor],
+                  feats_teacher: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def training_step(self, images, targets, ctx, step):
+        if ctx.stage != MAIN_STAGE:
+            _, _, feats_s, feats_t = self.forward_features(images)
+            terms = self.init_loss(feats_s, feats_t)
+            step.backward(sum(terms.values()))
+            step.step("init")
+            return terms
+        terms = {"ce": self.ce_weight * F.cross_entropy(self.student(images), targets)}
+        step.backward(terms["ce"])
+        step.step("main")
+        return terms
+
+
 def stage_pairs(cls: type[FeatureDistiller], student_layers: list[str] | None,
                 teacher_layers: list[str] | None, info: BuildInfo, *, student: nn.Module,
-                teacher: nn.Module, maps: bool = True) -> tuple[list[str], list[str]]:
+                teacher: nn.Module, maps: bool = True,
+                what: str = "stages") -> tuple[list[str], list[str]]:
     """(student layers, teacher layers) paired in order: the options as given, else each
     model's stage outputs (the reference's feat[1:-1]). Default lists of different lengths are
     paired from the deepest down (every reference pair has equal counts, where the pairing is
@@ -448,9 +497,9 @@ def stage_pairs(cls: type[FeatureDistiller], student_layers: list[str] | None,
     (N, C, H, W) feature maps."""
     given = student_layers is not None or teacher_layers is not None
     student_layers = list(student_layers or default_layers(
-        info.student_spec, cls.option_key("student"), "stages"))
+        info.student_spec, cls.option_key("student"), what))
     teacher_layers = list(teacher_layers or default_layers(
-        info.teacher_spec, cls.option_key("teacher"), "stages"))
+        info.teacher_spec, cls.option_key("teacher"), what))
     if len(student_layers) != len(teacher_layers):
         if given:
             raise ConfigError(f"{len(student_layers)} student layers but "
@@ -485,9 +534,15 @@ def default_layers(spec: ModelSpec | None, key: str, what: str) -> list[str]:
         return list(spec.stages)
     if spec is not None and what == "pooled" and spec.classifier:
         return [f"{spec.classifier}:in"]
-    raise ConfigError(f"the {role} model has no known {'stage' if what == 'stages' else 'classifier'}"
-                      " modules to take features from", key=key,
-                      hint="name modules of model.named_modules(); add ':in' for a module's input")
+    if spec is not None and what == "preact" and spec.preact:
+        return list(spec.preact)
+    if spec is not None and what == "stem+stages" and spec.stages and spec.stem:
+        return [spec.stem, *spec.stages]
+    known = {"stages": "stage", "pooled": "classifier", "preact": "pre-activation stage",
+             "stem+stages": "stem and stage"}[what]
+    raise ConfigError(f"the {role} model has no known {known} modules to take features from",
+                      key=key, hint="name modules of model.named_modules(); add ':in' for a "
+                                    "module's input, ':preact' for a pre-activation output")
 
 
 def layer_shapes(model: nn.Module, names: list[str], info: BuildInfo) -> list[torch.Size]:

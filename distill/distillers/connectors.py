@@ -23,7 +23,8 @@ class ConvRegressor(nn.Module):
     Any other pair cannot be bridged (`bridgeable` says so before anything is built).
     """
 
-    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]):
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...],
+                 relu: bool = True):
         super().__init__()
         kind = conv_kind(student_shape, teacher_shape)
         if kind is None:
@@ -36,7 +37,8 @@ class ConvRegressor(nn.Module):
         else:
             self.conv = nn.Conv2d(c_s, c_t, kernel_size=(1 + h_s - h_t, 1 + w_s - w_t))
         self.bn = nn.BatchNorm2d(c_t)
-        self.relu = nn.ReLU(inplace=True)
+        # without: the reference's use_relu=False (AB maps onto pre-activation features)
+        self.relu = nn.ReLU(inplace=True) if relu else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn(self.conv(x)))

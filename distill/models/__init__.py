@@ -36,18 +36,24 @@ class ModelSpec:
     classifier: name of the final nn.Linear; its INPUT is the pooled feature (None if there is none)
     input_size: expected input resolution (32 for the CIFAR zoo, None when any size works)
     family:     architecture family, e.g. "resnet", "wrn", "torchvision"
+    stem:       where the stem's output is read (default: the first stage's input)
+    preact:     the stage outputs before their final ReLU (None where not declared)
     """
 
     stages: tuple[str, ...]
     classifier: str | None
     input_size: int | None
     family: str
+    stem: str | None = None                 # the stem's output (feat[0] of the reference code)
+    preact: tuple[str, ...] | None = None   # the stages' pre-activation outputs (`name:preact`)
 
 
-def cifar_model(name: str, *, family: str, stages: tuple[str, ...], classifier: str) -> Callable:
+def cifar_model(name: str, *, family: str, stages: tuple[str, ...], classifier: str,
+                stem: str | None = None, preact: tuple[str, ...] | None = None) -> Callable:
     """Decorator registering a CIFAR-zoo factory `fn(num_classes=100) -> nn.Module`."""
     return MODELS.register(name, stages=tuple(stages), classifier=classifier, input_size=32,
-                           family=family)
+                           family=family, stem=stem or f"{stages[0]}:in",
+                           preact=tuple(preact) if preact else None)
 
 
 def create_model(name: str, num_classes: int = 100, **kwargs: Any) -> nn.Module:
@@ -74,7 +80,8 @@ def model_spec(name: str) -> ModelSpec:
     if meta.get("classifier") is None and callable(meta.get("resolve")):
         meta.update(meta["resolve"]())
     return ModelSpec(stages=tuple(meta.get("stages", ())), classifier=meta.get("classifier"),
-                     input_size=meta.get("input_size"), family=meta.get("family", "unknown"))
+                     input_size=meta.get("input_size"), family=meta.get("family", "unknown"),
+                     stem=meta.get("stem"), preact=meta.get("preact"))
 
 
 # Importing the modules registers their models (order = nothing depends on it).

@@ -121,7 +121,9 @@ def _register(name: str, depth: int, filters: list[int]) -> None:
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = f"CIFAR ResNet-{depth}, filters {filters} (reference `{name}`)."
-    cifar_model(name, family="resnet", stages=_STAGES, classifier="fc")(factory)
+    blocks = (depth - 2) // 6   # per stage; the last one's sum before its ReLU is the preact
+    cifar_model(name, family="resnet", stages=_STAGES, classifier="fc",
+                preact=tuple(f"{stage}.{blocks - 1}:preact" for stage in _STAGES))(factory)
 
 
 for _depth in (8, 14, 20, 32, 44, 56, 110):

@@ -102,13 +102,15 @@ class ResNet(nn.Module):
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
-@cifar_model("resnet18", family="resnetv2", stages=_STAGES, classifier="linear")
+@cifar_model("resnet18", family="resnetv2", stages=_STAGES, classifier="linear",
+             preact=("layer1.1:preact", "layer2.1:preact", "layer3.1:preact", "layer4.1:preact"))
 def resnet18(num_classes: int = 100) -> ResNet:
     """CIFAR ResNet-18 (reference `ResNet18` in resnetv2.py)."""
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
 
 
-@cifar_model("resnet50", family="resnetv2", stages=_STAGES, classifier="linear")
+@cifar_model("resnet50", family="resnetv2", stages=_STAGES, classifier="linear",
+             preact=("layer1.2:preact", "layer2.3:preact", "layer3.5:preact", "layer4.2:preact"))
 def resnet50(num_classes: int = 100) -> ResNet:
     """CIFAR ResNet-50 (reference `ResNet50` in resnetv2.py)."""
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes)

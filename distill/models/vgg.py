@@ -79,7 +79,12 @@ def _register(name: str, cfg_key: str) -> None:
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = f"{name} with BatchNorm, config '{cfg_key}' (reference `{name}_bn`)."
-    cifar_model(name, family="vgg", stages=_STAGES, classifier="classifier")(factory)
+    # preact: each stage's last BatchNorm, before the block's final ReLU (the reference's f_pre);
+    # the stem is block0's output before pool0 (the reference's f0)
+    last_norm = [3 * len(CFG[cfg_key][int(stage[-1])]) - 2 for stage in _STAGES]
+    cifar_model(name, family="vgg", stages=_STAGES, classifier="classifier", stem="block0",
+                preact=tuple(f"{stage}.{i}:preact" for stage, i in zip(_STAGES, last_norm))
+                )(factory)
 
 
 for _name, _key in (("vgg8", "S"), ("vgg11", "A"), ("vgg13", "B"), ("vgg16", "D"), ("vgg19", "E")):

@@ -103,7 +103,11 @@ def _register(depth: int, width: int) -> None:
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = f"WRN-{depth}-{width} for 32x32 inputs (reference `{name}`)."
-    cifar_model(name, family="wrn", stages=("block1", "block2", "block3"), classifier="fc")(factory)
+    # the reference's preact features: each stage output through the next block's first BN
+    # (the final bn1 for the last), before the ReLU that follows it
+    cifar_model(name, family="wrn", stages=("block1", "block2", "block3"), classifier="fc",
+                stem="conv1", preact=("block2.layer.0.bn1:preact", "block3.layer.0.bn1:preact",
+                                      "bn1:preact"))(factory)
 
 
 for _depth, _width in ((16, 1), (16, 2), (40, 1), (40, 2)):
