@@ -45,10 +45,7 @@ def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, st
     info = BuildInfo(model_spec(student), model_spec(teacher), (3, 32, 32), num_classes=100,
                      student_arch=student)
     cls = DISTILLERS.get(method)
-    if cls.manual_step:
-        raise SystemExit(f"{method}: the floor measures the default step; manual-step methods "
-                         "have no single forward to time")
-    options = method_options(method, teacher, student)
+    options = method_options(method, teacher, student, *main_stage_only(method))
     teachers = {r.role: create_model(r.arch, num_classes=100)
                 for r in cls.teacher_requests(options, {"name": teacher})}
     distiller = build_distiller(method, create_model(student, num_classes=100), teachers,
@@ -58,18 +55,34 @@ def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, st
         if compile in (what, "both"):
             for module in parts.values():
                 module.compile()
-    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01, momentum=0.9,
-                                weight_decay=5e-4)
+    def sgd(params, constant=False, **overrides):
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4), None
+
+    optimizers = {name: pair[0] for name, pair in distiller.configure_optimizers(sgd).items()}
     images = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     targets = torch.randint(0, 100, (batch,), device=device)
-    ctx = StepContext(epoch=30, step=0, epochs=240)   # past DKD's warm-up
+    ctx = StepContext(epoch=30, step=0, epochs=240)   # past DKD's warm-up; the main stage
     distiller.train()
 
+    class Stepper:   # a manual step's backward and optimizer steps, nothing around them
+        def backward(self, loss):
+            loss.backward()
+
+        def step(self, name):
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            return True
+
     def step() -> None:
+        if distiller.manual_step:
+            distiller.training_step(images, targets, ctx, Stepper())
+            return
         _, losses = distiller(images, targets, ctx)
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
-        optimizer.step()
+        for optimizer in optimizers.values():
+            optimizer.step()
 
     for _ in range(warmup):
         step()
@@ -101,7 +114,7 @@ def trainer_images_per_sec(method: str, teacher: str, student: str, batch: int, 
                  f"trainer.max_steps={steps + warmup}", f"trainer.log_every={warmup}",
                  "trainer.progress=false", f"trainer.data_path={data_path}", "logger=jsonl",
                  f"teacher.checkpoint={weights}", f"zoo.root={workdir / 'zoo'}", f"device={device}",
-                 f"trainer.compile={compile}"]
+                 f"trainer.compile={compile}", *main_stage_only(method)]
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     OmegaConf.set_struct(cfg, False)
@@ -177,15 +190,11 @@ def machine() -> str:
 DATA_PATHS = [p for p in LOADER_PATHS if p != "auto"]   # "auto" would be one of these
 
 
-def default_step_method(method: str) -> None:
-    if DISTILLERS.get(method).manual_step:
-        raise ConfigError(f"{method} takes over the training step: the floor has no single "
-                          "forward to time", key="--methods",
-                          allowed=", ".join(default_step_methods()))
-
-
-def default_step_methods() -> list[str]:
-    return [m for m in DISTILLERS.list() if not DISTILLERS.get(m).manual_step]
+def main_stage_only(method: str) -> list[str]:
+    """Overrides that leave a method's stages out (init_epochs=0): what is timed, in both
+    columns, is its main stage, where a run spends trainer.epochs of its time."""
+    return ["distiller.init_epochs=0"] if "init_epochs" in method_options(method, "resnet56",
+                                                                         "resnet20") else []
 
 
 def data_paths(text: str) -> list[str]:
@@ -206,10 +215,9 @@ def build_parser() -> cli_args.ArgumentParser:
     parser.add_argument("--teacher", default="resnet56", type=model)
     parser.add_argument("--student", default="resnet20", type=model)
     parser.add_argument("--methods", default=None,
-                        type=cli_args.registered_list("method", DISTILLERS.list,
-                                                      default_step_method),
-                        help="comma-separated (default: every registered method with the "
-                             "default step)")
+                        type=cli_args.registered_list("method", DISTILLERS.list),
+                        help="comma-separated (default: every registered method; a method "
+                             "with stages is timed in its main stage)")
     parser.add_argument("--batches", default="64,128", type=cli_args.positive_int_list,
                         help="comma-separated batch sizes (default 64,128)")
     parser.add_argument("--steps", type=cli_args.positive_int, default=20,
@@ -234,7 +242,7 @@ def build_parser() -> cli_args.ArgumentParser:
 
 def validate(args: argparse.Namespace) -> None:
     if args.methods is None:
-        args.methods = default_step_methods()
+        args.methods = DISTILLERS.list()
     if args.against_torchdistill:
         if "kd" not in args.methods:
             raise ConfigError("it times KD only; add kd to --methods",

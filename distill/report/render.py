@@ -47,10 +47,23 @@ def in_column(row: Row, column: tuple[str, str | None, str]) -> bool:
     return (row.dataset, row.student) == (dataset, student) and row.teacher in (teacher, None)
 
 
+# The order of the published CIFAR-100 table (the CRD paper's Table 1, which RepDistiller's and
+# mdistiller's tables follow): rows of ours line up with it. Methods it does not have follow, in
+# the order the sweeps ran them.
+PUBLISHED_ORDER = (VANILLA, "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft",
+                   "fsp", "nst", "crd")
+
+
 def method_order(rows: list[Row]) -> list[str]:
-    """Vanilla first (it is the baseline), then methods in the order the sweeps ran them."""
+    """Vanilla first (it is the baseline), the published table's methods in its order, then
+    the others in the order the sweeps ran them."""
     labels = list(dict.fromkeys(r.method for r in rows))
-    return sorted(labels, key=lambda m: m.split(" ")[0] != VANILLA)
+
+    def rank(label: str) -> int:
+        name = label.split(" ")[0]
+        return PUBLISHED_ORDER.index(name) if name in PUBLISHED_ORDER else len(PUBLISHED_ORDER)
+
+    return sorted(labels, key=rank)
 
 
 def render_markdown(rows: list[Row], unfinished: list[Unfinished], metric: str = "last") -> str:
