@@ -371,3 +371,15 @@ def test_finite_gradients_with_large_inputs(name):
     assert math.isfinite(loss.item()) and loss.item() > 0
     for leaf in leaves:
         assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+
+
+def test_kdsvd_of_non_finite_features_is_nan_not_an_svd_error():
+    """Diverged weights give non-finite maps; an SVD of them raises. The loss is NaN instead, so
+    trainer.on_nonfinite reports the step (seen on digits: KD-SVD at the reference weight)."""
+    from distill.losses import kdsvd_loss
+
+    fs = [torch.randn(2, 4, 4, 4), torch.randn(2, 4, 2, 2)]
+    ft = [torch.randn(2, 4, 4, 4), torch.randn(2, 4, 2, 2)]
+    fs[1][0, 0, 0, 0] = float("nan")
+    loss = kdsvd_loss(fs, ft)
+    assert loss.dim() == 0 and torch.isnan(loss)

@@ -83,6 +83,10 @@ def kdsvd_loss(feats_student: Sequence[torch.Tensor], feats_teacher: Sequence[to
             raise ValueError(f"kdsvd_loss: channel counts differ at stage {i} ({fs.shape[1]} vs "
                              f"{ft.shape[1]}); KD-SVD compares singular vectors over channels")
 
+    if not all(torch.isfinite(f).all() for f in (*feats_student, *feats_teacher)):
+        # an SVD of non-finite values raises (LinAlgError) where the other losses give NaN: give
+        # NaN too, so the run's non-finite policy (trainer.on_nonfinite) reports it by step
+        return sum(f.float().sum() for f in feats_student) * float("nan")
     with torch.autocast(device_type=feats_student[0].device.type, enabled=False):
         total = feats_student[0].new_zeros((), dtype=torch.float32)
         prev_s = prev_t = None
