@@ -33,11 +33,16 @@ def at_loss(feat_student: torch.Tensor, feat_teacher: torch.Tensor, p: float = 2
     if feat_student.shape[0] != feat_teacher.shape[0]:
         raise ValueError("at_loss: student and teacher batch sizes differ "
                          f"({feat_student.shape[0]} vs {feat_teacher.shape[0]})")
-    size = (min(feat_student.shape[2], feat_teacher.shape[2]),
-            min(feat_student.shape[3], feat_teacher.shape[3]))
-    fs, ft = feat_student.float(), feat_teacher.float()
-    if tuple(fs.shape[2:]) != size:
-        fs = F.adaptive_avg_pool2d(fs, size)
-    if tuple(ft.shape[2:]) != size:
-        ft = F.adaptive_avg_pool2d(ft, size)
+    fs, ft = pooled_to_common_size(feat_student.float(), feat_teacher.float())
     return (attention_map(fs, p) - attention_map(ft, p)).pow(2).mean()
+
+
+def pooled_to_common_size(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two (N, C, H, W) maps at the per-dimension minimum of their sizes: the larger one
+    adaptive-average-pooled, as the reference code pools the larger map to the smaller."""
+    size = (min(a.shape[2], b.shape[2]), min(a.shape[3], b.shape[3]))
+    if tuple(a.shape[2:]) != size:
+        a = F.adaptive_avg_pool2d(a, size)
+    if tuple(b.shape[2:]) != size:
+        b = F.adaptive_avg_pool2d(b, size)
+    return a, b

@@ -2,12 +2,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-
-def _factor_map(f: torch.Tensor) -> torch.Tensor:
-    """mean_c f_c^2 flattened to (N, H*W) and L2-normalised per sample (the code's factor)."""
-    return F.normalize(f.pow(2).mean(1).reshape(f.shape[0], -1), dim=1)
+from distill.losses.at import attention_map, pooled_to_common_size
 
 
 def ft_loss(factor_student: torch.Tensor, factor_teacher: torch.Tensor, p: float = 1) -> torch.Tensor:
@@ -29,12 +25,7 @@ def ft_loss(factor_student: torch.Tensor, factor_teacher: torch.Tensor, p: float
     if factor_student.shape[0] != factor_teacher.shape[0]:
         raise ValueError("ft_loss: student and teacher batch sizes differ "
                          f"({factor_student.shape[0]} vs {factor_teacher.shape[0]})")
-    size = (min(factor_student.shape[2], factor_teacher.shape[2]),
-            min(factor_student.shape[3], factor_teacher.shape[3]))
-    fs, ft = factor_student.float(), factor_teacher.float()
-    if tuple(fs.shape[2:]) != size:
-        fs = F.adaptive_avg_pool2d(fs, size)
-    if tuple(ft.shape[2:]) != size:
-        ft = F.adaptive_avg_pool2d(ft, size)
-    diff = (_factor_map(fs) - _factor_map(ft)).abs()
+    fs, ft = pooled_to_common_size(factor_student.float(), factor_teacher.float())
+    # the code's factor map is AT's attention map with p = 2: mean_c f_c^2, normalised
+    diff = (attention_map(fs, 2) - attention_map(ft, 2)).abs()
     return (diff if p == 1 else diff.pow(p)).mean()
