@@ -395,7 +395,8 @@ def require_models(options: dict, option: str, *, at_least: int, allowed: str) -
 _RULES = {">0": (lambda v: v > 0, "a positive (finite) number"),
           ">=0": (lambda v: v >= 0, "zero or a positive (finite) number"),
           "[0,1]": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-          "(0,1]": (lambda v: 0 < v <= 1, "a number in (0, 1]")}
+          "(0,1]": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+          "int>0": (lambda v: isinstance(v, int) and v > 0, "a positive integer")}
 
 
 def refused_features(cls: type[Distiller]) -> dict[str, str]:
@@ -428,6 +429,17 @@ class FeatureDistiller(Distiller):
     @classmethod
     def option_key(cls, role: str) -> str:
         return f"distiller.{role}_{cls.layer_option}"
+
+    @classmethod
+    def layer_pair(cls, student_layer: str | None, teacher_layer: str | None, info: BuildInfo,
+                   what: str, pick: Callable[[list[str]], str] = lambda names: names[0]
+                   ) -> tuple[str, str]:
+        """The one student and one teacher layer of a single-layer method: each as given, else
+        `pick` of that model's default layers (`what`: "stages", "pooled", ...)."""
+        return (student_layer or pick(default_layers(info.student_spec, cls.option_key("student"),
+                                                     what)),
+                teacher_layer or pick(default_layers(info.teacher_spec, cls.option_key("teacher"),
+                                                     what)))
 
     def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                                 list[torch.Tensor], list[torch.Tensor]]:

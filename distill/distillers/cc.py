@@ -8,9 +8,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, default_layers,
-                                     layer_shapes, require)
-from distill.errors import ConfigError
+from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, layer_shapes, require)
 from distill.losses import cc_loss
 
 
@@ -19,10 +17,8 @@ class CC(FeatureDistiller):
     def __init__(self, student, teacher, ce_weight: float = 1.0, feat_weight: float = 0.02,
                  feat_dim: int = 128, student_layer: str | None = None,
                  teacher_layer: str | None = None, *, info: BuildInfo):
-        student_layer = student_layer or default_layers(
-            info.student_spec, self.option_key("student"), "pooled")[0]
-        teacher_layer = teacher_layer or default_layers(
-            info.teacher_spec, self.option_key("teacher"), "pooled")[0]
+        student_layer, teacher_layer = self.layer_pair(student_layer, teacher_layer, info,
+                                                       "pooled")
         super().__init__(student, teacher, [student_layer], [teacher_layer])
         widths = []
         for role, model, name in (("student", student, student_layer),
@@ -36,10 +32,7 @@ class CC(FeatureDistiller):
 
     @classmethod
     def check_values(cls, options):
-        require(options, ce_weight=">=0", feat_weight=">=0", feat_dim=">0")
-        if not isinstance(options.get("feat_dim", 128), int):
-            raise ConfigError(f"invalid value {options['feat_dim']!r}", key="distiller.feat_dim",
-                              allowed="a positive integer (the embedding width)")
+        require(options, ce_weight=">=0", feat_weight=">=0", feat_dim="int>0")
 
     def forward(self, images, targets, ctx):
         logits, _, (feat_s,), (feat_t,) = self.forward_features(images)

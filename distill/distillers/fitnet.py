@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from distill.distillers.base import (
-    DISTILLERS, BuildInfo, FeatureDistiller, default_layers, layer_shapes, require)
+    DISTILLERS, BuildInfo, FeatureDistiller, layer_shapes, require)
 from distill.distillers.connectors import build_connector
 from distill.errors import ConfigError
 from distill.losses import fitnet_loss, kd_loss
@@ -29,10 +29,8 @@ class FitNet(FeatureDistiller):
                  student_layer: str | None = None, teacher_layer: str | None = None,
                  hint_epochs: int = 0, kd_weight: float = 0.0, temperature: float = 4.0,
                  *, info: BuildInfo):
-        student_layer = student_layer or middle_stage(
-            default_layers(info.student_spec, self.option_key("student"), "stages"))
-        teacher_layer = teacher_layer or middle_stage(
-            default_layers(info.teacher_spec, self.option_key("teacher"), "stages"))
+        student_layer, teacher_layer = self.layer_pair(student_layer, teacher_layer, info,
+                                                       "stages", pick=middle_stage)
         super().__init__(student, teacher, [student_layer], [teacher_layer])
         (shape_s,), (shape_t,) = (layer_shapes(student, [student_layer], info),
                                   layer_shapes(teacher, [teacher_layer], info))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.distillers.base import (DISTILLERS, MAIN_STAGE, BuildInfo, FeatureDistiller, Stage,
-                                     default_layers, layer_shapes, require)
+                                     layer_shapes, require)
 from distill.distillers.connectors import Paraphraser, Translator
 from distill.errors import ConfigError
 from distill.losses import ft_loss
@@ -34,10 +34,8 @@ class FT(FeatureDistiller):
                  p: int = 1, rate: float = 0.5, init_epochs: int = 30,
                  init_lr: float | None = None, student_layer: str | None = None,
                  teacher_layer: str | None = None, *, info: BuildInfo):
-        student_layer = student_layer or default_layers(
-            info.student_spec, self.option_key("student"), "stages")[-1]
-        teacher_layer = teacher_layer or default_layers(
-            info.teacher_spec, self.option_key("teacher"), "stages")[-1]
+        student_layer, teacher_layer = self.layer_pair(student_layer, teacher_layer, info,
+                                                       "stages", pick=lambda names: names[-1])
         super().__init__(student, teacher, [student_layer], [teacher_layer])
         (shape_s,), (shape_t,) = (layer_shapes(student, [student_layer], info),
                                   layer_shapes(teacher, [teacher_layer], info))

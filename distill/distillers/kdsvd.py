@@ -39,10 +39,7 @@ class KDSVD(FeatureDistiller):
 
     @classmethod
     def check_values(cls, options):
-        require(options, ce_weight=">=0", feat_weight=">=0", k=">0")
-        if not isinstance(options.get("k", 1), int):
-            raise ConfigError(f"invalid value {options['k']!r}", key="distiller.k",
-                              allowed="a positive integer (singular vectors kept)")
+        require(options, ce_weight=">=0", feat_weight=">=0", k="int>0")
 
     def forward(self, images, targets, ctx):
         logits, _, feats_s, feats_t = self.forward_features(images)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from distill.distillers.base import DISTILLERS, BuildInfo, FeatureDistiller, default_layers, require
+from distill.distillers.base import DISTILLERS, BuildInfo, FeatureDistiller, require
 from distill.losses import rkd_loss
 
 
@@ -17,10 +17,8 @@ class RKD(FeatureDistiller):
                  distance_weight: float = 25.0, angle_weight: float = 50.0,
                  student_layer: str | None = None, teacher_layer: str | None = None,
                  *, info: BuildInfo):
-        student_layer = student_layer or default_layers(
-            info.student_spec, self.option_key("student"), "pooled")[0]
-        teacher_layer = teacher_layer or default_layers(
-            info.teacher_spec, self.option_key("teacher"), "pooled")[0]
+        student_layer, teacher_layer = self.layer_pair(student_layer, teacher_layer, info,
+                                                       "pooled")
         super().__init__(student, teacher, [student_layer], [teacher_layer])
         self.ce_weight, self.feat_weight = ce_weight, feat_weight
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
