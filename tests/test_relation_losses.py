@@ -383,3 +383,40 @@ def test_kdsvd_of_non_finite_features_is_nan_not_an_svd_error():
     fs[1][0, 0, 0, 0] = float("nan")
     loss = kdsvd_loss(fs, ft)
     assert loss.dim() == 0 and torch.isnan(loss)
+
+
+@pytest.mark.parametrize("rows, channels", [(16, 6), (5, 9), (7, 7)])
+def test_kdsvd_svd_gradient_is_the_textbook_one_where_singular_values_are_distinct(rows, channels):
+    """KD-SVD's own SVD backward equals torch.linalg.svd's where that one is defined (random
+    matrices: distinct, non-zero singular values), for tall, wide and square (H*W, C) matrices."""
+    from distill.losses.kdsvd import _SingularValuesAndRightVectors
+
+    x = _randn(3, rows, channels, seed=140).double().requires_grad_(True)
+    r = min(rows, channels)
+    w_s, w_v = _randn(3, r, seed=141).double(), _randn(3, channels, r, seed=142).double()
+
+    def objective(s, v):  # v * v: blind to the arbitrary sign of each singular vector
+        return (s * w_s).sum() + (v * v * w_v).sum()
+
+    ours, = torch.autograd.grad(objective(*_SingularValuesAndRightVectors.apply(x)), x)
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    textbook, = torch.autograd.grad(objective(s, vh.transpose(1, 2)), x)
+    torch.testing.assert_close(ours, textbook, rtol=1e-10, atol=1e-12)
+
+
+def test_kdsvd_gradient_is_finite_where_singular_values_coincide():
+    """A 2x2 ReLU stage with dead positions has repeated zero singular values; torch's SVD
+    backward divides by their zero gap (NaN weights on digits after ~37 steps). Ours leaves the
+    degenerate pairs out and stays finite, with the loss itself unchanged."""
+    a = torch.relu(_randn(4, 16, 4, 4, seed=150))
+    b = torch.relu(_randn(4, 32, 2, 2, seed=151))
+    b[:, :, 1, :] = 0                      # two of the four positions dead in every sample
+    x = b.flatten(2).transpose(1, 2)
+    assert (torch.linalg.svdvals(x)[:, 2:] < 1e-5).all()   # two zero singular values each
+    fs = [a.requires_grad_(True), b.requires_grad_(True)]
+    ft = [torch.relu(_randn(4, 16, 4, 4, seed=152)), torch.relu(_randn(4, 32, 2, 2, seed=153))]
+    loss = kdsvd_loss(fs, ft)
+    loss.backward()
+    assert math.isfinite(loss.item()) and loss.item() > 0
+    for f in fs:
+        assert torch.isfinite(f.grad).all() and f.grad.abs().sum() > 0

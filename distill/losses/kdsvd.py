@@ -12,13 +12,55 @@ def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
+class _SingularValuesAndRightVectors(torch.autograd.Function):
+    """s (N, r) and V (N, c, r) of the thin SVD of x (N, m, c), r = min(m, c), differentiated by
+    the textbook formula (Townsend 2016, "Differentiating the singular value decomposition") with
+    one change, in the spirit of the authors' TensorFlow gradient (SSKD_SVD, which zeroes the
+    non-finite 1/(s_i^2 - s_j^2) and adds 1e-8 to s): a pair of singular values equal to float
+    precision, or a singular value that is zero to float precision, contributes no gradient
+    (the vectors of a degenerate subspace are not defined, so nothing can pull them).
+    torch.linalg.svd's own backward gives inf/NaN there, which ReLU maps with fewer positions
+    than channels (a 2x2 stage) reach within a few dozen steps: the weights turn NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        v = vh.transpose(-2, -1)
+        ctx.save_for_backward(u, s, v)
+        ctx.full_rows = x.shape[-1] <= x.shape[-2]  # V square: no term outside its span
+        return s, v
+
+    @staticmethod
+    def backward(ctx, grad_s, grad_v):
+        u, s, v = ctx.saved_tensors
+        # below `tol` a singular value (or a gap) is float rounding: the rank tolerance of
+        # torch.linalg.matrix_rank, max(m, c) * eps * s_max
+        tol = max(u.shape[-2], v.shape[-2]) * torch.finfo(s.dtype).eps * s[..., :1]
+        s_sq = s * s
+        gap = s_sq.unsqueeze(-2) - s_sq.unsqueeze(-1)           # gap[i, j] = s_j^2 - s_i^2
+        resolved = gap.abs() > 2 * s[..., :1].unsqueeze(-1) * tol.unsqueeze(-1)
+        inv_gap = torch.where(resolved, 1 / torch.where(resolved, gap, torch.ones_like(gap)),
+                              torch.zeros_like(gap))
+        vt_gv = v.transpose(-2, -1) @ grad_v
+        inner = s.unsqueeze(-1) * (inv_gap * (vt_gv - vt_gv.transpose(-2, -1)))
+        inner = inner + torch.diag_embed(grad_s)
+        grad_x = u @ inner @ v.transpose(-2, -1)
+        if not ctx.full_rows:
+            nonzero = s > tol
+            inv_s = torch.where(nonzero, 1 / torch.where(nonzero, s, torch.ones_like(s)),
+                                torch.zeros_like(s))
+            grad_x = grad_x + (u * inv_s.unsqueeze(-2)) @ (
+                grad_v.transpose(-2, -1) - (grad_v.transpose(-2, -1) @ v) @ v.transpose(-2, -1))
+        return grad_x
+
+
 def _top_right_singular(feat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n singular values (N, n) and right singular vectors (N, C, n) of each sample's
     (H*W, C) matrix, i.e. directions in channel space; both L2-normalised along their length,
     with non-finite entries zeroed first (the reference's `removenan`)."""
     x = feat.reshape(feat.shape[0], feat.shape[1], -1).transpose(1, 2)
-    _, s, vh = torch.linalg.svd(x, full_matrices=False)
-    s, v = _zero_nonfinite(s), _zero_nonfinite(vh.transpose(1, 2))
+    s, v = _SingularValuesAndRightVectors.apply(x)
+    s, v = _zero_nonfinite(s), _zero_nonfinite(v)
     return F.normalize(s[:, :n], dim=1), F.normalize(v[:, :, :n], dim=1)
 
 
@@ -59,7 +101,9 @@ def kdsvd_loss(feats_student: Sequence[torch.Tensor], feats_teacher: Sequence[to
     (N, H*W, C) layout; mdistiller's KDSVD.py views the map as (N, C*H, W) instead, so its vectors
     live over the W columns, which we do not follow. We use H*W where the reference writes H*H
     (the same on its square maps) and fix the arbitrary sign of the teacher's singular vectors
-    (`_fix_sign`). Float32 with autocast off (SVD has no bf16 kernel and needs the precision).
+    (`_fix_sign`), and differentiate the SVD without its degenerate pairs, as the authors' TF code
+    does (`_SingularValuesAndRightVectors`; the reference's torch.svd backward gives NaN there).
+    Float32 with autocast off (SVD has no bf16 kernel and needs the precision).
     Code vs paper: transcribed from the authors' code (k + 3 student candidates, sign matching,
     RBF width 8); the paper's self-supervised multi-task training schedule is not part of the loss.
     """
