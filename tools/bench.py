@@ -37,6 +37,26 @@ from distill.models import create_model, list_models, model_spec  # noqa: E402
 from distill.validation import method_options  # noqa: E402
 
 
+def bench_teacher(arch: str) -> torch.nn.Module:
+    """An untrained `arch` whose BatchNorm statistics are those of the random images the bench
+    feeds it (a few train-mode forwards). Left at their initial unit variance, an untrained
+    network's eval-mode activations grow block by block, and feature losses on them (CC's, VID's)
+    overflow within a few steps; calibrated, its features have a trained network's scale."""
+    model = create_model(arch, num_classes=100)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None   # a plain average over the calibration batches
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(64, 3, 32, 32, generator=generator))
+    for norm in norms:
+        norm.momentum = 0.1
+    return model.eval()
+
+
 def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, steps: int,
                          warmup: int, device: torch.device,
                          memory_format: torch.memory_format = torch.channels_last,
@@ -46,8 +66,7 @@ def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, st
                      student_arch=student)
     cls = DISTILLERS.get(method)
     options = method_options(method, teacher, student, *main_stage_only(method))
-    teachers = {r.role: create_model(r.arch, num_classes=100)
-                for r in cls.teacher_requests(options, {"name": teacher})}
+    teachers = {r.role: bench_teacher(r.arch) for r in cls.teacher_requests(options, {"name": teacher})}
     distiller = build_distiller(method, create_model(student, num_classes=100), teachers,
                                 options, info).to(device, memory_format=memory_format)
     for what, parts in (("teacher", distiller.frozen_parts()),
@@ -105,7 +124,7 @@ def trainer_images_per_sec(method: str, teacher: str, student: str, batch: int, 
 
     weights = workdir / f"{teacher}.safetensors"
     if not weights.exists():
-        save_file(create_model(teacher, num_classes=100).state_dict(), str(weights))
+        save_file(bench_teacher(teacher).state_dict(), str(weights))
     run_dir = workdir / f"run-{time.monotonic_ns()}"
     # log every `warmup` steps: the first window is the warm-up and is left out
     overrides = [f"distiller={method}", f"teacher={teacher}", f"student={student}",
