@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from distill.config import run_path
-from distill.data import DATASETS, DatasetBundle, build_datasets
+from distill.data import DATASETS, DatasetBundle, build_datasets, dataset_labels
 from distill.distillers import DISTILLERS, BuildInfo, Distiller, TeacherRequest, build_distiller
 from distill.engine import distributed as dist_utils
 from distill.engine.loaders import data_path_transforms
@@ -163,7 +163,8 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
     info = BuildInfo(student_spec=model_spec(cfg.student.name),
                      teacher_spec=model_spec(requests[0].arch) if requests else None,
                      input_shape=tuple(data.val[0][0].shape), num_classes=data.num_classes,
-                     mean=tuple(data.mean), std=tuple(data.std), student_arch=cfg.student.name)
+                     mean=tuple(data.mean), std=tuple(data.std), student_arch=cfg.student.name,
+                     train_labels=dataset_labels(data.train), seed=cfg.seed)
     check_distiller_fits(cfg.distiller.name, cfg.student.name, requests, options, info)
     pinned = {t["role"]: t["sha256"] for t in (checkpoint or {}).get("teachers", [])}
     if checkpoint is not None and "teachers" not in checkpoint and requests:

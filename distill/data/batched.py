@@ -12,11 +12,12 @@ run replays them exactly without saving any generator state.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 from torchvision.transforms import v2
 
 from distill.data import TensorImageDataset
@@ -62,11 +63,19 @@ class BatchTransform:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
+        return self.normalize(self.geometric(images, generator))
+
+    def geometric(self, images: torch.Tensor, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+        """The random crop and flip alone: uint8 in, uint8 out."""
         if self.padding:
             images = self._random_crop(images, generator)
         if self.flip:
             flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return images
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
         mean, std = self._stats(images.device)
         return (images.float() / 255.0 - mean) / std
 
@@ -92,6 +101,33 @@ class BatchTransform:
         return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
+@dataclass(frozen=True)
+class ViewTransform:
+    """Another view of a training batch, for methods that train on two (MLKD's strong view):
+    the training pipeline's crop and flip drawn afresh, then `augment` (uint8 in and out, e.g.
+    distill.data.augment's), then the pipeline's normalisation. The same object serves both data
+    paths: whole batches on the device, single images (a batch of one) in DataLoader workers."""
+
+    base: BatchTransform
+    augment: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+        return self.base.normalize(self.augment(self.base.geometric(images, generator), generator))
+
+
+def tensor_source(dataset) -> tuple[torch.Tensor, BatchTransform] | None:
+    """(uint8 images [N,3,H,W] in the dataset's item order, the batch form of its pipeline) of a
+    TensorImageDataset or a Subset of one (dataset.train_fraction); None for anything else."""
+    indices = None
+    if isinstance(dataset, Subset):
+        dataset, indices = dataset.dataset, torch.as_tensor(dataset.indices, dtype=torch.long)
+    transform = batch_transform_of(dataset)
+    if transform is None:
+        return None
+    return (dataset.images if indices is None else dataset.images[indices]), transform
+
+
 def _dtype_of(to_dtype: v2.ToDtype):
     dtype = to_dtype.dtype
     return dtype.get(torch.Tensor, dtype.get("others")) if isinstance(dtype, dict) else dtype
@@ -112,12 +148,16 @@ class DeviceBatches:
     """Batches of an in-memory dataset, made on `device`: the images move there once.
 
     `indices` (a sampler, re-read on each iteration) gives this rank's order; `batch_size` is
-    the per-rank batch. `set_epoch(epoch, first_batch)` mirrors the sampler's, and seeds each
+    the per-rank batch. `with_indices`: each batch also carries its samples' dataset indices, as
+    `(images, labels, {"index": LongTensor})`, the training batches' form on both data paths. `set_epoch(epoch, first_batch)` mirrors the sampler's, and seeds each
     batch's augmentation from (seed, epoch, batch, rank).
     """
 
     def __init__(self, dataset: TensorImageDataset, transform: BatchTransform, indices,
-                 *, batch_size: int, device: torch.device, seed: int = 0, rank: int = 0):
+                 *, batch_size: int, device: torch.device, seed: int = 0, rank: int = 0,
+                 with_indices: bool = False, views: dict[str, ViewTransform] | None = None):
+        self.with_indices = with_indices   # training batches: (images, labels, {"index": ...})
+        self.views = dict(views or {})     # and each view by name in that dict
         self.images = dataset.images.to(device)
         self.labels = dataset.labels.to(device)
         self.transform, self.indices = transform, indices
@@ -132,15 +172,22 @@ class DeviceBatches:
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple]:
         order = torch.as_tensor(list(self.indices), dtype=torch.long).to(self.device)
         for i, start in enumerate(range(0, len(order), self.batch_size)):
             index = order[start:start + self.batch_size]
-            if self.transform.augments:
+            if self.transform.augments or self.views:
                 batch = self.first_batch + i
                 mixed = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + batch) * 1_009 + self.rank
                 self.generator.manual_seed(mixed % (2**63 - 1))   # any seed: stays in int64
-            yield self.transform(self.images[index], self.generator), self.labels[index]
+            raw = self.images[index]
+            images, labels = self.transform(raw, self.generator), self.labels[index]
+            if not self.with_indices:
+                yield images, labels
+                continue
+            views = {name: view(raw, self.generator) for name, view in self.views.items()}
+            yield images, labels, {"index": index, **views}
 
 
-__all__ = ["BatchTransform", "DeviceBatches", "batch_transform_of"]
+__all__ = ["BatchTransform", "DeviceBatches", "ViewTransform", "batch_transform_of",
+           "tensor_source"]

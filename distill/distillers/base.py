@@ -70,6 +70,11 @@ class StepContext:
     total_steps: int = 0       # the run's last step (trainer.max_steps included)
     stage: str = MAIN_STAGE    # the stage this step belongs to (Distiller.stages)
     stage_epoch: int = 0       # 0-based epoch within that stage
+    # the batch's positions in the training set (this rank's share under DDP); None outside
+    # the trainer
+    indices: torch.Tensor | None = None
+    # other views of the batch's images, by the names Distiller.views() gives (MLKD's "strong")
+    views: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,10 @@ class BuildInfo:
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     student_arch: str | None = None
+    # the training set's labels, item by item (what StepContext.indices point into; CRD's memory
+    # bank and its negatives), and the run's seed (for randomness every rank must share)
+    train_labels: torch.Tensor | None = None
+    seed: int = 0
 
     @property
     def pixel_range(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -241,6 +250,16 @@ class Distiller(nn.Module):
         for module in self.trained_parts().values():
             yield from module.buffers()
 
+    def views(self) -> dict[str, str]:
+        """Extra views of each training image the method trains on, by name -> a registered
+        augmentation (distill.data.augment), given in StepContext.views: none by default."""
+        return {}
+
+    def self_synced_buffers(self) -> list[torch.Tensor]:
+        """Buffers of trained parts that the method itself keeps equal on every rank (e.g. CRD's
+        memory bank, updated from all ranks' samples): DDP need not broadcast them each step."""
+        return []
+
     def auxiliary_parameter_count(self) -> int:
         """Parameters of trained parts that are not evaluated (connectors, discriminators)."""
         return sum(p.numel() for role, part in self.parts.items()
@@ -340,11 +359,13 @@ def _is_number(value: Any) -> bool:
 
 def require(options: dict, **rules: str) -> None:
     """`require(options, temperature=">0", kd_weight=">=0")`: a ConfigError naming the first
-    option given in `options` that breaks its rule. Every rule wants a finite number."""
+    option given in `options` that breaks its rule. Every rule but "bool" wants a finite number."""
     for name, rule in rules.items():
         test, allowed = _RULES[rule]
         value = options.get(name)
-        if name in options and not (_is_number(value) and math.isfinite(value) and test(value)):
+        ok = (isinstance(value, bool) if rule == "bool"
+              else _is_number(value) and math.isfinite(value) and test(value))
+        if name in options and not ok:
             raise ConfigError(f"invalid value {value!r}", key=f"distiller.{name}",
                               allowed=allowed)
 
@@ -396,7 +417,15 @@ _RULES = {">0": (lambda v: v > 0, "a positive (finite) number"),
           ">=0": (lambda v: v >= 0, "zero or a positive (finite) number"),
           "[0,1]": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
           "(0,1]": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-          "int>0": (lambda v: isinstance(v, int) and v > 0, "a positive integer")}
+          "int>0": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+          "bool": (None, "true or false")}
+
+
+def warmup_ramp(epoch: int, warmup_epochs: int) -> float:
+    """A loss term's factor at 0-based `epoch` under mdistiller's linear warm-up (DKD, ReviewKD):
+    min(epoch / warmup_epochs, 1) with its 1-based epochs, so the first epoch already has
+    1 / warmup_epochs; 1 without a warm-up."""
+    return min((epoch + 1) / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
 
 
 def refused_features(cls: type[Distiller]) -> dict[str, str]:

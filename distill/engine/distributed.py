@@ -109,3 +109,22 @@ def broadcast_tensors(tensors: Iterable[torch.Tensor]) -> None:
     if world_size() > 1:
         for tensor in tensors:
             dist.broadcast(tensor, src=0)
+
+
+def all_gather_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's `tensor` concatenated along dim 0 in rank order, and each rank's row count:
+    the global batch, since each rank's share of it is a contiguous slice in rank order
+    (EpochSampler). The shares may differ by a row (the last, partial batch), so they are padded
+    to the largest for the collective. Not differentiable: for state the ranks keep equal (CRD's
+    memory bank)."""
+    if world_size() == 1:
+        return tensor, [tensor.shape[0]]
+    counts = torch.tensor([tensor.shape[0]], device=tensor.device)
+    all_counts = [torch.zeros_like(counts) for _ in range(world_size())]
+    dist.all_gather(all_counts, counts)
+    sizes = [int(c) for c in all_counts]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded.contiguous())
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)]), sizes

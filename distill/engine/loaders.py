@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from distill.data import DatasetBundle
-from distill.data.batched import BatchTransform, DeviceBatches, batch_transform_of
+from distill.data.augment import AUGMENTATIONS
+from distill.data.batched import (BatchTransform, DeviceBatches, ViewTransform,
+                                  batch_transform_of, tensor_source)
 from distill.engine.sampler import EpochSampler, epoch_seed
 from distill.errors import ConfigError
 
@@ -33,6 +35,40 @@ def data_path_transforms(data: DatasetBundle, data_path: str
                               allowed="auto or loader for this dataset")
         return None
     return train_tf, val_tf
+
+
+class IndexedDataset(Dataset):
+    """`(image, label, {"index": i, <view>: ...})` for item i of `dataset`: the training
+    batches' form on the DataLoader path, as DeviceBatches(with_indices=True) gives it on the
+    in-memory one. The trainer hands the indices to the distiller (StepContext.indices; CRD's
+    memory bank) and the views (StepContext.views; MLKD's strong view). A view is made from the
+    item's uint8 image (`images`, in item order) with the process's RNG, as the pipeline's own
+    per-item randomness is."""
+
+    def __init__(self, dataset: Dataset, images: torch.Tensor | None = None,
+                 views: dict[str, ViewTransform] | None = None):
+        self.dataset, self.images, self.views = dataset, images, dict(views or {})
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        views = {name: view(self.images[index:index + 1])[0] for name, view in self.views.items()}
+        return image, label, {"index": index, **views}
+
+
+def view_transforms(data: DatasetBundle, views: dict[str, str]) -> dict[str, ViewTransform]:
+    """The training views a method asks for ({name: augmentation}), built on the training
+    pipeline's crop/flip/normalisation; a ConfigError when that pipeline is not the tensor one."""
+    source = tensor_source(data.train) if views else None
+    if views and source is None:
+        raise ConfigError(f"this method trains on extra views of each image ({', '.join(views)}), "
+                          "made from uint8 image tensors with the crop/flip/normalise recipe; "
+                          "this dataset is read another way", key="dataset",
+                          allowed="cifar10, cifar100, digits, mnist5k or fake")
+    return {name: ViewTransform(source[1], AUGMENTATIONS.get(augment, key=f"view {name}"))
+            for name, augment in views.items()}
 
 
 @dataclass
@@ -62,7 +98,10 @@ class Loaders:
 
 def build_loaders(data: DatasetBundle, *, data_path: str, batch_size: int, eval_batch_size: int,
                   num_workers: int, device: torch.device, seed: int, rank: int,
-                  world_size: int) -> Loaders:
+                  world_size: int, views: dict[str, str] | None = None) -> Loaders:
+    """`views`: extra views of each training image by name -> registered augmentation
+    (Distiller.views()), given in each training batch's dict next to "index"."""
+    transforms = view_transforms(data, views or {})
     sampler = EpochSampler(len(data.train), seed, global_batch=batch_size, rank=rank,
                            world_size=world_size)
     worker_seeds = torch.Generator()
@@ -72,12 +111,14 @@ def build_loaders(data: DatasetBundle, *, data_path: str, batch_size: int, eval_
     if on_device is not None:
         train_tf, val_tf = on_device
         train = DeviceBatches(data.train, train_tf, sampler, batch_size=per_rank, device=device,
-                              seed=seed, rank=rank)
+                              seed=seed, rank=rank, with_indices=True, views=transforms)
         val = DeviceBatches(data.val, val_tf, val_indices, batch_size=eval_batch_size,
                             device=device)
     else:
         pin = device.type == "cuda"
-        train = DataLoader(data.train, batch_size=per_rank, sampler=sampler,
+        images = tensor_source(data.train)[0] if transforms else None
+        train = DataLoader(IndexedDataset(data.train, images, transforms), batch_size=per_rank,
+                           sampler=sampler,
                            num_workers=num_workers, generator=worker_seeds, drop_last=False,
                            pin_memory=pin)
         val = DataLoader(data.val, batch_size=eval_batch_size, sampler=val_indices,

@@ -193,7 +193,8 @@ class Trainer:
         self.loaders = build_loaders(
             data, data_path=options.data_path, batch_size=options.batch_size,
             eval_batch_size=options.eval_batch_size, num_workers=options.num_workers,
-            device=device, seed=seed, rank=dist_utils.rank(), world_size=self.world_size)
+            device=device, seed=seed, rank=dist_utils.rank(), world_size=self.world_size,
+            views=distiller.views())
         self.steps_per_epoch = self.loaders.steps_per_epoch
         self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
         distiller.to(memory_format=self.memory_format)
@@ -248,7 +249,7 @@ class Trainer:
     def _wrap(self, distiller: Distiller, *, sync_bn: bool) -> nn.Module:
         """The distiller as the training step calls it. One process: itself. DDP, default step:
         in DistributedDataParallel, the frozen parts ignored (they are identical everywhere and
-        never change). DDP, manual step: itself, its trained parts made equal on every rank
+        never change), and the buffers the method keeps equal itself. DDP, manual step: itself, its trained parts made equal on every rank
         (ManualStepper averages the gradients)."""
         if self.world_size == 1:
             return distiller
@@ -261,6 +262,7 @@ class Trainer:
             return distiller
         frozen = {id(t) for module in distiller.frozen_parts().values()
                   for t in (*module.parameters(), *module.buffers())}
+        frozen |= {id(t) for t in distiller.self_synced_buffers()}
         ignored = [n for n, t in (*distiller.named_parameters(), *distiller.named_buffers())
                    if id(t) in frozen]
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -406,12 +408,16 @@ class Trainer:
                      epoch + (self.opt.epochs if stage == MAIN_STAGE else
                               next(s.epochs for s in self.stages if s.name == stage)),
                      self.epochs)
-        for images, targets in self.loaders.train:
+        for images, targets, extras in self.loaders.train:
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
             ctx = StepContext(epoch=epoch, step=self.state.global_step, epochs=self.epochs,
                               steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps(),
-                              stage=stage, stage_epoch=stage_epoch)
+                              stage=stage, stage_epoch=stage_epoch,
+                              indices=extras["index"].to(self.device, non_blocking=True),
+                              views={name: view.to(self.device, non_blocking=True,
+                                                   memory_format=self.memory_format)
+                                     for name, view in extras.items() if name != "index"})
             lr = first_optimizer.param_groups[0]["lr"]   # the lr this step uses
             if self.stepper is not None:
                 losses, skipped = self._manual_step(images, targets, ctx)
