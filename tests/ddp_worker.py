@@ -2,9 +2,9 @@
 Trainer on fake data, no augmentation, with BN-free models (per-rank BatchNorm statistics would
 make 2 x B/2 differ from 1 x B by design; SyncBatchNorm is GPU-only). `kd` takes the default
 step (the distiller in DDP); `dml` the manual step (two peers, two optimizers, gradients
-averaged by the trainer).
+averaged by the trainer); `crd` the default step with a memory bank the ranks keep equal.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR [memory|loader] [kd|dml]
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR [memory|loader] [kd|dml|crd]
 
 200 images in global batches of 32: six full batches, then one of 8 (4 per rank), all taken.
 """
@@ -32,7 +32,11 @@ def tiny_net(seed: int) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
-def build(method: str) -> torch.nn.Module:
+def build(method: str, labels: torch.Tensor) -> torch.nn.Module:
+    if method == "crd":   # its memory bank is updated from every rank's samples
+        return build_distiller("crd", tiny_net(0), tiny_net(1),
+                               {"nce_k": 16, "student_layer": "7:in", "teacher_layer": "7:in"},
+                               BuildInfo(num_classes=10, train_labels=labels, seed=0))
     if method == "dml":   # peer 1 is made by the method from its registry name
         MODELS.register("tiny_net")(lambda num_classes=10: tiny_net(1))
         return build_distiller("dml", tiny_net(0), None, {"peers": ["tiny_net", "tiny_net"]},
@@ -46,7 +50,7 @@ def main(run_dir: Path, data_path: str, method: str) -> None:
     data = fake(train_size=200, val_size=64)
     plain = TensorImageDataset(data.train.images, data.train.labels, data.val.transform)
     data = dataclasses.replace(data, train=plain)
-    distiller = build(method)
+    distiller = build(method, data.train.labels)
     trainer = Trainer(
         distiller, data, options=TrainerOptions(epochs=2, batch_size=GLOBAL_BATCH,
                                                 max_steps=STEPS, progress=False,

@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -46,6 +47,9 @@ BOOLEANS = ("teacher.pretrained", "student.pretrained", "teacher.auto_train",
 OFFLINE_DATASETS = ("fake", "digits", "mnist5k")
 
 # (key patterns, boundary labels, what the accepted value means)
+# labels of a training set big enough for CRD's 16384 negatives from other classes
+TRAIN_LABELS = torch.arange(20_000) % 10
+
 ACCEPTED = [
     (BOOLEANS, {"0", "-1"}, "OmegaConf's bool: 0 is false, any other integer true"),
     (("tag",), NUMBERS - {"-1"} | STRINGS - {"a/b", "../x"},
@@ -65,18 +69,20 @@ ACCEPTED = [
     (("trainer.num_workers",), {"0"}, "data loaded in the training process"),
     (("seed", "dataset.seed", "dataset.split_seed"), {"0"}, "seed 0"),
     (("dataset.seed",), {"-1"}, "any integer seeds the fake images"),
-    (("distiller.*_weight", "distiller.alpha", "distiller.beta"), {"0"},
+    (("distiller.*_weight", "distiller.alpha", "distiller.beta", "distiller.gamma"), {"0"},
      "that loss term is off (every weight zero is refused)"),
-    (("distiller.*_weight", "distiller.alpha", "distiller.beta", "distiller.temperature",
+    (("distiller.*_weight", "distiller.alpha", "distiller.beta", "distiller.gamma",
+      "distiller.temperature",
       "distiller.p", "distiller.sigma", "distiller.init_lr", "distiller.init_var",
-      "distiller.margin"), {"huge"},
+      "distiller.margin", "distiller.nce_t"), {"huge"},
      "as given: a loss that overflows stops the run (trainer.on_nonfinite)"),
-    (("distiller.warmup_epochs",), {"0"}, "DKD without its warm-up ramp"),
+    (("distiller.warmup_epochs",), {"0"}, "no warm-up ramp (DKD, ReviewKD)"),
     (("distiller.hint_epochs",), {"0"}, "FitNet in one stage (the reference recipe)"),
     (("distiller.init_epochs",), {"0"}, "no init stage: the main stage from step one"),
     (("distiller.margin",), {"0"}, "AB on the activation boundary itself, without a margin"),
     (("distiller.sigma",), {"0"}, "noisy_kd without noise: plain KD"),
     (("distiller.fraction",), {"0"}, "noisy_kd noises no example: plain KD"),
+    (("distiller.nce_m",), {"0"}, "CRD's memory bank takes each new embedding as it is"),
 ]
 
 
@@ -134,7 +140,8 @@ def attempt(base, key: str, value) -> tuple[str, str]:
             requests = DISTILLERS.get(cfg.distiller.name).teacher_requests(
                 options, resolved["teacher"])
             info = BuildInfo(model_spec("resnet8"), model_spec(requests[0].arch) if requests
-                             else None, (3, 32, 32), 10, (0.5,) * 3, (0.25,) * 3, "resnet8")
+                             else None, (3, 32, 32), 10, (0.5,) * 3, (0.25,) * 3, "resnet8",
+                             train_labels=TRAIN_LABELS)
             check_distiller_fits(cfg.distiller.name, "resnet8", requests, options, info)
     except ConfigError as exc:
         return "refused", f"{exc.key}\n{exc.render()}"

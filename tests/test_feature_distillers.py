@@ -11,7 +11,9 @@ from distill.errors import ConfigError
 from distill.losses import at_loss, fitnet_loss, kd_loss, rkd_loss
 from distill.models import create_model, model_spec
 
-CTX = StepContext(epoch=0, step=0, epochs=1)
+CTX = StepContext(epoch=0, step=0, epochs=1, indices=torch.arange(4))
+# a training set of CIFAR-100's size (CRD's memory bank and its 16384 negatives)
+TRAIN_SIZE = 50_000
 # one student per family of the model zoo, each with a teacher of another size or family
 PAIRS = [("resnet14", "resnet8"), ("wrn_16_2", "wrn_16_1"), ("vgg11", "vgg8"),
          ("resnet8x4", "mobilenetv2"), ("resnet8x4", "shufflenetv1"), ("resnet14", "shufflenetv2"),
@@ -23,9 +25,9 @@ PAIR_OPTIONS = {("fitnet", "tv_resnet18"): {"teacher_layer": "layer3"},
                 ("ft", "tv_resnet18"): {"student_layer": "layer3"}}
 # Methods that take some pairs only refuse the others with a clear error naming the option:
 # KD-SVD and FSP compare student and teacher channel by channel (the reference runs them on
-# same-family pairs), AB needs pre-activation layers, declared for the ResNets, WRN and VGG
+# same-family pairs), AB and OFD need pre-activation layers, declared for the ResNets, WRN and VGG
 CHANNEL_FOR_CHANNEL = {"kdsvd": "distiller.student_layers", "fsp": "distiller.student_layers",
-                       "ab": "distiller.student_layers"}
+                       "ab": "distiller.student_layers", "ofd": "distiller.student_layers"}
 
 
 def _build(method, teacher_name, student_name, options=None, classes=10):
@@ -40,7 +42,8 @@ def _build(method, teacher_name, student_name, options=None, classes=10):
     student = create_model(student_name, num_classes=classes)
     teachers = {r.role: create_model(r.arch, num_classes=classes) for r in requests}
     info = BuildInfo(model_spec(student_name), model_spec(requests[0].arch) if requests else None,
-                     (3, 32, 32), num_classes=classes, student_arch=student_name)
+                     (3, 32, 32), num_classes=classes, student_arch=student_name,
+                     train_labels=torch.arange(TRAIN_SIZE) % classes)
     distiller = build_distiller(method, student, teachers, options, info)
     return distiller, student, teachers.get("teacher")
 
@@ -100,7 +103,9 @@ def test_each_method_trains_its_trained_parts_and_never_a_frozen_one(method, tea
     # one step in each stage a method runs before its main one, then two in the main stage
     stages = [*(stage.name for stage in d.stages()), MAIN_STAGE, MAIN_STAGE]
     for step, stage in enumerate(stages):
-        ctx = StepContext(epoch=5, step=step, epochs=10, stage=stage)
+        ctx = StepContext(epoch=5, step=step, epochs=10, stage=stage,
+                          indices=torch.arange(4) + 4 * step,
+                          views={name: torch.randn(4, 3, 32, 32) for name in d.views()})
         if d.manual_step:
             terms = d.training_step(x, y, ctx, _Stepper(optimizers))
         else:

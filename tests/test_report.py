@@ -438,3 +438,17 @@ def test_runs_distilled_from_different_teacher_weights_are_never_averaged(tmp_pa
                                       "kd (teacher.sha256=aaaaaaaaaaaa)"]
     assert [r.n for r in rows if r.distiller == "none"] == [2]
     assert all(r.gain["last"] is not None for r in kd)
+
+
+def test_methods_come_in_the_published_tables_order():
+    """Vanilla first, then the CRD table's methods and the later ones in the papers' order
+    (issue 13 and 14 methods as columns where the published tables put them), then the rest in
+    the order the sweep ran them."""
+    from types import SimpleNamespace
+
+    from distill.report.render import VANILLA, method_order
+
+    ran = ["dml", "mlkd", "kd", "dist", "takd", "crd", VANILLA, "reviewkd", "ofd", "nst", "dkd"]
+    rows = [SimpleNamespace(method=m) for m in ran]
+    assert method_order(rows) == [VANILLA, "kd", "nst", "crd", "ofd", "reviewkd", "dkd", "dist",
+                                  "mlkd", "dml", "takd"]

@@ -63,7 +63,7 @@ def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, st
                          compile: str = "none") -> float:
     torch.manual_seed(0)
     info = BuildInfo(model_spec(student), model_spec(teacher), (3, 32, 32), num_classes=100,
-                     student_arch=student)
+                     student_arch=student, train_labels=torch.arange(TRAIN_SIZE) % 100)
     cls = DISTILLERS.get(method)
     options = method_options(method, teacher, student, *main_stage_only(method))
     teachers = {r.role: bench_teacher(r.arch) for r in cls.teacher_requests(options, {"name": teacher})}
@@ -80,7 +80,11 @@ def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, st
     optimizers = {name: pair[0] for name, pair in distiller.configure_optimizers(sgd).items()}
     images = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     targets = torch.randint(0, 100, (batch,), device=device)
-    ctx = StepContext(epoch=30, step=0, epochs=240)   # past DKD's warm-up; the main stage
+    # past DKD's warm-up; the main stage; the batch's dataset indices (CRD's memory bank) and
+    # the views a method trains on besides (MLKD's strong view; its augmentation is the data
+    # pipeline's work, timed in the trainer column only)
+    ctx = StepContext(epoch=30, step=0, epochs=240, indices=torch.arange(batch, device=device),
+                      views={name: torch.randn_like(images) for name in distiller.views()})
     distiller.train()
 
     class Stepper:   # a manual step's backward and optimizer steps, nothing around them
@@ -128,7 +132,8 @@ def trainer_images_per_sec(method: str, teacher: str, student: str, batch: int, 
     run_dir = workdir / f"run-{time.monotonic_ns()}"
     # log every `warmup` steps: the first window is the warm-up and is left out
     overrides = [f"distiller={method}", f"teacher={teacher}", f"student={student}",
-                 "dataset=fake", "dataset.num_classes=100", f"dataset.train_size={batch * (steps + warmup)}",
+                 "dataset=fake", "dataset.num_classes=100",
+                 f"dataset.train_size={max(batch * (steps + warmup), TRAIN_SIZE)}",
                  "dataset.val_size=100", f"trainer.batch_size={batch}", "trainer.epochs=1",
                  f"trainer.max_steps={steps + warmup}", f"trainer.log_every={warmup}",
                  "trainer.progress=false", f"trainer.data_path={data_path}", "logger=jsonl",
@@ -206,6 +211,9 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads")
 
 
+# CIFAR-100's training set size: the fake data's, so CRD's memory bank and its 16384 negatives
+# are the reference's (a run stops at max_steps, long before an epoch ends)
+TRAIN_SIZE = 50_000
 # both columns' SGD lr. Speed does not depend on it; stability does: with the bench's untrained
 # teacher on random images, CC's and VID's losses go non-finite within 8 steps at the recipe's 0.05.
 BENCH_LR = 0.01

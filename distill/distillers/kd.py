@@ -1,4 +1,7 @@
-"""KD (Hinton et al. 2015). Defaults are the reference CIFAR-100 recipe: CE 0.1, KD 0.9, T=4."""
+"""KD (Hinton et al. 2015). Defaults are the reference CIFAR-100 recipe: CE 0.1, KD 0.9, T=4.
+`standardize=True` is logit standardization (Sun et al., CVPR 2024): both logit tensors z-scored
+per sample before the KD term (`kd_loss(..., standardize=True)`); its reference settings (base
+temperature 2, KD weight 9 on CIFAR-100, per pair) are in configs/experiment/cifar100_ls/."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -10,20 +13,22 @@ from distill.losses import kd_loss
 @DISTILLERS.register("kd")
 class KD(Distiller):
     def __init__(self, student, teacher, ce_weight: float = 0.1, kd_weight: float = 0.9,
-                 temperature: float = 4.0):
+                 temperature: float = 4.0, standardize: bool = False):
         super().__init__(student, teacher)
+        self.standardize = standardize
         self.ce_weight = ce_weight
         self.kd_weight = kd_weight
         self.temperature = temperature
 
     @classmethod
     def check_values(cls, options):
-        require(options, temperature=">0", ce_weight=">=0", kd_weight=">=0")
+        require(options, temperature=">0", ce_weight=">=0", kd_weight=">=0", standardize="bool")
 
     def forward(self, images, targets, ctx):
         logits = self.student(images)
         logits_teacher = self.teacher_logits(images)
         return logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, targets),
-            "kd": self.kd_weight * kd_loss(logits, logits_teacher, self.temperature),
+            "kd": self.kd_weight * kd_loss(logits, logits_teacher, self.temperature,
+                                           standardize=self.standardize),
         }

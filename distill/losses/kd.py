@@ -5,15 +5,28 @@ import torch
 import torch.nn.functional as F
 
 
+def standardize_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Each row z-scored over its classes, (z - mean) / (std + 1e-7) with the unbiased std, as
+    the logit-standardization code (Sun et al., CVPR 2024) computes it; float32."""
+    z = logits.float()
+    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + 1e-7)
+
+
 def kd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor,
-            temperature: float) -> torch.Tensor:
+            temperature: float, standardize: bool = False) -> torch.Tensor:
     """KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch, times T^2.
 
     The T^2 factor keeps the soft-target gradients on the same scale as the hard-label term when
     T changes (Hinton et al. 2015, section 2). Both distributions are taken in log space, so the
     loss stays finite for very confident logits (e.g. 1e4 at T=0.5) where probabilities underflow.
     Computed in float32 even under autocast: low-precision softmax at high T is inaccurate.
+
+    standardize: both logit tensors go through `standardize_logits` first (logit
+    standardization; T is then its "base temperature"), the T^2 factor kept, as the reference.
     """
+    if standardize:
+        logits_student, logits_teacher = (standardize_logits(logits_student),
+                                          standardize_logits(logits_teacher))
     log_p_teacher = F.log_softmax(logits_teacher.float() / temperature, dim=1)
     return soft_target_loss(logits_student, log_p_teacher, temperature)
 

@@ -50,8 +50,10 @@ def in_column(row: Row, column: tuple[str, str | None, str]) -> bool:
 # The order of the published CIFAR-100 table (the CRD paper's Table 1, which RepDistiller's and
 # mdistiller's tables follow): rows of ours line up with it. Methods it does not have follow, in
 # the order the sweeps ran them.
+# the CRD paper's table (RepDistiller README), then the later methods as the DKD paper and the
+# logit-standardization README list them
 PUBLISHED_ORDER = (VANILLA, "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft",
-                   "fsp", "nst", "crd")
+                   "fsp", "nst", "crd", "ofd", "reviewkd", "dkd", "dist", "mlkd")
 
 
 def method_order(rows: list[Row]) -> list[str]:

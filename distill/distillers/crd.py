@@ -1,0 +1,199 @@
+"""CRD (Tian, Krishnan & Isola, ICLR 2020) as RepDistiller runs it on CIFAR-100 (`--distill crd
+-r 1 -a 0 -b 0.8`; CRD+KD is `-a 1`, here `kd_weight: 1`): CE 1 plus 0.8 x the two NCE terms
+(`crd_nce_loss`) of the pooled embeddings, each mapped by its own trained head (linear, then
+L2-normalised, 128-d) and scored against a momentum memory bank of the other model's embeddings
+of the whole training set, with K = 16384 negatives per sample drawn from the other classes.
+
+Code vs paper: transcribed from the code (the paper gives no normaliser Z: the code estimates
+it once, on the first batch; negatives only from other classes, drawn without replacement;
+both anchors' NCE terms summed; the scores use the bank before this batch's update).
+The reference draws negatives with numpy in DataLoader workers; here they are drawn on the
+device from a generator seeded by (run seed, step), for the global batch, so a resumed run and
+any number of DDP ranks draw the same ones.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, StepContext,
+                                     layer_shapes, require)
+from distill.engine import distributed as dist_utils
+from distill.errors import ConfigError
+from distill.losses import crd_nce_loss, kd_loss
+
+# rows of the random keys drawn at once when sampling negatives without replacement (bounds the
+# memory of the (rows, pool) key matrix: about 64 MB of float32)
+_KEY_ELEMENTS = 1 << 24
+
+
+class Embed(nn.Module):
+    """RepDistiller's Embed: flatten, a linear layer (with bias), then x / ||x||_2 (no eps)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x.flatten(1))
+        return x / x.pow(2).sum(1, keepdim=True).pow(0.5)
+
+
+class ContrastMemory(nn.Module):
+    """The two memory banks of CRD (one embedding per training sample and model), their
+    one-shot normalisers Z, and the label-aware negative sampler.
+
+    `bank_student` holds student embeddings, `bank_teacher` teacher ones; both start uniform in
+    +-1/sqrt(d/3) (so rows have unit expected norm) and are updated with momentum after each
+    batch has been scored, rows renormalised. The banks and Z are buffers, so checkpoints hold
+    them; the label tables are derived from the training labels and are not saved.
+    """
+
+    def __init__(self, feat_dim: int, labels: torch.Tensor, num_negatives: int,
+                 temperature: float, momentum: float, seed: int, replace: bool):
+        super().__init__()
+        self.num_negatives, self.temperature, self.momentum = num_negatives, temperature, momentum
+        self.replace, self.seed = replace, seed
+        n = labels.shape[0]
+        stdv = 1.0 / math.sqrt(feat_dim / 3)
+        generator = torch.Generator().manual_seed(seed)   # equal on every rank
+        self.register_buffer("bank_student", torch.rand(n, feat_dim, generator=generator) * 2 * stdv - stdv)
+        self.register_buffer("bank_teacher", torch.rand(n, feat_dim, generator=generator) * 2 * stdv - stdv)
+        # Z of the student-anchor and the teacher-anchor scores; negative: not estimated yet
+        self.register_buffer("normalizers", torch.full((2,), -1.0))
+        counts = torch.bincount(labels)
+        self.register_buffer("labels", labels.clone(), persistent=False)
+        self.register_buffer("by_class", torch.argsort(labels, stable=True), persistent=False)
+        self.register_buffer("class_start", torch.cumsum(counts, 0) - counts, persistent=False)
+        self.register_buffer("class_count", counts, persistent=False)
+
+    @property
+    def size(self) -> int:
+        return self.labels.shape[0]
+
+    def sample_negatives(self, anchors: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(len(anchors), K) training-set indices of samples of other classes than each
+        anchor's, uniformly, without replacement unless `replace`."""
+        cls = self.labels[anchors]
+        pool = self.size - self.class_count[cls]                  # other-class samples per row
+        k = self.num_negatives
+        if self.replace:
+            u = torch.rand(len(anchors), k, generator=generator, device=anchors.device,
+                           dtype=torch.float64)
+            pos = (u * pool[:, None]).long().minimum(pool[:, None] - 1)
+        else:   # the first K of a random order: the K largest of uniform random keys
+            width = int(pool.max())
+            rows = max(1, _KEY_ELEMENTS // width)
+            pos = torch.cat([self._top_keys(pool[i:i + rows], width, k, generator)
+                             for i in range(0, len(anchors), rows)])
+        # positions in the other-class part of the by-class order -> positions in that order
+        start, count = self.class_start[cls][:, None], self.class_count[cls][:, None]
+        return self.by_class[pos + (pos >= start) * count]
+
+    @staticmethod
+    def _top_keys(pool: torch.Tensor, width: int, k: int, generator: torch.Generator) -> torch.Tensor:
+        keys = torch.rand(len(pool), width, generator=generator, device=pool.device)
+        keys = keys.masked_fill(torch.arange(width, device=pool.device) >= pool[:, None], -1.0)
+        return keys.topk(k, dim=1).indices
+
+    def forward(self, embed_student: torch.Tensor, embed_teacher: torch.Tensor,
+                indices: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B, K+1, 1) of the student embeddings against the teacher bank and of the
+        teacher embeddings against the student bank, positive first; then the banks take this
+        batch. Under DDP every rank draws the global batch's negatives and updates the banks
+        with every rank's embeddings, so the banks stay equal on all ranks. Float32 (scores
+        reach exp(1/0.07), beyond float16)."""
+        with torch.autocast(device_type=indices.device.type, enabled=False):
+            return self._scores(embed_student.float(), embed_teacher.float(), indices, step)
+
+    def _scores(self, embed_student, embed_teacher, indices, step):
+        global_indices, sizes = dist_utils.all_gather_rows(indices)
+        offset = sum(sizes[:dist_utils.rank()])
+        generator = torch.Generator(device=indices.device)
+        generator.manual_seed((self.seed * 1_000_003 + step) % (2**63 - 1))
+        negatives = self.sample_negatives(global_indices, generator)
+        contrast = torch.cat([global_indices[:, None], negatives], dim=1)
+        contrast = contrast[offset:offset + indices.shape[0]]
+        out_student = torch.exp(torch.bmm(self.bank_teacher[contrast], embed_student[:, :, None])
+                                / self.temperature)
+        out_teacher = torch.exp(torch.bmm(self.bank_student[contrast], embed_teacher[:, :, None])
+                                / self.temperature)
+        # Z = mean score of the first batch x training-set size, kept from then on. Estimated on
+        # every batch and selected without a branch, so no step waits for the device to answer.
+        sums = torch.stack([out_student.detach().sum(), out_teacher.detach().sum()])
+        count = torch.tensor([float(out_student.numel())], device=indices.device)
+        estimate = torch.cat([sums, count])
+        dist_utils.all_reduce_sum(estimate)
+        self.normalizers.copy_(torch.where(self.normalizers < 0,
+                                           estimate[:2] / estimate[2] * self.size, self.normalizers))
+        out_student = out_student / self.normalizers[0]
+        out_teacher = out_teacher / self.normalizers[1]
+        with torch.no_grad():
+            for bank, embedding in ((self.bank_student, embed_student),
+                                    (self.bank_teacher, embed_teacher)):
+                rows, _ = dist_utils.all_gather_rows(embedding.detach())
+                mixed = bank[global_indices] * self.momentum + rows * (1 - self.momentum)
+                bank.index_copy_(0, global_indices,
+                                 mixed / mixed.pow(2).sum(1, keepdim=True).pow(0.5))
+        return out_student, out_teacher
+
+
+@DISTILLERS.register("crd")
+class CRD(FeatureDistiller):
+    def __init__(self, student, teacher, ce_weight: float = 1.0, kd_weight: float = 0.0,
+                 crd_weight: float = 0.8, temperature: float = 4.0, feat_dim: int = 128,
+                 nce_k: int = 16384, nce_t: float = 0.07, nce_m: float = 0.5,
+                 nce_replace: bool = False, student_layer: str | None = None,
+                 teacher_layer: str | None = None, *, info: BuildInfo):
+        student_layer, teacher_layer = self.layer_pair(student_layer, teacher_layer, info,
+                                                       "pooled")
+        super().__init__(student, teacher, [student_layer], [teacher_layer])
+        labels = info.train_labels
+        if labels is None:
+            raise ConfigError("CRD keeps a memory bank over the training set and draws negatives "
+                              "by label, but this dataset does not expose its labels",
+                              key="distiller", allowed="a dataset with labels (TensorImageDataset "
+                              "labels or ImageFolder targets)")
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        smallest_pool = int(labels.shape[0] - torch.bincount(labels).max())
+        if not nce_replace and nce_k > smallest_pool:
+            raise ConfigError(
+                f"CRD draws {nce_k} negatives per sample without replacement from the other "
+                f"classes, but the largest class leaves only {smallest_pool} of the "
+                f"{labels.shape[0]} training samples", key="distiller.nce_k",
+                allowed=f"at most {smallest_pool} here (16384 is CIFAR-100's), or "
+                        "distiller.nce_replace=true")
+        widths = [int(shape[1:].numel()) for shape in
+                  (*layer_shapes(student, [student_layer], info),
+                   *layer_shapes(teacher, [teacher_layer], info))]
+        self.add_trained("embed_student", Embed(widths[0], feat_dim))
+        self.add_trained("embed_teacher", Embed(widths[1], feat_dim))
+        self.add_trained("memory", ContrastMemory(feat_dim, labels, nce_k, nce_t, nce_m,
+                                                  info.seed, nce_replace))
+        self.ce_weight, self.kd_weight, self.crd_weight = ce_weight, kd_weight, crd_weight
+        self.temperature = temperature
+
+    @classmethod
+    def check_values(cls, options):
+        require(options, ce_weight=">=0", kd_weight=">=0", crd_weight=">=0", temperature=">0",
+                feat_dim="int>0", nce_k="int>0", nce_t=">0", nce_m="[0,1]", nce_replace="bool")
+
+    def self_synced_buffers(self):
+        return [self.memory.bank_student, self.memory.bank_teacher, self.memory.normalizers]
+
+    def forward(self, images, targets, ctx: StepContext):
+        if ctx.indices is None:
+            raise ValueError("CRD needs the batch's training-set indices (StepContext.indices), "
+                             "which the trainer gives")
+        logits, logits_teacher, (feat_s,), (feat_t,) = self.forward_features(images)
+        out_s, out_t = self.memory(self.embed_student(feat_s), self.embed_teacher(feat_t),
+                                   ctx.indices, ctx.step)
+        terms = {"ce": self.ce_weight * F.cross_entropy(logits, targets)}
+        if self.kd_weight:
+            terms["kd"] = self.kd_weight * kd_loss(logits, logits_teacher, self.temperature)
+        terms["crd"] = self.crd_weight * (crd_nce_loss(out_s, self.memory.size)
+                                          + crd_nce_loss(out_t, self.memory.size))
+        return logits, terms

@@ -1,0 +1,39 @@
+"""DIST (Huang et al., NeurIPS 2022) with the official CIFAR-100 recipe (dist_cifar.yaml:
+`kd: dist_t4`, ori_loss_weight 1, kd_loss_weight 2): CE 1 + 2 x `dist_loss` at T 4 with
+beta = gamma = 1 inside it, i.e. the paper's beta = gamma = 2."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from distill.distillers.base import DISTILLERS, Distiller, require
+from distill.losses import dist_loss
+
+
+@DISTILLERS.register("dist")
+class DIST(Distiller):
+    def __init__(self, student, teacher, ce_weight: float = 1.0, dist_weight: float = 2.0,
+                 beta: float = 1.0, gamma: float = 1.0, temperature: float = 4.0):
+        super().__init__(student, teacher)
+        self.ce_weight, self.dist_weight = ce_weight, dist_weight
+        self.beta, self.gamma, self.temperature = beta, gamma, temperature
+
+    @classmethod
+    def check_values(cls, options):
+        require(options, temperature=">0", ce_weight=">=0", dist_weight=">=0", beta=">=0",
+                gamma=">=0")
+
+    @classmethod
+    def loss_term_weights(cls, options):
+        weights = {k: options[k] for k in ("ce_weight", "dist_weight") if k in options}
+        if "dist_weight" in weights:   # DIST's term vanishes when both of its parts do
+            weights["dist_weight"] *= options.get("beta", 1.0) + options.get("gamma", 1.0)
+        return weights
+
+    def forward(self, images, targets, ctx):
+        logits = self.student(images)
+        logits_teacher = self.teacher_logits(images)
+        return logits, {
+            "ce": self.ce_weight * F.cross_entropy(logits, targets),
+            "dist": self.dist_weight * dist_loss(logits, logits_teacher, self.beta, self.gamma,
+                                                 self.temperature),
+        }
