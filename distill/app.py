@@ -21,7 +21,7 @@ from distill.config import run_path
 from distill.data import DATASETS, DatasetBundle, build_datasets, dataset_labels
 from distill.distillers import DISTILLERS, BuildInfo, Distiller, TeacherRequest, build_distiller
 from distill.engine import distributed as dist_utils
-from distill.engine.loaders import data_path_transforms
+from distill.engine.loaders import data_path_transforms, view_transforms
 from distill.engine.rundir import (check_run_dir, check_schedule_change, discard_if_unused,
                                    locked, note_new_folders, start_run_dir)
 from distill.engine.sampler import steps_per_epoch
@@ -72,15 +72,21 @@ def dry_forward(distiller: Distiller, checks: list[tuple[str, torch.nn.Module]],
 
 
 def check_distiller_fits(name: str, student: str, requests: list[TeacherRequest], options: dict,
-                         info: BuildInfo) -> None:
-    """Methods that take `info` (feature layers, connectors, more models) are built once on
-    untrained models of the same architectures, so a bad layer option stops the run before a
-    teacher or an assistant is trained for it."""
-    if "info" not in inspect.signature(DISTILLERS.get(name).__init__).parameters:
+                         info: BuildInfo, data: DatasetBundle | None = None) -> None:
+    """Methods that take `info` (feature layers, connectors, more models) or train on extra views
+    of the data are built once on untrained models of the same architectures, so a bad layer
+    option, or data the views cannot be made from, stops the run before a teacher or an
+    assistant is trained for it."""
+    cls = DISTILLERS.get(name)
+    takes_info = "info" in inspect.signature(cls.__init__).parameters
+    has_views = cls.views is not Distiller.views
+    if not takes_info and not (has_views and data is not None):
         return
     teachers = {r.role: create_model(r.arch, num_classes=info.num_classes) for r in requests}
-    build_distiller(name, create_model(student, num_classes=info.num_classes), teachers,
-                    options, info)
+    distiller = build_distiller(name, create_model(student, num_classes=info.num_classes),
+                                teachers, options, info)
+    if data is not None:
+        view_transforms(data, distiller.views())
 
 
 # --- the job ----------------------------------------------------------------------------------
@@ -165,7 +171,7 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
                      input_shape=tuple(data.val[0][0].shape), num_classes=data.num_classes,
                      mean=tuple(data.mean), std=tuple(data.std), student_arch=cfg.student.name,
                      train_labels=dataset_labels(data.train), seed=cfg.seed)
-    check_distiller_fits(cfg.distiller.name, cfg.student.name, requests, options, info)
+    check_distiller_fits(cfg.distiller.name, cfg.student.name, requests, options, info, data)
     pinned = {t["role"]: t["sha256"] for t in (checkpoint or {}).get("teachers", [])}
     if checkpoint is not None and "teachers" not in checkpoint and requests:
         log.warning("this checkpoint was written before runs recorded their teachers' sha256: "

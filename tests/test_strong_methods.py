@@ -210,3 +210,25 @@ def test_standardize_and_kd_weight_change_exactly_the_terms_they_name():
     assert set(terms) == {"ce", "kd", "crd"}
     torch.testing.assert_close(terms["kd"], kd_loss(logits, crd.teacher(x), 4.0))
     assert set(_build("crd", nce_k=16)(x, y, ctx)[1]) == {"ce", "crd"}
+
+
+def test_mlkd_on_data_it_cannot_view_is_refused_before_anything_is_written(tmp_path):
+    """MLKD's strong view is made from uint8 image tensors; a folder dataset (read as files) is
+    refused by name before a teacher is trained for it: no run directory, no zoo entry."""
+    from PIL import Image
+
+    from distill.errors import ConfigError
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(
+                    tmp_path / "data" / split / cls / f"{i}.png")
+    cfg = make_cfg(tmp_path, "dataset=folder", f"dataset.root={tmp_path / 'data'}",
+                   "dataset.image_size=32", "distiller=mlkd", "teacher=resnet8",
+                   "student=resnet8", "teacher.auto_train=true", "device=cpu", run="refused")
+    with pytest.raises(ConfigError) as exc:
+        run(cfg)
+    assert exc.value.key == "dataset" and "extra views" in exc.value.message
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "zoo").exists()
