@@ -232,3 +232,24 @@ def test_mlkd_on_data_it_cannot_view_is_refused_before_anything_is_written(tmp_p
         run(cfg)
     assert exc.value.key == "dataset" and "extra views" in exc.value.message
     assert not (tmp_path / "refused").exists() and not (tmp_path / "zoo").exists()
+
+
+def test_crd_scores_equal_the_references_gather_and_survive_the_bank_update():
+    """The scores through bank @ embedding^T equal the reference's gathered rows times the
+    embedding, values and gradients, and the backward still works after the bank's in-place
+    momentum update (which follows the scoring in every step)."""
+    from distill.distillers.crd import _dot_with_rows
+
+    g = torch.Generator().manual_seed(7)
+    bank = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    rows = torch.randint(0, 50, (4, 9), generator=g)
+    v1 = torch.randn(4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v2 = v1.detach().clone().requires_grad_(True)
+    ours = _dot_with_rows(bank, v1, rows)
+    reference = torch.bmm(bank[rows], v2[:, :, None])[:, :, 0]
+    torch.testing.assert_close(ours, reference)
+    bank.mul_(0.5)   # the update, before the backward
+    weights = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    (ours * weights).sum().backward()
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(v1.grad, v2.grad)
