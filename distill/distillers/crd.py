@@ -69,6 +69,8 @@ class ContrastMemory(nn.Module):
         self.register_buffer("by_class", torch.argsort(labels, stable=True), persistent=False)
         self.register_buffer("class_start", torch.cumsum(counts, 0) - counts, persistent=False)
         self.register_buffer("class_count", counts, persistent=False)
+        # the widest other-class pool (that of the smallest class): the random keys' width
+        self.widest_pool = n - int(counts[counts > 0].min())
 
     @property
     def size(self) -> int:
@@ -85,7 +87,7 @@ class ContrastMemory(nn.Module):
                            dtype=torch.float64)
             pos = (u * pool[:, None]).long().minimum(pool[:, None] - 1)
         else:   # the first K of a random order: the K largest of uniform random keys
-            width = int(pool.max())
+            width = self.widest_pool   # known at build time: no device round trip per step
             rows = max(1, _KEY_ELEMENTS // width)
             pos = torch.cat([self._top_keys(pool[i:i + rows], width, k, generator)
                              for i in range(0, len(anchors), rows)])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from distill.data.augment import AUGMENTATIONS
 from distill.distillers.base import DISTILLERS, Distiller, StepContext, require
 from distill.losses import mlkd_losses
 
@@ -31,8 +32,6 @@ class MLKD(Distiller):
     @classmethod
     def check_values(cls, options):
         require(options, ce_weight=">=0", kd_weight=">=0", temperature=">0", standardize="bool")
-        from distill.data.augment import AUGMENTATIONS
-
         if "strong_augment" in options:
             AUGMENTATIONS.get(options["strong_augment"], key="distiller.strong_augment")
 

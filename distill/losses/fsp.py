@@ -4,7 +4,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+
+from distill.losses.at import pooled_to_common_size
 
 
 def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
@@ -13,13 +14,8 @@ def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     adaptive-avg-pooled to the smaller first, as the reference does (it pools to a square
     (H, H); here to the per-dimension minimum, the same for square maps). Float32, autocast off.
     """
-    size = (min(bottom.shape[2], top.shape[2]), min(bottom.shape[3], top.shape[3]))
     with torch.autocast(device_type=bottom.device.type, enabled=False):
-        b, t = bottom.float(), top.float()
-        if tuple(b.shape[2:]) != size:
-            b = F.adaptive_avg_pool2d(b, size)
-        if tuple(t.shape[2:]) != size:
-            t = F.adaptive_avg_pool2d(t, size)
+        b, t = pooled_to_common_size(bottom.float(), top.float())
         b, t = b.flatten(2), t.flatten(2)
         # autocast is off: in bf16 the Gram product's rounding would swamp the differences
         return torch.bmm(t, b.transpose(1, 2)) / b.shape[2]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from distill.losses.at import pooled_to_common_size
+
 
 def _selectivity_vectors(feat: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, H*W): each channel's spatial response, L2-normalised (paper eq. 7).
@@ -39,14 +41,8 @@ def nst_loss(feat_student: torch.Tensor, feat_teacher: torch.Tensor) -> torch.Te
     if feat_student.shape[0] != feat_teacher.shape[0]:
         raise ValueError("nst_loss: student and teacher batch sizes differ "
                          f"({feat_student.shape[0]} vs {feat_teacher.shape[0]})")
-    size = (min(feat_student.shape[2], feat_teacher.shape[2]),
-            min(feat_student.shape[3], feat_teacher.shape[3]))
     with torch.autocast(device_type=feat_student.device.type, enabled=False):
-        fs, ft = feat_student.float(), feat_teacher.float()
-        if tuple(fs.shape[2:]) != size:
-            fs = F.adaptive_avg_pool2d(fs, size)
-        if tuple(ft.shape[2:]) != size:
-            ft = F.adaptive_avg_pool2d(ft, size)
+        fs, ft = pooled_to_common_size(feat_student.float(), feat_teacher.float())
         s, t = _selectivity_vectors(fs), _selectivity_vectors(ft)
         return (_poly_kernel_mean(t, t).detach() + _poly_kernel_mean(s, s)
                 - 2 * _poly_kernel_mean(s, t))
