@@ -180,6 +180,16 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
     resolver = TeacherResolver(cfg, dataset, data.num_classes, TeacherZoo(cfg.zoo.root),
                                overrides, train=run, data_digest=data.data_digest)
     teachers = [resolver.resolve(r, pinned.get(r.role)) for r in requests]
+    # options derived from those teachers and the data (the specialists' class subsets); the
+    # teachers that depend on them are requested and resolved now
+    completed = distiller_cls.complete_options(options, {t.role: t.model for t in teachers},
+                                               data, device)
+    if completed != options:
+        options, known = completed, {r.role for r in requests}
+        later = [r for r in distiller_cls.teacher_requests(options, resolved["teacher"])
+                 if r.role not in known]
+        requests += later
+        teachers += [resolver.resolve(r, pinned.get(r.role)) for r in later]
     digests = [t.sha256 for t in teachers]
     for i, teacher in enumerate(teachers):
         if teacher.sha256 in digests[:i]:

@@ -49,7 +49,7 @@ class Registry:
         try:
             return self._entries[name]
         except KeyError:
-            raise unknown_name_error(self.kind, name, self._entries, key=key) from None
+            raise unknown_name_error(self.kind, name, self.list(), key=key) from None
 
     def meta(self, name: str) -> dict[str, Any]:
         self.get(name)
@@ -68,16 +68,20 @@ class Registry:
         return factory(**fixed, **options)
 
     def list(self, pattern: str = "*") -> list[str]:
-        return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
+        """The names a user may choose. An entry registered with `internal=True` (one the
+        framework builds for its own runs: a specialist's training for `specialists`) is built
+        by name like any other but never listed, suggested or swept."""
+        return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern)
+                      and not self._meta[n].get("internal", False))
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._entries))
+        return iter(self.list())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.list())
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {len(self)} entries)"

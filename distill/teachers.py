@@ -237,22 +237,24 @@ class TeacherResolver:
                    f"{request.checkpoint_key}=... at a weights file")
 
     def _distilled(self, request: TeacherRequest, may_train: bool) -> ZooEntry:
-        """The zoo entry `<arch>@kd-<parent>.<fingerprint>` of a distilled link, made now when
-        missing (after its parent). The zoo always keeps links, whatever zoo.publish says: the
+        """The zoo entry `<arch>@<made_by>-<parent>.<fingerprint>` of a distilled link (KD:
+        `@kd-`), made now when missing (after its parent). The zoo always keeps links, whatever zoo.publish says: the
         next link, and every later run, loads them from there."""
         parent = request.distilled_from
         parent_weights, _ = self.weights(parent, may_train=may_train)
-        zoo_name = (f"{request.arch}@kd-{parent.arch}."
+        zoo_name = (f"{request.arch}@{request.made_by}-{parent.arch}."
                     f"{link_fingerprint(parent_weights, parent.arch, request.distill_options)}")
         name = self.dataset["name"]
         entry = self._find(zoo_name)
         if entry is None and self.train is not None and may_train:
             with self._claim(zoo_name) as missing:
                 if missing:
-                    log.info("training %s (KD from %s) for the zoo", request.arch, parent.arch)
+                    log.info("training %s (%s from %s) for the zoo", request.arch,
+                             request.made_by, parent.arch)
                     acfg = zoo_run_config(self.cfg, student=request.arch, zoo_name=zoo_name,
                                           split=self.split,
-                                          distiller={"name": "kd", **request.distill_options})
+                                          distiller={"name": request.made_by,
+                                                     **request.distill_options})
                     acfg.teacher.name = parent.arch
                     acfg.teacher.pretrained = parent.pretrained and parent_weights is None
                     acfg.teacher.checkpoint = parent_weights
@@ -264,7 +266,7 @@ class TeacherResolver:
                             "num_classes": self.num_classes, "split": self.split,
                             "distilled_from": parent.arch, "teacher_weights": parent_weights,
                             "teacher_sha256": (summary.get("teachers") or [{}])[0].get("sha256"),
-                            "kd": request.distill_options}
+                            request.made_by: request.distill_options}
                     weights = Path(acfg.run_dir) / "student.safetensors"
                     dist_utils.on_main(lambda: self.zoo.publish(name, zoo_name, weights, meta))
             entry = self._find(zoo_name)

@@ -107,7 +107,8 @@ class BuildInfo:
 class TeacherRequest:
     """One frozen teacher a method needs, before it is found (distill.teachers resolves it):
     weights from `checkpoint`, else the zoo, else trained now (`teacher.auto_train`), else, when
-    `distilled_from` is set, made by KD (`distill_options`) from that teacher and kept in the zoo."""
+    `distilled_from` is set, made from that teacher by a run of method `made_by` (KD by default)
+    with `distill_options`, and kept in the zoo."""
 
     role: str
     arch: str
@@ -117,6 +118,9 @@ class TeacherRequest:
     pretrained: bool = False
     distilled_from: TeacherRequest | None = None
     distill_options: dict[str, Any] = field(default_factory=dict)
+    # the method of the run that makes a distilled teacher from `distilled_from` ("kd": a KD
+    # link; "specialist": one of Hinton's specialists, initialised from it)
+    made_by: str = "kd"
 
 
 @dataclass
@@ -255,6 +259,19 @@ class Distiller(nn.Module):
         augmentation (distill.data.augment), given in StepContext.views: none by default."""
         return {}
 
+    def sample_weights(self) -> torch.Tensor | None:
+        """How often each training item is drawn, one weight per item (drawn with replacement,
+        an epoch's worth per epoch; e.g. a specialist's data enriched for its classes); None
+        (the default): every item once per epoch, in a random order."""
+        return None
+
+    def derived_models(self) -> dict[str, nn.Module]:
+        """Models made of the method's parts (BYOT's early exits), evaluated every epoch beside
+        the evaluated parts and reported in summary.json `models` with their params and FLOPs.
+        They hold no state of their own (nothing to checkpoint); `tools/export.py --exit N`
+        exports the one named `exitN`. None by default."""
+        return {}
+
     def self_synced_buffers(self) -> list[torch.Tensor]:
         """Buffers of trained parts that the method itself keeps equal on every rank (e.g. CRD's
         memory bank, updated from all ranks' samples): DDP need not broadcast them each step."""
@@ -324,6 +341,15 @@ class Distiller(nn.Module):
                                pretrained=bool(teacher.get("pretrained", False)))]
 
     @classmethod
+    def complete_options(cls, options: dict, teachers: dict[str, nn.Module], data: Any,
+                         device: torch.device) -> dict:
+        """Options the method derives from its first teachers and the training data (the
+        specialists' class subsets, clustered from the generalist's predictions), filled in
+        before `teacher_requests` is asked again for the teachers that depend on them. It must
+        be deterministic: a resumed run derives them again. Default: the options unchanged."""
+        return options
+
+    @classmethod
     def teacher_label(cls, options: dict, teacher: str) -> str | None:
         """The teacher part of run-directory names (`<label>-<student>/<method>`); None for a
         method without a teacher (`<student>/<method>`)."""
@@ -372,7 +398,8 @@ def require(options: dict, **rules: str) -> None:
 
 # Weights of loss terms computed on the logits (CE, KD, DKD's parts, DML's KL): with all of them
 # zero, only feature terms are left and nothing trains the classifier.
-LOGIT_TERM_WEIGHTS = ("ce_weight", "kd_weight", "kl_weight", "alpha", "beta")
+LOGIT_TERM_WEIGHTS = ("ce_weight", "kd_weight", "kl_weight", "alpha", "beta", "l1_weight",
+                      "adv_weight")
 
 
 def check_common(cls: type[Distiller], options: dict, epochs: int) -> None:

@@ -98,12 +98,14 @@ class Loaders:
 
 def build_loaders(data: DatasetBundle, *, data_path: str, batch_size: int, eval_batch_size: int,
                   num_workers: int, device: torch.device, seed: int, rank: int,
-                  world_size: int, views: dict[str, str] | None = None) -> Loaders:
+                  world_size: int, views: dict[str, str] | None = None,
+                  sample_weights: torch.Tensor | None = None) -> Loaders:
     """`views`: extra views of each training image by name -> registered augmentation
-    (Distiller.views()), given in each training batch's dict next to "index"."""
+    (Distiller.views()), given in each training batch's dict next to "index";
+    `sample_weights`: how often each item is drawn (Distiller.sample_weights())."""
     transforms = view_transforms(data, views or {})
     sampler = EpochSampler(len(data.train), seed, global_batch=batch_size, rank=rank,
-                           world_size=world_size)
+                           world_size=world_size, weights=sample_weights)
     worker_seeds = torch.Generator()
     per_rank = batch_size // world_size
     val_indices = list(range(rank, len(data.val), world_size))

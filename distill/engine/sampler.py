@@ -29,12 +29,20 @@ class EpochSampler(Sampler[int]):
     state: it sets the epoch and the batch and continues where the interrupted run would have.
     (When the last batch does not split evenly, DDP's average of the ranks' batch means weighs
     its samples slightly unequally; every other step is the one-process step.)
+
+    With `weights` (one non-negative number per item), an epoch is `size` items drawn with
+    replacement in proportion to them instead of a permutation, from the same per-epoch
+    generator: a specialist's data, half from its classes (Distiller.sample_weights).
     """
 
     def __init__(self, size: int, seed: int, *, global_batch: int, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, weights: torch.Tensor | None = None):
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by {world_size} ranks")
+        if weights is not None and (weights.shape != (size,) or not bool((weights >= 0).all())
+                                    or not float(weights.sum()) > 0):
+            raise ValueError(f"sample weights must be {size} non-negative numbers, not all zero")
+        self.weights = None if weights is None else weights.detach().double().cpu()
         self.size, self.seed = size, seed
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.steps = steps_per_epoch(size, global_batch, world_size)
@@ -58,7 +66,9 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        order = torch.randperm(self.size, generator=generator).tolist()
+        order = (torch.randperm(self.size, generator=generator) if self.weights is None else
+                 torch.multinomial(self.weights, self.size, replacement=True,
+                                   generator=generator)).tolist()
         for start, count in self._slices():
             yield from order[start:start + count]
 

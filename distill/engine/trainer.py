@@ -194,8 +194,9 @@ class Trainer:
             data, data_path=options.data_path, batch_size=options.batch_size,
             eval_batch_size=options.eval_batch_size, num_workers=options.num_workers,
             device=device, seed=seed, rank=dist_utils.rank(), world_size=self.world_size,
-            views=distiller.views())
+            views=distiller.views(), sample_weights=distiller.sample_weights())
         self.steps_per_epoch = self.loaders.steps_per_epoch
+        self.input_shape = tuple(data.val[0][0].shape)   # FLOPs of derived models (summary)
         self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
         distiller.to(memory_format=self.memory_format)
         # in place (nn.Module.compile): state-dict keys, hooks and checkpoints stay as they are
@@ -509,8 +510,8 @@ class Trainer:
     def _end_epoch(self, epoch: int, epoch_terms: dict[str, float]) -> None:
         self._sync_buffers()
         completed = _whole_or_fraction(self.state.global_step / self.steps_per_epoch)
-        results = {role: self._evaluate(model)
-                   for role, model in self.distiller.evaluated_parts().items()}
+        results = {role: self._evaluate(model) for role, model in
+                   {**self.distiller.evaluated_parts(), **self.distiller.derived_models()}.items()}
         exported = self.distiller.exported_role
         metrics = results[exported]
         # a run stopped by max_steps mid-epoch still ends with an evaluated, checkpointed model
@@ -545,6 +546,22 @@ class Trainer:
         self._tick_wall_clock()
         self.save_checkpoint()
 
+    def _derived_summaries(self) -> dict[str, dict]:
+        """summary.json's entries of the derived models (BYOT's exits): top-1, params, FLOPs."""
+        from distill.export import flops_per_image   # imports the teacher zoo: not at import
+
+        entries = {}
+        for name, model in self.distiller.derived_models().items():
+            was_training = model.training
+            model.eval()
+            flops = flops_per_image(model, self.input_shape)
+            model.train(was_training)
+            entries[name] = {"arch": f"{self.distiller.parts[self.distiller.exported_role].arch}"
+                                     f":{name}",
+                             **self.state.models.get(name, {"best_top1": 0.0, "last_top1": 0.0}),
+                             "params": _unique_parameter_count(model), "flops": flops}
+        return entries
+
     def _finish(self) -> dict[str, Any]:
         self.state.finished = True
         self._tick_wall_clock()
@@ -567,10 +584,12 @@ class Trainer:
             "wall_seconds": self.state.wall_seconds,
             "student_params": sum(p.numel() for p in exported.parameters()),
             "connector_params": self.distiller.auxiliary_parameter_count(),
-            "models": {role: {"arch": parts[role].arch,
-                              **self.state.models.get(role, {"best_top1": 0.0, "last_top1": 0.0}),
-                              "params": sum(p.numel() for p in model.parameters())}
-                       for role, model in self.distiller.evaluated_parts().items()},
+            "models": {**{role: {"arch": parts[role].arch,
+                                 **self.state.models.get(role, {"best_top1": 0.0,
+                                                                "last_top1": 0.0}),
+                                 "params": sum(p.numel() for p in model.parameters())}
+                          for role, model in self.distiller.evaluated_parts().items()},
+                       **self._derived_summaries()},
             "teachers": [{**t, "top1": self.state.teachers_top1.get(t["role"])}
                          for t in self.teachers],
             "history": self.state.history,
@@ -585,6 +604,10 @@ class Trainer:
             self.trackers.finish(hparams, {k: v for k, v in summary.items()
                                            if k not in ("history", "models", "teachers")})
         return summary
+
+
+def _unique_parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def _mean_over_ranks(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:

@@ -39,8 +39,9 @@ def parameter_count(model: nn.Module) -> int:
 def flops_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """FLOPs of one forward at batch 1, as torch counts them: 2 per multiply-add of the convs
     and matmuls; normalisation, activations and bias additions are not counted."""
+    device = next(model.parameters()).device
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, *input_shape))
+        model(torch.zeros(1, *input_shape, device=device))
     return counter.get_total_flops()
 
 
