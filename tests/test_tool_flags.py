@@ -39,6 +39,9 @@ ACCEPTED: dict[tuple[str, str], dict[str, str]] = {
     ("bench", "--repeats"): {"1": "one measurement per figure, no median over repeats"},
     ("export", "--batch"): {"1": "the second latency batch is 1 as well: batch 1 is measured once"},
     ("export", "--threads"): {"1": "one CPU thread (the default)"},
+    ("export", "--exit"): {"1": "early exit 1 (the shallowest) of a run whose method has exits "
+                                "(byot); checked against the run when it is read: a run "
+                                "without it is refused then, naming --exit"},
     ("export", "--budget"): {
         "0": "the minimum: Timing.min_repeats (5) timed forwards per model and batch size",
         "0.5": "half a second of timing per model and batch size (5 to 30 forwards)",

@@ -3,6 +3,7 @@
 
     python tools/export.py outputs/demo/kd                 # writes outputs/demo/kd/export/
     python tools/export.py RUN_DIR --out DIR --batch 32 --threads 4 --no-onnx
+    python tools/export.py outputs/.../byot --exit 1   # early exit 1 -> RUN_DIR/export-exit1/
 
 Prints params, FLOPs, CPU latency, test top-1 and file sizes side by side; the same numbers
 go to export.json. Exit status: 0 done, 2 bad input or a model torch.onnx cannot export (use
@@ -62,6 +63,10 @@ def build_parser() -> cli_args.ArgumentParser:
                         help="teacher zoo root (default: the run's zoo.root)")
     parser.add_argument("--no-onnx", dest="onnx", action="store_false",
                         help="skip student.onnx (no onnx packages needed)")
+    parser.add_argument("--exit", dest="exit_number", metavar="N", type=cli_args.positive_int,
+                        help="export early exit N of a run whose method has exits (byot; 1 is "
+                             "the shallowest) instead of the student: the student up to that "
+                             "exit and its head (default folder: RUN_DIR/export-exitN)")
     parser.add_argument("--budget", type=cli_args.non_negative_float, default=1.0,
                         help=f"seconds spent timing each model and batch size: at least "
                              f"{Timing.min_repeats} timed forwards, more while within the "
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = export_run(args.run_dir, args.out, batch=args.batch, onnx=args.onnx,
                             threads=args.threads, zoo_root=args.zoo,
-                            timing=Timing(budget_s=args.budget))
+                            timing=Timing(budget_s=args.budget), exit_number=args.exit_number)
     except ConfigError as exc:
         print_error(exc)
         return 2

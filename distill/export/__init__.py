@@ -39,7 +39,7 @@ from distill.export.onnx_file import (
     onnx_exporter)
 from distill.export.run import (
     RUN_DIR_CONTENT, VANILLA_NO_TEACHER, FoundTeacher, TrainedRun, class_count, find_teacher,
-    load_student, read_run, run_dir_error, teacher_top1)
+    load_exit, load_student, read_run, run_dir_error, teacher_top1)
 from distill.models import create_model
 from distill.teachers import load_state_into
 
@@ -82,40 +82,50 @@ def staged_export(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def weights_metadata(run: TrainedRun) -> dict[str, str]:
-    """safetensors metadata is str -> str: lists are JSON."""
+def weights_metadata(run: TrainedRun, exit_number: int | None = None) -> dict[str, str]:
+    """safetensors metadata is str -> str: lists are JSON. An exit's weights also say which."""
     meta = {"model": run.student, "num_classes": str(run.num_classes),
             "input_shape": json.dumps(list(run.input_shape)),
             "dataset": run.config["dataset"]["name"], "run_dir": str(run.path.resolve())}
     if run.mean and run.std:
         meta.update(mean=json.dumps(list(run.mean)), std=json.dumps(list(run.std)))
+    if exit_number is not None:
+        meta.update(exit=str(exit_number), method=run.config["distiller"]["name"])
     return meta
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, *, batch: int = 64,
                onnx: bool = True, threads: int = 1, zoo_root: str | Path | None = None,
-               timing: Timing = Timing()) -> dict[str, Any]:
+               timing: Timing = Timing(), exit_number: int | None = None) -> dict[str, Any]:
     """Export the student of a finished run into `out` (default RUN_DIR/export) and measure it
-    and its teacher. Returns what export.json holds.
+    and its teacher. Returns what export.json holds. With `exit_number` N, the run's early
+    exit N (BYOT's; the student up to that exit plus its head) takes the student's place, in
+    RUN_DIR/export-exitN by default, with its top-1 from summary.json `models`.
 
     Latency is measured on `threads` CPU threads, 1 by default: single-thread numbers are the
     ones another machine can reproduce, and they do not collapse when other work shares the
     cores (on a busy 2-core machine, 2-thread medians of resnet8 swung from 4 ms to 300 ms)."""
     run = read_run(run_dir)
-    out = Path(out) if out is not None else run.path / "export"
+    default = "export" if exit_number is None else f"export-exit{exit_number}"
+    out = Path(out) if out is not None else run.path / default
     check_output_folder(out)
     exporter = onnx_exporter() if onnx else None   # before any work: a missing package is input
-    student = load_student(run)
+    if exit_number is None:
+        student, name, numbers = load_student(run), run.student, run.summary
+    else:   # refused (--exit) before anything is written when the run has no such exit
+        student, name = load_exit(run, exit_number), f"{run.student}:exit{exit_number}"
+        numbers = (run.summary.get("models") or {}).get(f"exit{exit_number}") or {}
     teacher = find_teacher(run, zoo_root)
     batches = tuple(dict.fromkeys((1, batch)))
     with staged_export(out) as staging:
-        save_weights(student.state_dict(), staging / "student.safetensors", weights_metadata(run))
+        save_weights(student.state_dict(), staging / "student.safetensors",
+                     weights_metadata(run, exit_number))
         onnx_report = None
         if exporter:
             try:
                 export_onnx(student, run.input_shape, staging / "student.onnx", exporter)
             except Exception as exc:  # noqa: BLE001 - torch.onnx raises many types for one cause
-                raise onnx_export_error(run.student, exporter, exc) from None
+                raise onnx_export_error(name, exporter, exc) from None
             onnx_report = {"file": "student.onnx", "exporter": exporter,
                            **check_onnx(student, staging / "student.onnx", run.input_shape),
                            "bytes": (staging / "student.onnx").stat().st_size}
@@ -133,9 +143,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, batch: int
             "cpu_threads": threads, "cpu_count": os.cpu_count(), "load_average_1m": load,
             "batches": list(batches), "torch": torch.__version__,
             "stopped_early": run.summary.get("stopped_early", False),
-            "student": {"model": run.student, **student_numbers,
-                        "top1": run.summary.get("last_top1"),
-                        "best_top1": run.summary.get("best_top1"),
+            "student": {"model": name, **student_numbers,
+                        "top1": numbers.get("last_top1"),
+                        "best_top1": numbers.get("best_top1"),
                         "weights_bytes": (staging / "student.safetensors").stat().st_size},
             "teacher": {"model": teacher.name, "missing": teacher.missing,
                         **(teacher_numbers or {}), "top1": teacher.top1,
@@ -143,6 +153,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, batch: int
                         "weights_bytes": teacher.weights.stat().st_size if teacher.weights
                         else None},
             "onnx": onnx_report,
+            **({"exit": exit_number} if exit_number is not None else {}),
         }
         (staging / "export.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -152,6 +163,10 @@ def reload_exported(path: str | Path) -> nn.Module:
     """The model of an exported student.safetensors, from its own metadata alone."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
+    if "exit" in meta:
+        raise ConfigError(f"{path} is early exit {meta['exit']} of a {meta.get('method')} run, "
+                          f"not a whole {meta['model']}: its ONNX file beside it runs it",
+                          key="weights")
     model = create_model(meta["model"], num_classes=int(meta["num_classes"]))
     load_state_into(model, load_file(str(path)), source=str(path), key="weights",
                     num_classes=int(meta["num_classes"]))
@@ -161,6 +176,6 @@ def reload_exported(path: str | Path) -> nn.Module:
 __all__ = ["EXPORT_FILES", "ONNX_ATOL", "ONNX_CHECK_BATCHES", "RUN_DIR_CONTENT",
            "VANILLA_NO_TEACHER", "ExportError", "FoundTeacher", "Timing", "TrainedRun",
            "check_onnx", "class_count", "cpu_latency_ms", "cpu_threads", "export_onnx",
-           "export_run", "find_teacher", "flops_per_image", "load_student", "measure",
+           "export_run", "find_teacher", "flops_per_image", "load_exit", "load_student", "measure",
            "onnx_export_error", "onnx_exporter", "parameter_count", "read_run",
            "reload_exported", "run_dir_error", "teacher_top1"]

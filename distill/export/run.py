@@ -95,6 +95,56 @@ def load_student(run: TrainedRun) -> nn.Module:
                       num_classes=run.num_classes).eval()
 
 
+def load_exit(run: TrainedRun, number: int) -> nn.Module:
+    """Early exit `number` of the run (BYOT's `exitN`, 1 the shallowest): its method rebuilt
+    from the recorded config on the exported student, the other trained parts (the exit heads)
+    from checkpoints/last.pt. A ConfigError naming --exit when the run's method has no exits or
+    not that one; nothing is written either way."""
+    from distill.distillers import DISTILLERS, BuildInfo, Distiller, build_distiller
+    from distill.engine.checkpoint import read_checkpoint
+    from distill.models import create_model
+
+    options = {k: v for k, v in run.config["distiller"].items() if k != "name"}
+    method = run.config["distiller"]["name"]
+    cls = DISTILLERS.get(method, key="distiller")
+    if cls.derived_models is Distiller.derived_models:
+        with_exits = [m for m in DISTILLERS.list()
+                      if DISTILLERS.get(m).derived_models is not Distiller.derived_models]
+        raise ConfigError(f"this {method} run has no early exits (runs of {', '.join(with_exits)} "
+                          "have them)", key="--exit",
+                          allowed="no --exit: the run's student is exported")
+    requests = cls.teacher_requests(options, {"pretrained": False, "checkpoint": None,
+                                              **run.config["teacher"]})
+    # stand-ins of the teachers' architectures: an exit is made of trained parts only
+    teachers = {r.role: create_model(r.arch, num_classes=run.num_classes) for r in requests}
+    info = BuildInfo(student_spec=model_spec(run.student),
+                     teacher_spec=model_spec(requests[0].arch) if requests else None,
+                     input_shape=run.input_shape, num_classes=run.num_classes,
+                     student_arch=run.student, seed=run.config.get("seed", 0),
+                     **({"mean": run.mean, "std": run.std} if run.mean and run.std else {}))
+    distiller = build_distiller(method, load_student(run), teachers, options, info)
+    names = list(distiller.derived_models())
+    if f"exit{number}" not in names:
+        raise ConfigError(f"this {method} run has {len(names)} early exits, not an exit "
+                          f"{number}", key="--exit",
+                          allowed=", ".join(name.removeprefix("exit") for name in names))
+    path = run.path / "checkpoints" / "last.pt"
+    try:
+        parts = read_checkpoint(path)["parts"]
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise run_dir_error(run.path, f"the exit heads are saved only in checkpoints/last.pt, "
+                                      f"which cannot be read: {reason}") from None
+    for role, module in distiller.trained_parts().items():
+        if role == distiller.exported_role:   # the student: student.safetensors, as exported
+            continue
+        if role not in parts:
+            raise run_dir_error(run.path, f"checkpoints/last.pt holds no '{role}' (the exit "
+                                          "heads): not a checkpoint of this run's method")
+        module.load_state_dict(parts[role])
+    return distiller.derived_models()[f"exit{number}"].eval()
+
+
 @dataclass(frozen=True)
 class FoundTeacher:
     model: nn.Module | None
