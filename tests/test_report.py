@@ -452,3 +452,33 @@ def test_methods_come_in_the_published_tables_order():
     rows = [SimpleNamespace(method=m) for m in ran]
     assert method_order(rows) == [VANILLA, "kd", "nst", "crd", "ofd", "reviewkd", "dkd", "dist",
                                   "mlkd", "dml", "takd"]
+
+
+def test_each_early_exit_of_a_run_is_a_row_of_its_own(tmp_path):
+    """BYOT's exits (summary.json `models` entries with recorded FLOPs) become rows
+    `byot:exitN` with their own top-1 over seeds, params, FLOPs and curve, gained over the same
+    vanilla student; other evaluated models (DML's peers) do not."""
+    for seed, exits in ((0, (60.0, 70.0)), (1, (62.0, 72.0))):
+        run_dir = tmp_path / f"byot{seed}"
+        write_run(run_dir, config("resnet32", "resnet8", "byot", seed, run_dir), 80.0, 79.0, None)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary["models"] = {"student": {"arch": "resnet8", "best_top1": 80.0, "last_top1": 79.0,
+                                         "params": 1234},
+                             **{f"exit{i + 1}": {"arch": f"resnet8:exit{i + 1}",
+                                                 "best_top1": top1 + 1, "last_top1": top1,
+                                                 "params": 500 + i, "flops": 7_000_000 * (i + 1)}
+                                for i, top1 in enumerate(exits)}}
+        summary["history"][-1]["models"] = {"exit1": {"top1": exits[0], "top5": 99.0}}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    vanilla = tmp_path / "none"
+    write_run(vanilla, config("resnet32", "resnet8", "none", 0, vanilla), 70.0, 65.0, None)
+    runs, _ = report.load_runs([tmp_path])
+    rows = {r.method: r for r in report.summarize(report.group_runs(runs))}
+    assert set(rows) == {"byot", "byot:exit1", "byot:exit2", "none"}
+    exit1 = rows["byot:exit1"]
+    assert exit1.last == [60.0, 62.0] and exit1.best == [61.0, 63.0]
+    assert exit1.student_params == 500 and exit1.flops == 7_000_000
+    assert exit1.gain["last"] == pytest.approx(61.0 - 65.0)
+    assert exit1.curve == [(EPOCHS, 61.0)]
+    assert report.csv_record(rows["byot:exit2"])["flops"] == 14_000_000
+    assert "| byot:exit2 |" in report.render_markdown(list(rows.values()), [])

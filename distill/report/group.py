@@ -8,7 +8,7 @@ import functools
 import json
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +195,7 @@ class Row:
     runs: list[Path]
     config: dict[str, str] = field(repr=False, default_factory=dict)
     gain: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(METRICS))
+    flops: int | None = None        # recorded by the run (a derived model); else computed
 
     @property
     def n(self) -> int:
@@ -219,7 +220,10 @@ class Row:
 
 
 def summarize(groups: list[Group]) -> list[Row]:
-    rows = [_row(g) for g in groups]
+    rows = []
+    for group in groups:
+        row = _row(group)
+        rows += [row, *_derived_rows(row, group)]
     vanilla = {_baseline_key(r.config): r for r in rows if r.distiller == VANILLA}
     for row in rows:
         base = vanilla.get(_baseline_key(row.config))
@@ -265,6 +269,32 @@ def _row(group: Group) -> Row:
         skipped=[_count(r.summary.get("skipped_steps")) for r in runs],
         curve=[(e, statistics.fmean(v)) for e, v in sorted(epochs.items())],
         runs=[r.path for r in runs], config=config)
+
+
+def _derived_rows(row: Row, group: Group) -> list[Row]:
+    """A row per model the runs derived from their student (BYOT's early exits: the entries of
+    summary.json `models` with recorded FLOPs), named `<method>:<name>` (e.g. byot:exit1), with
+    its own top-1, params, FLOPs and curve; compared with the same vanilla student."""
+    first = group.runs[0].summary.get("models") or {}
+    names = [n for n, e in first.items() if isinstance(e, dict) and "flops" in e]
+    rows = []
+    for name in names:
+        entries = [(r.summary.get("models") or {}).get(name) or {} for r in group.runs]
+        if not all(isinstance(e.get("best_top1"), (int, float)) for e in entries):
+            continue
+        epochs: dict[float, list[float]] = defaultdict(list)
+        for run in group.runs:
+            for point in run.summary.get("history") or []:
+                top1 = ((point.get("models") or {}).get(name) or {}).get("top1")
+                if isinstance(top1, (int, float)):
+                    epochs[point["epoch"]].append(top1)
+        rows.append(replace(row, method=f"{row.method}:{name}",
+                            best=[e["best_top1"] for e in entries],
+                            last=[e["last_top1"] for e in entries],
+                            student_params=entries[0].get("params"), flops=entries[0]["flops"],
+                            curve=[(e, statistics.fmean(v)) for e, v in sorted(epochs.items())],
+                            gain=dict.fromkeys(METRICS)))
+    return rows
 
 
 def _count(value: Any) -> int:

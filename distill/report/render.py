@@ -101,7 +101,8 @@ def render_markdown(rows: list[Row], unfinished: list[Unfinished], metric: str =
             cell(r, "best", with_gain=False), cell(r, "last", with_gain=False),
             "" if gain is None else f"{gain:+.2f}",
             "" if r.teacher_top1 is None else f"{r.teacher_top1:.2f}",
-            _si(r.student_params), _si(flops(r.student, r.num_classes, r.image_size)),
+            _si(r.student_params),
+            _si(r.flops if r.flops is not None else flops(r.student, r.num_classes, r.image_size)),
             _minutes(r.wall_seconds), str(r.skipped_steps) if r.skipped_steps else ""]) + " |")
     out += ["", ("std: sample std over seeds (none shown for one seed); FLOPs: one forward pass "
                  "of one image at the dataset's size, as torch.utils.flop_counter counts them (a "
@@ -157,7 +158,8 @@ def csv_record(row: Row) -> dict[str, Any]:
             "last_mean": row.mean("last"), "last_std": blank(row.std("last")),
             "gain_best": blank(row.gain["best"]), "gain_last": blank(row.gain["last"]),
             "teacher_top1": blank(row.teacher_top1), "student_params": blank(row.student_params),
-            "flops": blank(flops(row.student, row.num_classes, row.image_size)),
+            "flops": blank(row.flops if row.flops is not None
+                           else flops(row.student, row.num_classes, row.image_size)),
             "num_classes": blank(row.num_classes), "image_size": blank(row.image_size),
             "wall_seconds": blank(row.wall_seconds), "skipped_steps": row.skipped_steps,
             "runs": " ".join(map(str, row.runs))}
