@@ -196,10 +196,17 @@ def test_a_specialist_starts_as_its_generalist_and_learns_subset_plus_dustbin():
 def test_specialists_options_are_checked():
     cls = DISTILLERS.get("specialists")
     for bad in ({"subsets": [[1, 2], []]}, {"subsets": [1, 2]}, {"subsets": [["a"]]},
-                {"top_n": 0}, {"enrichment": 0}, {"num_specialists": 0}):
+                {"top_n": 0}, {"enrichment": 0}, {"num_specialists": 0},
+                {"specialist_checkpoints": ["a.safetensors"]},   # no subsets to pair them with
+                {"specialist_checkpoints": ["a.safetensors"], "subsets": [[1, 2], [3, 4]]}):
         with pytest.raises(ConfigError) as exc:
             cls.check_values(bad)
         assert exc.value.key == f"distiller.{next(iter(bad))}"
+    requests = cls.teacher_requests({"subsets": [[4, 2], [7, 8]], "specialist_checkpoints":
+                                     [None, "s1.safetensors"]}, {"name": "resnet14"})
+    assert [(r.role, r.checkpoint, r.distill_options, r.made_by) for r in requests[1:]] == [
+        ("specialist0", None, {"subset": [2, 4], "enrichment": 0.5}, "specialist"),
+        ("specialist1", "s1.safetensors", {"subset": [7, 8], "enrichment": 0.5}, "specialist")]
     teachers = {"teacher": create_model("resnet8", num_classes=10)}
     for subsets in ([[1, 12]], [[1, 1]], [list(range(10))]):
         with pytest.raises(ConfigError) as exc:

@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,7 +66,8 @@ def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, st
     info = BuildInfo(model_spec(student), model_spec(teacher), (3, 32, 32), num_classes=100,
                      student_arch=student, train_labels=torch.arange(TRAIN_SIZE) % 100)
     cls = DISTILLERS.get(method)
-    options = method_options(method, teacher, student, *main_stage_only(method))
+    options = method_options(method, teacher, student, *main_stage_only(method),
+                             *made_models(method, teacher, student, None)[1])
     teachers = {r.role: bench_teacher(r.arch) for r in cls.teacher_requests(options, {"name": teacher})}
     distiller = build_distiller(method, create_model(student, num_classes=100), teachers,
                                 options, info).to(device, memory_format=memory_format)
@@ -126,9 +128,14 @@ def trainer_images_per_sec(method: str, teacher: str, student: str, batch: int, 
 
     from distill.app import run
 
-    weights = workdir / f"{teacher}.safetensors"
-    if not weights.exists():
-        save_file(bench_teacher(teacher).state_dict(), str(weights))
+    def weights_of(arch: str) -> Path:
+        path = workdir / f"{arch}.safetensors"
+        if not path.exists():
+            save_file(bench_teacher(arch).state_dict(), str(path))
+        return path
+
+    gen0, made = made_models(method, teacher, student, weights_of)
+    weights = weights_of(gen0)
     run_dir = workdir / f"run-{time.monotonic_ns()}"
     # log every `warmup` steps: the first window is the warm-up and is left out
     overrides = [f"distiller={method}", f"teacher={teacher}", f"student={student}",
@@ -138,7 +145,8 @@ def trainer_images_per_sec(method: str, teacher: str, student: str, batch: int, 
                  f"trainer.max_steps={steps + warmup}", f"trainer.log_every={warmup}",
                  "trainer.progress=false", f"trainer.data_path={data_path}", "logger=jsonl",
                  f"teacher.checkpoint={weights}", f"zoo.root={workdir / 'zoo'}", f"device={device}",
-                 f"trainer.compile={compile}", f"optimizer.lr={BENCH_LR}", *main_stage_only(method)]
+                 f"trainer.compile={compile}", f"optimizer.lr={BENCH_LR}", *main_stage_only(method),
+                 *made]
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     OmegaConf.set_struct(cfg, False)
@@ -219,6 +227,29 @@ TRAIN_SIZE = 50_000
 BENCH_LR = 0.01
 
 DATA_PATHS = [p for p in LOADER_PATHS if p != "auto"]   # "auto" would be one of these
+
+
+# classes of the fake CIFAR-100-size data each benchmarked specialist models
+BENCH_SUBSETS = [list(range(0, 10)), list(range(10, 20))]
+
+
+def made_models(method: str, teacher: str, student: str,
+                weights_of: Callable[[str], Path] | None) -> tuple[str, list[str]]:
+    """(the architecture `teacher.checkpoint` must be, overrides) that give a method whose
+    teachers are made from other teachers (zoo runs of the whole recipe) weights files instead:
+    what is timed is the method's step, not the runs that make its models. Born-Again: one
+    generation, of the student's architecture; specialists: two given subsets, each specialist
+    the teacher's bench weights. `weights_of(arch)` writes a bench model's weights (None: the
+    floor column, which builds the models itself)."""
+    files = weights_of or (lambda arch: Path(f"{arch}.safetensors"))
+    if method == "born_again":
+        return student, ["distiller.generations=1"]
+    if method == "specialists":
+        subsets = ",".join("[" + ",".join(map(str, s)) + "]" for s in BENCH_SUBSETS)
+        checkpoints = ",".join(str(files(teacher)) for _ in BENCH_SUBSETS)
+        return teacher, [f"distiller.subsets=[{subsets}]",
+                         f"distiller.specialist_checkpoints=[{checkpoints}]"]
+    return teacher, []
 
 
 def main_stage_only(method: str) -> list[str]:

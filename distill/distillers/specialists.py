@@ -55,7 +55,8 @@ class Specialists(Distiller):
     def __init__(self, student, teacher_models, subsets: list[list[int]] | None = None,
                  num_specialists: int | None = None, top_n: int = 1, enrichment: float = 0.5,
                  ce_weight: float = 0.1, kd_weight: float = 0.9, temperature: float = 4.0,
-                 solver_steps: int = 50, *, info: BuildInfo):
+                 solver_steps: int = 50, specialist_checkpoints: list[str] | None = None, *,
+                 info: BuildInfo):
         super().__init__(student, None)
         self.add_frozen("teacher", teacher_models["teacher"])
         self.subsets = [list(s) for s in subsets or []]
@@ -80,6 +81,12 @@ class Specialists(Distiller):
         if options.get("num_specialists") is not None:
             require(options, num_specialists="int>0")
         subsets = options.get("subsets")
+        checkpoints = options.get("specialist_checkpoints")
+        if checkpoints is not None and (subsets is None or not isinstance(checkpoints, (list, tuple))
+                                        or len(checkpoints) != len(subsets)):
+            raise ConfigError(f"invalid value {checkpoints!r}", key="distiller.specialist_checkpoints",
+                              allowed="null (from the zoo, trained when missing), or one weights "
+                                      "file (or null) per entry of distiller.subsets, given too")
         if subsets is not None and (
                 not isinstance(subsets, (list, tuple)) or not subsets
                 or not all(isinstance(s, (list, tuple)) and s for s in subsets)
@@ -95,12 +102,15 @@ class Specialists(Distiller):
         (generalist,) = super().teacher_requests(options, teacher)
         defaults = inspect.signature(cls.__init__).parameters
         made = {k: options.get(k, defaults[k].default) for k in SPECIALIST_OPTIONS}
+        subsets = options.get("subsets") or []
+        checkpoints = options.get("specialist_checkpoints") or [None] * len(subsets)
         return [generalist] + [
             TeacherRequest(f"specialist{m}", generalist.arch, key="distiller.subsets",
+                           checkpoint=checkpoint, checkpoint_key="distiller.specialist_checkpoints",
                            distilled_from=replace(generalist, role="parent"),
                            distill_options={"subset": sorted(subset), **made},
                            made_by="specialist")
-            for m, subset in enumerate(options.get("subsets") or [])]
+            for m, (subset, checkpoint) in enumerate(zip(subsets, checkpoints))]
 
     @classmethod
     def complete_options(cls, options, teachers, data, device):
