@@ -281,7 +281,7 @@ def _run(name: str, home: Path, weights: dict[str, Path], zoo: Path) -> Result:
         return Result(program + args, -1, "", f"{program[0]} does not exist", home)
     try:
         proc = subprocess.run(program + args, cwd=home, env=env, capture_output=True, text=True,
-                              timeout=180)
+                              timeout=600)   # a hang guard; every-method takes ~2 min
     except subprocess.TimeoutExpired as exc:
         return Result(program + args, -9, str(exc.stdout), f"timed out\n{exc.stderr}", home)
     return Result(program + args, proc.returncode, ANSI.sub("", proc.stdout),
