@@ -146,6 +146,10 @@ def test_trains_and_resumes_bit_exactly(tmp_path):
     a, b = (read_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("straight", "resumed"))
     assert set(a["parts"]) == set(b["parts"]) == {"student", "discriminator"}
     assert set(a["optimizers"]) == {"main", "discriminator"}
+    # the discriminator's own optimizer: Adam at the constant disc_lr, no weight decay
+    disc = a["optimizers"]["discriminator"]
+    assert all("exp_avg" in state for state in disc["state"].values())
+    assert [(g["lr"], g["weight_decay"]) for g in disc["param_groups"]] == [(2e-4, 0.0)]
     for role in a["parts"]:
         for key, value in a["parts"][role].items():
             assert torch.equal(value, b["parts"][role][key]), f"{role}.{key}"

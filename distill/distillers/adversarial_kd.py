@@ -12,8 +12,10 @@ parameters take no gradient in the student's step (their requires_grad is off fo
 
 The discriminator is an MLP on the logits: `layers` fully connected layers, `hidden` units,
 LeakyReLU(0.2) between them; with `conditional` (default) the label's one-hot vector is
-concatenated to the logits it reads, as a conditional GAN's discriminator. It trains with the
-run's optimizer and schedule (optimizer "discriminator").
+concatenated to the logits it reads, as a conditional GAN's discriminator. It learns with Adam
+(no weight decay) at a constant `disc_lr` (optimizer "discriminator"), as GAN discriminators
+usually do: with the run's SGD at CIFAR's lr it wins within a few steps and the student's
+logits, pushed to fool it, blow up (digits: non-finite at step 52).
 The paper has no released code, and its layer sizes, loss weights and optimiser are in no source
 we could reach: the defaults (configs/distiller/adversarial_kd.yaml) are ours, KD's the
 reference CIFAR-100 KD weights.
@@ -62,27 +64,34 @@ class AdversarialKD(Distiller):
     def __init__(self, student, teacher, ce_weight: float = 0.1, kd_weight: float = 0.9,
                  temperature: float = 4.0, adv_weight: float = 1.0, l1_weight: float = 0.0,
                  category_weight: float = 0.0, conditional: bool = True, hidden: int = 500,
-                 layers: int = 3, *, info: BuildInfo):
+                 layers: int = 3, disc_lr: float = 2e-4, *, info: BuildInfo):
         super().__init__(student, teacher)
         self.add_trained("discriminator",
                          LogitDiscriminator(info.num_classes, hidden, layers, conditional,
                                             category=category_weight > 0),
                          optimizer="discriminator")
         self.ce_weight, self.l1_weight, self.adv_weight = ce_weight, l1_weight, adv_weight
-        self.kd_weight, self.temperature = kd_weight, temperature
+        self.kd_weight, self.temperature, self.disc_lr = kd_weight, temperature, disc_lr
         self.category_weight = category_weight
 
     @classmethod
     def check_values(cls, options):
         require(options, ce_weight=">=0", kd_weight=">=0", temperature=">0", l1_weight=">=0",
                 adv_weight=">=0",
-                category_weight=">=0", conditional="bool", hidden="int>0", layers="int>0")
+                category_weight=">=0", conditional="bool", hidden="int>0", layers="int>0",
+                disc_lr=">0")
 
     @classmethod
     def loss_term_weights(cls, options):
         # the student's terms (category_weight trains the discriminator only)
         return {k: options[k] for k in ("ce_weight", "kd_weight", "l1_weight", "adv_weight")
                 if k in options}
+
+    def configure_optimizers(self, default):
+        groups = self.parameter_groups()
+        return {"main": default(groups["main"]),
+                "discriminator": default(groups["discriminator"], constant=True, name="adamw",
+                                         lr=self.disc_lr, weight_decay=0.0)}
 
     def training_step(self, images, targets, ctx, step):
         logits = self.student(images)
