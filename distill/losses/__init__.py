@@ -15,7 +15,8 @@ from distill.losses.ensemble import ENSEMBLE_MODES, ensemble_log_probs, ensemble
 from distill.losses.fitnet import fitnet_loss
 from distill.losses.fsp import fsp_loss, fsp_matrix
 from distill.losses.ft import ft_loss
-from distill.losses.kd import kd_loss, soft_target_loss, standardize_logits
+from distill.losses.kd import (kd_loss, soft_cross_entropy, soft_target_loss,
+                               standardize_logits)
 from distill.losses.kdsvd import kdsvd_loss
 from distill.losses.noise import perturb_logits
 from distill.losses.mlkd import (batch_correlation_loss, class_correlation_loss,
@@ -25,6 +26,7 @@ from distill.losses.ofd import ofd_loss, ofd_margin
 from distill.losses.pkt import pkt_loss
 from distill.losses.reviewkd import hcl_loss
 from distill.losses.rkd import rkd_loss
+from distill.losses.sobolev import sobolev_loss
 from distill.losses.sp import sp_loss
 from distill.losses.vid import vid_log_scale_init, vid_loss
 
@@ -35,3 +37,4 @@ __all__ += ["ab_loss", "fsp_loss", "fsp_matrix", "ft_loss", "vid_log_scale_init"
 __all__ += ["crd_nce_loss", "dist_loss", "standardize_logits"]
 __all__ += ["hcl_loss", "ofd_loss", "ofd_margin"]
 __all__ += ["batch_correlation_loss", "class_correlation_loss", "mlkd_losses"]
+__all__ += ["soft_cross_entropy", "sobolev_loss"]

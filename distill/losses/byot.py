@@ -4,17 +4,13 @@ the deepest classifier to each shallow one, and an L2 distance between features.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from distill.losses.kd import soft_cross_entropy
 
 
-def byot_soft_ce(logits_student: torch.Tensor, logits_teacher: torch.Tensor,
-                 temperature: float) -> torch.Tensor:
-    """-sum_c softmax(t/T)_c * log_softmax(s/T)_c, averaged over the batch: the official code's
-    `CrossEntropy(outputs, targets)`. It is KL(p_teacher || p_student) plus the teacher's entropy
-    (same gradient for the student). No T^2 factor, as in the official code. float32."""
-    log_p_student = F.log_softmax(logits_student.float() / temperature, dim=1)
-    p_teacher = F.softmax(logits_teacher.float() / temperature, dim=1)
-    return -(log_p_student * p_teacher).sum(dim=1).mean()
+# -sum_c softmax(t/T)_c log_softmax(s/T)_c, batch mean, no T^2: the official code's
+# `CrossEntropy(outputs, targets)` from the deepest exit to a shallow one
+byot_soft_ce = soft_cross_entropy
 
 
 def byot_feature_loss(feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:

@@ -39,3 +39,13 @@ def soft_target_loss(logits_student: torch.Tensor, log_probs_target: torch.Tenso
     per_sample = F.kl_div(log_p_student, log_probs_target.float(), reduction="none",
                           log_target=True).sum(1)
     return per_sample.mean() * temperature**2
+
+
+def soft_cross_entropy(logits_student: torch.Tensor, logits_teacher: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """-sum_c softmax(t/T)_c log_softmax(s/T)_c, averaged over the batch, with no T^2 factor:
+    the soft-target loss of the BYOT and BSS reference code. It is KL(p_t || p_s) plus the
+    teacher's entropy (the same gradient for the student). Float32."""
+    log_p_student = F.log_softmax(logits_student.float() / temperature, dim=1)
+    p_teacher = F.softmax(logits_teacher.float() / temperature, dim=1)
+    return -(log_p_student * p_teacher).sum(dim=1).mean()
