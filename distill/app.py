@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from distill.config import run_path
 from distill.data import DATASETS, DatasetBundle, build_datasets, dataset_labels
+from distill.data.views import apply_student_view
 from distill.distillers import DISTILLERS, BuildInfo, Distiller, TeacherRequest, build_distiller
 from distill.engine import distributed as dist_utils
 from distill.engine.loaders import data_path_transforms, view_transforms
@@ -202,6 +203,7 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
                            **({"pretrained": True} if cfg.student.pretrained else {}))
     distiller = build_distiller(cfg.distiller.name, student, {t.role: t.model for t in teachers},
                                 options, info).to(device)
+    apply_student_view(distiller, data.student_view, data.mean, data.std)
     if distiller.parts[distiller.exported_role].arch is None:
         distiller.describe(distiller.exported_role, arch=cfg.student.name)
     for teacher in teachers:
@@ -253,6 +255,9 @@ def publish_to_zoo(zoo: TeacherZoo, dataset: dict, cfg: DictConfig, run_dir: Pat
     """Only models trained to the end on the full training split become zoo teachers."""
     if dataset.get("train_fraction", 1.0) != 1.0:
         log.info("not published to the zoo: trained on part of the training split")
+    elif dataset.get("student_view"):
+        log.info("not published to the zoo: trained on the %s view of the images, not on them",
+                 dataset["student_view"])
     elif summary["stopped_early"]:
         log.info("not published to the zoo: stopped early by trainer.max_steps")
     else:

@@ -46,7 +46,7 @@ CLAIM_POLL_SECONDS = 5.0
 # Dataset options that do not change which images are in which split.
 # (Which images a folder's check skipped is in its data digest.)
 NOT_SPLIT_DEFINING = ("name", "root", "download", "augment", "recipe", "train_fraction",
-                      "bad_images", "check_images")
+                      "student_view", "bad_images", "check_images")
 
 
 def split_identity(dataset: dict, data_digest: str | None = None) -> dict:
@@ -108,7 +108,8 @@ def teacher_training_command(cfg: DictConfig, overrides: list[str], arch: str | 
     architecture with the dataset's own recipe (and lr) on the full training split."""
     def keep(override: str) -> bool:
         key = override.split("=", 1)[0].lstrip("+~")
-        if key in ("dataset", "dataset.train_fraction") or key.startswith(NOT_FOR_TEACHERS):
+        if key in ("dataset", "dataset.train_fraction", "dataset.student_view") \
+                or key.startswith(NOT_FOR_TEACHERS):
             return False
         return key.split(".")[0] in TEACHER_RUN_KEYS
 
@@ -140,6 +141,7 @@ def zoo_run_config(cfg: DictConfig, *, student: str, distiller: dict | DictConfi
     zcfg.trainer.batch_size = "${dataset.recipe.batch_size}"
     zcfg.trainer.max_steps = None
     zcfg.dataset.pop("train_fraction", None)
+    zcfg.dataset.pop("student_view", None)   # zoo models see the image (cross-modal KD's teacher)
     zcfg.tuned = {}
     zcfg.run_dir = str(Path(cfg.zoo.root) / "runs" / cfg.dataset.name / zoo_name
                        / split_key(split) / f"seed{cfg.seed}")

