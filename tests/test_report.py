@@ -482,3 +482,16 @@ def test_each_early_exit_of_a_run_is_a_row_of_its_own(tmp_path):
     assert exit1.curve == [(EPOCHS, 61.0)]
     assert report.csv_record(rows["byot:exit2"])["flops"] == 14_000_000
     assert "| byot:exit2 |" in report.render_markdown(list(rows.values()), [])
+
+
+def test_a_dataset_option_added_later_takes_its_default_for_older_runs(tmp_path):
+    """Runs recorded before dataset.student_view existed ran without a view: they are compared
+    with newer runs that record its default (null), not split from them."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    write_run(old, config("resnet32", "resnet8", "none", 0, old), 70.0, 65.0, None)
+    cfg = config("resnet32", "resnet8", "kd", 0, new)
+    cfg["dataset"]["student_view"] = None
+    write_run(new, cfg, 72.0, 70.0, 71.5)
+    runs, _ = report.load_runs([tmp_path])
+    rows = {r.method: r for r in report.summarize(report.group_runs(runs))}
+    assert rows["kd"].gain["last"] == pytest.approx(5.0)

@@ -54,7 +54,8 @@ def result_config(run: Run) -> dict[str, str]:
     missing from an older run's config is filled with its schema default (it ran with it), the
     same rule resuming uses. A method without a teacher (vanilla, dml) has its teacher.* keys
     dropped, so one vanilla run serves every pair with that student."""
-    defaults = {**schema_defaults(), **method_defaults(run.distiller)}
+    defaults = {**schema_defaults(), **method_defaults(run.distiller),
+                **dataset_defaults(str(run.config.get("dataset.name")))}
     config = {**{k: v for k, v in defaults.items() if k not in run.config}, **run.config}
     teachers = run.summary.get("teachers")
     if isinstance(teachers, list) and teachers:
@@ -92,11 +93,25 @@ def teacher_label(run: Run) -> str | None:
 def method_defaults(distiller: str) -> dict[str, Any]:
     """distiller.* defaults of configs/distiller/<name>.yaml (literal values only: an
     interpolation depends on the run), to fill options added after an old run was recorded."""
+    return _group_defaults("distiller", distiller)
+
+
+@functools.cache
+def dataset_defaults(dataset: str) -> dict[str, Any]:
+    """dataset.* defaults of configs/dataset/<name>.yaml, likewise (e.g. student_view, added
+    after the first digits runs: those ran without a view, as its null default says)."""
+    return _group_defaults("dataset", dataset)
+
+
+def _group_defaults(group: str, option: str) -> dict[str, Any]:
     try:
-        defaults = yaml.safe_load((CONFIG_DIR / "distiller" / f"{distiller}.yaml").read_text())
+        defaults = yaml.safe_load((CONFIG_DIR / group / f"{option}.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return {}
-    return {k: v for k, v in flatten({"distiller": defaults or {}}).items()
+    if not isinstance(defaults, dict):
+        return {}
+    defaults = {k: v for k, v in defaults.items() if not str(k).startswith(("#", "defaults"))}
+    return {k: v for k, v in flatten({group: defaults}).items()
             if not (isinstance(v, str) and "${" in v)}
 
 
