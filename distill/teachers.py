@@ -365,6 +365,16 @@ class TeacherResolver:
     def _pinned(self, request: TeacherRequest, pinned: str) -> ResolvedTeacher | None:
         """The weights with digest `pinned`: a zoo version, or torchvision's pretrained ones."""
         entry = self._find_digest(pinned)
+        made = request.made_by if request.distilled_from is not None else None
+        if entry is not None and made is not None and made in entry.meta \
+                and entry.meta[made] != request.distill_options:
+            # e.g. a specialist of other classes: the options were derived again and differ
+            raise ConfigError(
+                f"the {request.role} this run started with (sha256 {pinned[:16]}) was made by "
+                f"{made} with {entry.meta[made]}, but the run now asks for "
+                f"{request.distill_options}", key=request.key,
+                hint="give the options by hand as they were (the log of the first start has "
+                     "them), or start over with trainer.resume=false")
         if entry is not None and file_sha256(entry.weights) == pinned:
             log.info("%s %s: the weights this run started with (sha256 %s): %s",
                      request.role, request.arch, pinned[:16], entry.weights)

@@ -212,13 +212,14 @@ def check_run_features(name: str, distiller_cls: type, trainer: dict, world_size
     key to change, not mid-run."""
     on = {"compile": trainer["compile"] != "none", "fp16": trainer["precision"] == "fp16",
           "bf16": trainer["precision"] == "bf16", "ddp": world_size > 1,
-          "channels_last": trainer["channels_last"]}
+          "channels_last": trainer["channels_last"],
+          "sync_bn": bool(trainer.get("sync_bn")) and world_size > 1}
     for feature, why in refused_features(distiller_cls).items():
         if on[feature]:
             key = RUN_FEATURES[feature]
             what = (f"DDP ({world_size} processes)" if feature == "ddp"
                     else f"{key}={trainer[key.split('.')[1]]}")
             allowed = {"compile": "none", "fp16": "fp32", "bf16": "fp32", "channels_last": "false",
-                       "ddp": "one process (no torchrun)"}[feature]
+                       "ddp": "one process (no torchrun)", "sync_bn": "false"}[feature]
             raise ConfigError(f"distiller '{name}' cannot run with {what}: {why}",
                               key="distiller" if feature == "ddp" else key, allowed=allowed)

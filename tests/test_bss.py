@@ -136,3 +136,9 @@ def test_trains_and_resumes_bit_exactly(tmp_path):
             for r in ("straight", "resumed"))
     for key, value in a.items():
         assert torch.equal(value, b[key]), key
+
+
+def test_a_confident_teacher_still_has_targets():
+    logits = torch.tensor([[200.0, 0.0, -3.0], [0.0, 150.0, 1.0]])   # others underflow in softmax
+    drawn = attack_targets(logits.repeat(50, 1))
+    assert (drawn.view(50, 2)[:, 0] != 0).all() and (drawn.view(50, 2)[:, 1] != 1).all()

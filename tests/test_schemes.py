@@ -272,3 +272,60 @@ def test_trains_and_resumes_bit_exactly(name, tmp_path):
     if name == "specialists":   # each specialist's zoo entry says which classes it models
         subsets = sorted(zoo.versions("fake", m)[0].meta["specialist"]["subset"] for m in made)
         assert subsets == [[0, 1], [2, 3, 4]]
+
+
+def test_a_resumed_run_refuses_a_specialist_made_for_other_classes(tmp_path):
+    """A resumed run takes its teachers by their recorded sha256; a specialist's zoo entry also
+    says which classes it models, and a run whose subsets came out differently is refused
+    rather than collapsing the old specialist over the new classes."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from distill.distillers import TeacherRequest
+    from distill.teachers import TeacherResolver
+    from distill.zoo import file_sha256
+
+    weights = tmp_path / "s.safetensors"
+    save_file(create_model("resnet8", num_classes=10).state_dict(), str(weights))
+    zoo = TeacherZoo(tmp_path / "zoo")
+    made = {"subset": [0, 1], "enrichment": 0.5}
+    zoo.publish("fake", "resnet8@specialist-resnet8.0000abcd", weights,
+                {"top1": 1.0, "specialist": made})
+    cfg = make_cfg(tmp_path, "dataset=fake")
+    resolver = TeacherResolver(cfg, OmegaConf.to_container(cfg.dataset, resolve=True), 10, zoo,
+                               [], None)
+    parent = TeacherRequest("parent", "resnet8")
+
+    def request(subset):
+        return TeacherRequest("specialist0", "resnet8", key="distiller.subsets",
+                              distilled_from=parent, made_by="specialist",
+                              distill_options={"subset": subset, "enrichment": 0.5})
+    digest = file_sha256(weights)
+    assert resolver.resolve(request([0, 1]), digest).sha256 == digest
+    with pytest.raises(ConfigError) as exc:
+        resolver.resolve(request([0, 2]), digest)
+    assert exc.value.key == "distiller.subsets" and "[0, 1]" in exc.value.message
+
+
+def test_refusals_before_anything_is_trained():
+    from distill.validation import check_run_features
+
+    trainer = {"compile": "none", "precision": "fp32", "channels_last": False, "sync_bn": True}
+    with pytest.raises(ConfigError) as exc:   # BSS's second forward is on some ranks only
+        check_run_features("bss", DISTILLERS.get("bss"), trainer, world_size=2)
+    assert exc.value.key == "trainer.sync_bn"
+    check_run_features("bss", DISTILLERS.get("bss"), trainer, world_size=1)   # no DDP: fine
+    with pytest.raises(ConfigError) as exc:   # BYOT's feature term is over the whole batch
+        check_run_features("byot", DISTILLERS.get("byot"), {**trainer, "sync_bn": False}, 2)
+    assert exc.value.key == "distiller"
+    for count in (1, 10, 20):   # specialists: 2 to C-1 clusters, checked when first built
+        with pytest.raises(ConfigError) as exc:
+            build_distiller("specialists", create_model("resnet8", num_classes=10),
+                            {"teacher": create_model("resnet8", num_classes=10)},
+                            {"num_specialists": count}, BuildInfo(num_classes=10))
+        assert exc.value.key == "distiller.num_specialists"
+    with pytest.raises(ConfigError) as exc:   # a subset the training split has no item of
+        build_distiller("specialist", create_model("resnet8", num_classes=10),
+                        create_model("resnet8", num_classes=10), {"subset": [7]},
+                        BuildInfo(num_classes=10, train_labels=torch.arange(40) % 5))
+    assert exc.value.key == "distiller.subsets"

@@ -55,7 +55,9 @@ def edges(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.
                       dtype=images.dtype, device=images.device)
     kernels = torch.stack([kx, kx.T])[:, None]
     grad = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kernels)
-    magnitude = grad.pow(2).sum(1, keepdim=True).sqrt() / (4 * 2 ** 0.5)
+    # + 1e-12: sqrt's derivative at 0 is infinite, and a flat region times it is NaN for a
+    # method that differentiates the view (Sobolev's input gradients)
+    magnitude = (grad.pow(2).sum(1, keepdim=True) + 1e-12).sqrt() / (4 * 2 ** 0.5)
     return (magnitude.expand_as(images) - mean) / std
 
 

@@ -34,7 +34,7 @@ log = logging.getLogger("distill")
 # turns each on: a refused combination names that key.
 RUN_FEATURES = {"compile": "trainer.compile", "fp16": "trainer.precision",
                 "bf16": "trainer.precision", "ddp": "world_size",
-                "channels_last": "trainer.channels_last"}
+                "channels_last": "trainer.channels_last", "sync_bn": "trainer.sync_bn"}
 # What a method may need from the engine (`Distiller.needs`), and what each rules out.
 NEEDS = {
     "teacher_input_grad": {},   # gradients through a teacher w.r.t. its input: runs anywhere

@@ -26,6 +26,10 @@ from distill.losses.bss import (attack_targets, base_samples, boundary_supportin
 @DISTILLERS.register("bss")
 class BSS(Distiller):
     needs = frozenset({"teacher_input_grad"})
+    # its second student forward runs only on ranks with samples to attack; SyncBatchNorm
+    # needs every rank in every forward
+    unsupported = {"sync_bn": "its forward on the attacked samples runs only on the ranks that "
+                              "have some, and SyncBatchNorm needs every rank in every forward"}
     follows_run_length = True   # both weights follow the run's epochs
 
     def __init__(self, student, teacher, ce_weight: float = 1.0, temperature: float = 3.0,

@@ -207,6 +207,9 @@ class ExitModel(nn.Module):
 @DISTILLERS.register("byot")
 class BYOT(Distiller):
     requires_teacher = False
+    unsupported = {"ddp": "the official feature term is the L2 norm of the whole batch's "
+                          "difference (torch.dist), which each rank's shard would shrink by "
+                          "sqrt(ranks)"}
 
     def __init__(self, student, alpha: float = ALPHA, temperature: float = TEMPERATURE,
                  feature_weight: float = FEATURE_WEIGHT, *, info: BuildInfo):
@@ -261,7 +264,7 @@ class BYOT(Distiller):
         they follow the student to any device; never children of the distiller."""
         models = {}
         for i, (stage, head) in enumerate(zip(self.stage_layers, self.exits), start=1):
-            body = truncated_model(self.student, stage, self.input_shape[1:], self.all_stages)
+            body = truncated_model(self.student, stage, self.input_shape, self.all_stages)
             model = ExitModel(body, head)
             # the root flags follow the student: evaluate() restores the mode it finds here
             model.training = model.body.training = unwrap_model(self.student).training

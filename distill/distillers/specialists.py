@@ -59,6 +59,10 @@ class Specialists(Distiller):
                  info: BuildInfo):
         super().__init__(student, None)
         self.add_frozen("teacher", teacher_models["teacher"])
+        if num_specialists is not None and not subsets and not 2 <= num_specialists < info.num_classes:
+            raise ConfigError(f"{num_specialists} specialists for {info.num_classes} classes",
+                              key="distiller.num_specialists",
+                              allowed=f"2 to {info.num_classes - 1} (or null: round(sqrt(C)))")
         self.subsets = [list(s) for s in subsets or []]
         for subset in self.subsets:
             check_subset(subset, info.num_classes)
@@ -161,6 +165,10 @@ class Specialist(Distiller):
         self.subset = list(subset)
         labels = require_labels(info)
         inside = torch.isin(labels, torch.as_tensor(self.subset))
+        if not bool(inside.any()) or bool(inside.all()):
+            raise ConfigError(f"the training split has {'no' if not inside.any() else 'only'} "
+                              f"items of classes {self.subset}", key="distiller.subsets",
+                              allowed="subsets of classes the training split has, not all of it")
         self._weights = torch.where(inside, enrichment / max(int(inside.sum()), 1),
                                     (1 - enrichment) / max(int((~inside).sum()), 1)).double()
 

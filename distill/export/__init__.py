@@ -91,6 +91,9 @@ def weights_metadata(run: TrainedRun, exit_number: int | None = None) -> dict[st
         meta.update(mean=json.dumps(list(run.mean)), std=json.dumps(list(run.std)))
     if exit_number is not None:
         meta.update(exit=str(exit_number), method=run.config["distiller"]["name"])
+    view = run.config["dataset"].get("student_view")
+    if view:   # cross-modal KD: the model takes this rendering of the images, not the images
+        meta.update(student_view=str(view))
     return meta
 
 
@@ -154,6 +157,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, batch: int
                         else None},
             "onnx": onnx_report,
             **({"exit": exit_number} if exit_number is not None else {}),
+            **({"student_view": run.config["dataset"]["student_view"]}
+               if run.config["dataset"].get("student_view") else {}),
         }
         (staging / "export.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -31,9 +31,11 @@ def attack_targets(logits_teacher: torch.Tensor) -> torch.Tensor:
     """Each sample's target class: drawn in proportion to the teacher's softmax over the classes
     other than its top-1 (the reference's inverse-CDF draw), from the global RNG (checkpoints
     carry it, so a resumed run draws the same)."""
-    probs = F.softmax(logits_teacher.float(), 1)
-    probs = probs.scatter(1, probs.argmax(1, keepdim=True), 0.0)
-    return torch.multinomial(probs, 1).squeeze(1)
+    logits = logits_teacher.float()
+    others = logits.scatter(1, logits.argmax(1, keepdim=True), float("-inf"))
+    # softmax over the other classes alone: a confident teacher whose other probabilities all
+    # underflow in the full softmax still has a distribution over them
+    return torch.multinomial(F.softmax(others, 1), 1).squeeze(1)
 
 
 def boundary_supporting_samples(teacher: Callable[[torch.Tensor], torch.Tensor],
