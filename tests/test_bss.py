@@ -10,11 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from _compose import make_cfg
-from _golden import fixed_teacher
-from distill.app import run
+from _resume import resumes_bit_exactly
 from distill.distillers import BuildInfo, StepContext, build_distiller
-from distill.engine.checkpoint import read_checkpoint
 from distill.losses.bss import (attack_targets, base_samples, boundary_supporting_samples,
                                 bss_schedule)
 from distill.models import create_model
@@ -121,21 +118,8 @@ def test_step_attacks_the_samples_both_get_right_and_trains_on_them():
     assert late["bss"].item() == 0
 
 
-BASE = ["dataset=fake", "dataset.train_size=64", "dataset.val_size=32", "student=resnet8",
-        "teacher=resnet14", "trainer.batch_size=16", "trainer.log_every=1", "device=cpu",
-        "zoo.publish=false", "trainer.epochs=2", "distiller=bss", "distiller.attack_fraction=1.0"]
-
-
 def test_trains_and_resumes_bit_exactly(tmp_path):
-    args = [*BASE, f"teacher.checkpoint={fixed_teacher(tmp_path)}"]
-    straight = run(make_cfg(tmp_path, *args, run="straight"))
-    run(make_cfg(tmp_path, *args, "trainer.max_steps=3", run="resumed"))
-    resumed = run(make_cfg(tmp_path, *args, run="resumed"))
-    assert straight["steps"] == resumed["steps"] == 8
-    a, b = (read_checkpoint(tmp_path / r / "checkpoints" / "last.pt")["parts"]["student"]
-            for r in ("straight", "resumed"))
-    for key, value in a.items():
-        assert torch.equal(value, b[key]), key
+    resumes_bit_exactly(tmp_path, "distiller=bss", "distiller.attack_fraction=1.0")
 
 
 def test_a_confident_teacher_still_has_targets():

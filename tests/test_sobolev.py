@@ -11,10 +11,8 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from _compose import make_cfg
-from _golden import fixed_teacher
-from distill.app import run
+from _resume import FAKE_RUN, resumes_bit_exactly
 from distill.distillers import BuildInfo, StepContext, build_distiller
-from distill.engine.checkpoint import read_checkpoint
 from distill.errors import ConfigError
 from distill.losses import sobolev_loss
 from distill.losses.sobolev import unit_sphere
@@ -85,21 +83,9 @@ def test_directions_are_unit_and_a_function_of_seed_and_step():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.parameters())
 
 
-BASE = ["dataset=fake", "dataset.train_size=64", "dataset.val_size=32", "student=resnet8",
-        "teacher=resnet14", "trainer.batch_size=16", "trainer.log_every=1", "device=cpu",
-        "zoo.publish=false", "trainer.epochs=2", "distiller=sobolev"]
-
-
 def test_trains_and_resumes_bit_exactly(tmp_path):
-    args = [*BASE, f"teacher.checkpoint={fixed_teacher(tmp_path)}"]
-    straight = run(make_cfg(tmp_path, *args, run="straight"))
-    run(make_cfg(tmp_path, *args, "trainer.max_steps=3", run="resumed"))
-    resumed = run(make_cfg(tmp_path, *args, run="resumed"))
-    assert straight["steps"] == resumed["steps"] == 8
-    a, b = (read_checkpoint(tmp_path / r / "checkpoints" / "last.pt")["parts"]["student"]
-            for r in ("straight", "resumed"))
-    for key, value in a.items():
-        assert torch.equal(value, b[key]), key
+    resumes_bit_exactly(tmp_path, "distiller=sobolev")
+    args = [*FAKE_RUN, "distiller=sobolev"]
     # torch.compile cannot trace the double backward: refused before anything is built
     with pytest.raises(ConfigError) as exc:
         validate(make_cfg(tmp_path, *args, "trainer.compile=student", run="compiled"))
