@@ -346,7 +346,8 @@ class Distiller(nn.Module):
         """Options the method derives from its first teachers and the training data (the
         specialists' class subsets, clustered from the generalist's predictions), filled in
         before `teacher_requests` is asked again for the teachers that depend on them. It must
-        be deterministic: a resumed run derives them again. Default: the options unchanged."""
+        be deterministic: a resumed run derives them again (and refuses a zoo link recorded
+        with other options than it now asks for). Default: the options unchanged."""
         return options
 
     @classmethod
