@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import logging
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,9 +45,9 @@ def seed_everything(seed: int) -> None:
 
 
 # --- data, shapes -----------------------------------------------------------------------------
-def build_data(dataset: dict) -> DatasetBundle:
+def build_data(dataset: dict, *, training_split: bool = True) -> DatasetBundle:
     options = {k: v for k, v in dataset.items() if k not in ("name", "recipe")}
-    return build_datasets(dataset["name"], **options)
+    return build_datasets(dataset["name"], training_split=training_split, **options)
 
 
 def dry_forward(distiller: Distiller, checks: list[tuple[str, torch.nn.Module]],
@@ -143,7 +144,14 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
         dist_utils.on_main(lambda: TeacherZoo(cfg.zoo.root).versions(dataset["name"],
                                                                      cfg.student.name))
     seed_everything(cfg.seed)
-    data = build_data(dataset)
+    options = {k: v for k, v in resolved["distiller"].items() if k != "name"}
+    data = build_data(dataset, training_split=not distiller_cls.data_free)
+    if distiller_cls.data_free:
+        # the training split is never touched from here on: the method's own set replaces it
+        data = replace(data, train=distiller_cls.stand_in_training_set(options, data))
+        log.info("%s is data-free: it reads no training image%s", cfg.distiller.name,
+                 " (dataset.train_fraction has nothing to keep a part of)"
+                 if dataset.get("train_fraction", 1.0) != 1.0 else "")
     data_path_transforms(data, cfg.trainer.data_path)   # trainer.data_path=memory must fit
     if data.data_digest is not None:
         # recorded with the config: a resume on other data is refused, the zoo and the report
@@ -165,7 +173,6 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
                                                               resolved["world_size"]),
                               follows_run_length=distiller_cls.follows_run_length)
 
-    options = {k: v for k, v in resolved["distiller"].items() if k != "name"}
     requests = distiller_cls.teacher_requests(options, resolved["teacher"])
     info = BuildInfo(student_spec=model_spec(cfg.student.name),
                      teacher_spec=model_spec(requests[0].arch) if requests else None,
@@ -220,6 +227,8 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
     dist_utils.on_main(lambda: start_run_dir(
         run_dir, resolved, resuming=checkpoint is not None, overrides=overrides,
         resume_step=checkpoint["state"]["global_step"] if checkpoint else None))
+    # e.g. DeepInversion's synthesis (cached in the run directory), from its own seeds
+    distiller.make_training_set(data.train, run_dir=run_dir, device=device)
     seed_everything(cfg.seed)  # model init consumed randomness; training starts from the seed
     if dist_utils.rank() > 0:  # other augmentations (and teacher noise) on other ranks
         seed_everything(cfg.seed + 7919 * dist_utils.rank())

@@ -196,7 +196,9 @@ def good_args(name: str, home: Path) -> list[str]:
         return ["-m", f"distiller={','.join(DISTILLERS.list())}", "dataset=fake",
                 "student=resnet8", "teacher=resnet14", "teacher.auto_train=true",
                 "teacher.auto_train_epochs=1", "+tuned.multi_teacher.teachers=[resnet14,resnet8]",
-                "+tuned.crd.nce_k=64", *SMOKE, f"hydra.sweep.dir={home}/sweep"]
+                "+tuned.crd.nce_k=64", "+tuned.deepinversion.num_images=64",
+                "+tuned.deepinversion.batch_size=32", "+tuned.deepinversion.iterations=2",
+                "+tuned.dafl.epoch_size=64", *SMOKE, f"hydra.sweep.dir={home}/sweep"]
     if name == "digits-several-models":   # several teachers, several students, whole epochs
         return ["-m", "distiller=multi_teacher,dml", "dataset=digits", "student=resnet8",
                 "teacher=resnet14", "teacher.auto_train=true", "teacher.auto_train_epochs=1",

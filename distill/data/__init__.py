@@ -43,6 +43,7 @@ class DatasetBundle:
     data_digest: str | None = None
     # the rendering the student sees (distill.data.views, cross-modal KD); None: the image
     student_view: str | None = None
+    name: str = ""   # the registry name it was built by (build_datasets)
 
 
 class TensorImageDataset(Dataset):
@@ -86,6 +87,17 @@ def tensor_bundle(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Ten
                          data_digest=data_digest)
 
 
+def crop_recipe(name: str) -> dict[str, Any] | None:
+    """The crop padding and flip of a registered in-memory dataset's training pipeline, from
+    its registry entry (`padding=`, `flip=`): what its builder uses, and what a data-free
+    method's images are augmented with (they never see the training split). None for a
+    dataset read another way (folders of files)."""
+    meta = DATASETS.meta(name)
+    if "padding" not in meta:
+        return None
+    return {"padding": meta["padding"], "flip": meta["flip"]}
+
+
 class DatasetFacts(NamedTuple):
     """What a dataset feeds a model; None where only the run's dataset config can tell."""
     image_size: int | None
@@ -105,7 +117,7 @@ def dataset_facts(dataset: dict) -> DatasetFacts:
 
 
 def build_datasets(name: str, train_fraction: float = 1.0, student_view: str | None = None,
-                   **kwargs: Any) -> DatasetBundle:
+                   *, training_split: bool = True, **kwargs: Any) -> DatasetBundle:
     """Build the registered dataset `name` with its config keys as keyword arguments.
 
     `train_fraction` < 1 keeps a fixed, class-stratified part of the training split: the
@@ -113,6 +125,9 @@ def build_datasets(name: str, train_fraction: float = 1.0, student_view: str | N
     3% of the data). Teachers trained by the framework always use the full split.
     `student_view` names what the student sees of each image (distill.data.views); teachers
     trained by the framework see the image.
+    `training_split=False` (data-free methods): the training split is neither checked nor
+    subsampled (train_fraction is moot), so not one of its images is read; the caller
+    replaces it.
     """
     if student_view is not None:
         from distill.data.views import STUDENT_VIEWS
@@ -121,7 +136,10 @@ def build_datasets(name: str, train_fraction: float = 1.0, student_view: str | N
                               allowed=f"null (the image), {', '.join(STUDENT_VIEWS.list())}")
         STUDENT_VIEWS.get(student_view, key="dataset.student_view")
     bundle = DATASETS.build_from_config(name, kwargs, key="dataset")
-    bundle = replace(bundle, student_view=student_view)
+    bundle = replace(bundle, student_view=student_view, name=name)
+    if not training_split:   # train_fraction has nothing to keep a part of
+        check_bundle(bundle, key=DATASETS.meta(name).get("data_key", "dataset"), splits=("val",))
+        return bundle
     check_bundle(bundle, key=DATASETS.meta(name).get("data_key", "dataset"))
     if train_fraction != 1.0:
         bundle = replace(bundle, train=stratified_subset(bundle.train, train_fraction))
@@ -141,7 +159,8 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor | None:
     return None if labels is None else torch.as_tensor(labels, dtype=torch.long)
 
 
-def check_bundle(bundle: DatasetBundle, key: str = "dataset") -> None:
+def check_bundle(bundle: DatasetBundle, key: str = "dataset",
+                 splits: tuple[str, ...] = ("train", "val")) -> None:
     """Refuse data that would train without learning anything: fewer than two classes, an
     empty split, or training images of a single label (100% top-1 on any model). `key` names
     the config key of the data at fault (dataset.root, dataset.path)."""
@@ -151,9 +170,11 @@ def check_bundle(bundle: DatasetBundle, key: str = "dataset") -> None:
         raise ConfigError(f"the dataset has {bundle.num_classes} class(es){named}; a classifier "
                           "needs at least two", key=key,
                           hint="class folders: one folder per class under train/ (and val/)")
-    for split, ds in (("training", bundle.train), ("validation", bundle.val)):
-        if len(ds) == 0:
+    for split, name in (("training", "train"), ("validation", "val")):
+        if name in splits and len(getattr(bundle, name)) == 0:
             raise ConfigError(f"the {split} split holds no images", key=key)
+    if "train" not in splits:
+        return
     labels = dataset_labels(bundle.train)
     if labels is None:     # a dataset that hides its labels: checking would mean loading it all
         return
@@ -209,4 +230,4 @@ def check_positive(value: Any, key: str) -> int:
 from distill.data import cifar, digits, fake, folders, mnist5k  # noqa: E402,F401
 
 __all__ = ["DATASETS", "DatasetBundle", "DatasetFacts", "TensorImageDataset", "build_datasets",
-           "check_bundle", "dataset_facts", "dataset_labels"]
+           "check_bundle", "crop_recipe", "dataset_facts", "dataset_labels"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distill.data import DATASETS, DatasetBundle, tensor_bundle
+from distill.data import DATASETS, DatasetBundle, crop_recipe, tensor_bundle
 from distill.data.digest import files_digest
 from distill.errors import ConfigError
 
@@ -267,19 +267,19 @@ def _build(spec: CifarSpec, root: str, download: bool, augment: bool) -> Dataset
     official = all(_md5(os.path.join(folder, f)) == spec.release_md5[f] for f in names)
     digest = None if official else files_digest((f, os.path.join(folder, f)) for f in names)
     return tensor_bundle((xtr, ytr), (xte, yte), num_classes=spec.num_classes, mean=spec.mean,
-                         std=spec.std, augment=augment, padding=4, flip=True,
+                         std=spec.std, augment=augment, **crop_recipe(spec.name.lower().replace("-", "")),
                          data_digest=digest)
 
 
 @DATASETS.register("cifar10", num_classes=10, image_size=32, mean=CIFAR10.mean, std=CIFAR10.std,
-                   data_key="dataset.root")
+                   data_key="dataset.root", padding=4, flip=True)
 def cifar10(root: str = "data", download: bool = True, augment: bool = True) -> DatasetBundle:
     """CIFAR-10 (50k/10k, 10 classes) from `root/cifar-10-batches-py/` or its archive."""
     return _build(CIFAR10, root, download, augment)
 
 
 @DATASETS.register("cifar100", num_classes=100, image_size=32, mean=CIFAR100.mean,
-                   std=CIFAR100.std, data_key="dataset.root")
+                   std=CIFAR100.std, data_key="dataset.root", padding=4, flip=True)
 def cifar100(root: str = "data", download: bool = True, augment: bool = True) -> DatasetBundle:
     """CIFAR-100 (50k/10k, 100 fine classes) from `root/cifar-100-python/` or its archive."""
     return _build(CIFAR100, root, download, augment)

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.data import DATASETS, DatasetBundle, check_split_options, tensor_bundle
+from distill.data import (DATASETS, DatasetBundle, check_split_options, crop_recipe,
+                          tensor_bundle)
 
 # Per-channel mean/std (identical for the 3 channels) of the default train split (split_seed=0,
 # test_fraction=0.2) after the uint8 conversion below, pixels scaled to [0,1]. Computed once with
@@ -37,11 +38,12 @@ def digits_images(split_seed: int = 0, test_fraction: float = 0.2
     return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
 
 
-@DATASETS.register("digits", num_classes=10, image_size=32, mean=DIGITS_MEAN, std=DIGITS_STD)
+@DATASETS.register("digits", num_classes=10, image_size=32, mean=DIGITS_MEAN, std=DIGITS_STD,
+                   padding=4, flip=False)
 def digits(augment: bool = True, test_fraction: float = 0.2, split_seed: int = 0) -> DatasetBundle:
     """Real handwritten digits, 1437/360 (default split), 10 classes, 3x32x32."""
     test_fraction = check_split_options(test_fraction, split_seed, "1437/360")
     xtr, ytr, xte, yte = digits_images(split_seed, test_fraction)
     # Crop only, NO horizontal flip: a mirrored digit is a different symbol (or none).
     return tensor_bundle((xtr, ytr), (xte, yte), num_classes=10, mean=DIGITS_MEAN,
-                         std=DIGITS_STD, augment=augment, padding=4, flip=False)
+                         std=DIGITS_STD, augment=augment, **crop_recipe("digits"))

@@ -37,7 +37,8 @@ def _sample(templates: torch.Tensor, n: int, g: torch.Generator) -> tuple[torch.
     return x, labels
 
 
-@DATASETS.register("fake", num_classes=10, image_size=32, mean=FAKE_MEAN, std=FAKE_STD)
+@DATASETS.register("fake", num_classes=10, image_size=32, mean=FAKE_MEAN, std=FAKE_STD,
+                   padding=None, flip=True)   # padding: an eighth of dataset.image_size
 def fake(num_classes: int = 10, train_size: int = 256, val_size: int = 128, image_size: int = 32,
          seed: int = 0) -> DatasetBundle:
     """Synthetic learnable images; identical for the same arguments."""

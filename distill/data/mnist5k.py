@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.data import DATASETS, DatasetBundle, check_split_options, tensor_bundle
+from distill.data import (DATASETS, DatasetBundle, check_split_options, crop_recipe,
+                          tensor_bundle)
 from distill.data.digest import file_sha256
 from distill.errors import ConfigError
 
@@ -111,7 +112,7 @@ def mnist5k_images(path: str | os.PathLike | None = None, split_seed: int = 0,
 
 
 @DATASETS.register("mnist5k", num_classes=10, image_size=32, mean=MNIST5K_MEAN, std=MNIST5K_STD,
-                   data_key="dataset.path")
+                   data_key="dataset.path", padding=2, flip=False)
 def mnist5k(path: str | None = None, augment: bool = True, test_fraction: float = 0.2,
             split_seed: int = 0) -> DatasetBundle:
     """Real MNIST digits, 4000/1000 (default split, 400/100 per class), 10 classes, 3x32x32."""
@@ -124,5 +125,5 @@ def mnist5k(path: str | None = None, augment: bool = True, test_fraction: float 
     # Shifts of up to 2 pixels, the jitter of Hinton et al.'s MNIST teacher; they never cut a
     # digit (MNIST centres each one in a 20x20 box). NO flip: a mirrored digit is another symbol.
     return tensor_bundle((xtr, ytr), (xte, yte), num_classes=10, mean=MNIST5K_MEAN,
-                         std=MNIST5K_STD, augment=augment, padding=2, flip=False,
+                         std=MNIST5K_STD, augment=augment, **crop_recipe("mnist5k"),
                          data_digest=digest)

@@ -163,6 +163,10 @@ class Distiller(nn.Module):
     # then a resumed run may not change trainer.epochs (distill.engine.rundir)
     follows_run_length: ClassVar[bool] = False
     exported_role: str = "student"
+    # True for a data-free method: it never reads a training image. The app gives it the
+    # training set `stand_in_training_set` returns instead of the dataset's training split
+    # (which it never touches), and `make_training_set` fills that set before the first step.
+    data_free: ClassVar[bool] = False
 
     def __init__(self, student: nn.Module | None = None, teacher: nn.Module | None = None):
         super().__init__()
@@ -351,6 +355,19 @@ class Distiller(nn.Module):
         return options
 
     @classmethod
+    def stand_in_training_set(cls, options: dict, data: Any) -> Any:
+        """A data-free method's training set, made from its options and the dataset's facts
+        (classes, image size, mean, std, the validation split), never from the training split:
+        the images it will make (`make_training_set` fills them) or one placeholder per item of
+        an epoch when it makes new images every step. Only `data_free` methods are asked."""
+        raise NotImplementedError(f"{cls.__name__} is data-free but gives no training set")
+
+    def make_training_set(self, dataset: Any, *, run_dir: Any, device: torch.device) -> None:
+        """Fill the stand-in training set before the first step, teachers built (e.g.
+        DeepInversion's synthesis, cached in the run directory so a resumed run reads it
+        back). Every run calls it, resumed ones too. Nothing to do by default."""
+
+    @classmethod
     def teacher_label(cls, options: dict, teacher: str) -> str | None:
         """The teacher part of run-directory names (`<label>-<student>/<method>`); None for a
         method without a teacher (`<student>/<method>`)."""
@@ -446,6 +463,7 @@ _RULES = {">0": (lambda v: v > 0, "a positive (finite) number"),
           "[0,1]": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
           "(0,1]": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
           "int>0": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+          "int>=0": (lambda v: isinstance(v, int) and v >= 0, "zero or a positive integer"),
           "bool": (None, "true or false")}
 
 

@@ -1,0 +1,142 @@
+"""Data-free KD (DeepInversion, DAFL): the losses against transcriptions of the reference code on
+fixed inputs, runs whose training split fails on any access (so not one training image is
+read), bit-exact resume, and DeepInversion's cache of synthetic images in the run directory."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import distill.data.fake as fake_data
+from _compose import make_cfg
+from _golden import fixed_teacher
+from _resume import FAKE_RUN, resumes_bit_exactly
+from distill.app import run
+from distill.distillers import BuildInfo, build_distiller
+from distill.losses.data_free import (bn_statistics_loss, dafl_losses, deepinversion_loss,
+                                      total_variation_loss)
+from distill.models import create_model, model_spec
+
+# small settings: 64 synthetic images (4 steps of 16 an epoch, as FAKE_RUN's 64 fake ones)
+DEEPINVERSION = ["distiller=deepinversion", "distiller.num_images=64", "distiller.batch_size=32",
+                 "distiller.iterations=3"]
+DAFL = ["distiller=dafl", "distiller.epoch_size=64", "distiller.latent_dim=16"]
+
+
+def test_losses_equal_transcriptions_of_the_reference_code():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 6, 6)
+    running_mean, running_var = torch.randn(3), torch.rand(3) + 0.5
+    # NVlabs/DeepInversion cifar10 DeepInversionFeatureHook.hook_fn
+    nch = x.shape[1]
+    mean = x.mean([0, 2, 3])
+    var = x.permute(1, 0, 2, 3).contiguous().view([nch, -1]).var(1, unbiased=False)
+    r_feature = torch.norm(running_var - var, 2) + torch.norm(running_mean - mean, 2)
+    assert torch.allclose(bn_statistics_loss(x, running_mean, running_var), r_feature)
+    # get_images: loss_var
+    diff1 = x[:, :, :, :-1] - x[:, :, :, 1:]
+    diff2 = x[:, :, :-1, :] - x[:, :, 1:, :]
+    diff3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
+    diff4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
+    loss_var = torch.norm(diff1) + torch.norm(diff2) + torch.norm(diff3) + torch.norm(diff4)
+    assert torch.allclose(total_variation_loss(x), loss_var)
+    logits, targets = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    bn = [r_feature, 2 * r_feature]
+    expected = (F.cross_entropy(logits, targets) + 10.0 * (3 * r_feature) + 2.5e-5 * loss_var
+                + 0.5 * torch.norm(x, 2))
+    got = deepinversion_loss(logits, targets, bn, x, bn_weight=10.0, tv_weight=2.5e-5,
+                             l2_weight=0.5)
+    assert torch.allclose(got, expected)
+    # huawei-noah DAFL-train.py: loss_one_hot, loss_activation, loss_information_entropy
+    outputs_t, features_t = torch.randn(8, 10) * 3, torch.randn(8, 64)
+    pred = outputs_t.data.max(1)[1]
+    softmax_o_t = F.softmax(outputs_t, dim=1).mean(dim=0)
+    terms = dafl_losses(outputs_t, features_t)
+    assert torch.allclose(terms["one_hot"], F.cross_entropy(outputs_t, pred))
+    assert torch.allclose(terms["activation"], -features_t.abs().mean())
+    assert torch.allclose(terms["entropy"], (softmax_o_t * torch.log10(softmax_o_t)).sum())
+    # the entropy term is lowest when every class is equally frequent: -log10(C)
+    uniform = dafl_losses(torch.eye(10) * 5, features_t)["entropy"]
+    assert math.isclose(float(uniform), -math.log10(10), rel_tol=1e-5)
+
+
+class ForbiddenSplit:
+    """A training split that fails on any access: a run that reads it stops with this error."""
+
+    def __getattribute__(self, name):
+        raise AssertionError(f"the training split was read (.{name})")
+
+    def __len__(self):
+        raise AssertionError("the training split was read (len)")
+
+    def __getitem__(self, index):
+        raise AssertionError(f"the training split was read (item {index})")
+
+    def __iter__(self):
+        raise AssertionError("the training split was read (iter)")
+
+    def __bool__(self):
+        raise AssertionError("the training split was read (bool)")
+
+
+@pytest.mark.parametrize("method", [DEEPINVERSION, DAFL], ids=["deepinversion", "dafl"])
+def test_a_data_free_run_reads_no_training_image(tmp_path, monkeypatch, method):
+    real_bundle = fake_data.tensor_bundle
+
+    def without_training_split(*args, **kwargs):
+        bundle = real_bundle(*args, **kwargs)
+        object.__setattr__(bundle, "train", ForbiddenSplit())
+        return bundle
+
+    monkeypatch.setattr(fake_data, "tensor_bundle", without_training_split)
+    # the split really is forbidden: a method that reads it fails
+    with pytest.raises(AssertionError, match="training split was read"):
+        run(make_cfg(tmp_path, *FAKE_RUN, "distiller=kd",
+                     f"teacher.checkpoint={fixed_teacher(tmp_path)}", run="kd"))
+    summary = run(make_cfg(tmp_path, *FAKE_RUN, *method,
+                           f"teacher.checkpoint={fixed_teacher(tmp_path)}"))
+    assert summary["steps"] == 8 and len(summary["history"]) == 2
+    # evaluated on the real validation split (32 images: top-1 a multiple of 1/32)
+    assert all(round(h["top1"] * 32 / 100, 6).is_integer() for h in summary["history"])
+
+
+@pytest.mark.parametrize("method", [DEEPINVERSION, DAFL], ids=["deepinversion", "dafl"])
+def test_data_free_runs_resume_bit_exactly(tmp_path, method):
+    _, _, checkpoint = resumes_bit_exactly(tmp_path, *method)
+    if method is DAFL:   # the generator is trained and checkpointed with the student
+        assert set(checkpoint["parts"]) == {"student", "generator"}
+    else:   # the cut run's images were read back from its run directory, not made again
+        assert sorted(p.name for p in (tmp_path / "resumed" / "synthetic").iterdir()) == \
+            ["batch-00000.safetensors", "batch-00001.safetensors"]
+
+
+def test_deepinversion_cache_is_read_back_remade_when_damaged_or_changed(tmp_path):
+    teacher = create_model("resnet14", num_classes=10)
+    teacher.load_state_dict(load_file(str(fixed_teacher(tmp_path))))
+    info = BuildInfo(num_classes=10, input_shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3,
+                     teacher_spec=model_spec("resnet14"), seed=1)
+
+    def make(**options):
+        d = build_distiller("deepinversion", create_model("resnet8", num_classes=10), teacher,
+                            {"num_images": 12, "batch_size": 8, "iterations": 2, **options}, info)
+        data = type("Facts", (), {"num_classes": 10, "name": "fake", "mean": info.mean,
+                                  "std": info.std, "val": [(torch.zeros(3, 32, 32), 0)]})()
+        dataset = d.stand_in_training_set({"num_images": 12, "batch_size": 8}, data)
+        d.make_training_set(dataset, run_dir=tmp_path / "run", device=torch.device("cpu"))
+        return dataset
+
+    first = make()
+    assert first.labels.tolist() == [*range(8), 0, 1, 2, 3]   # classes restart in every batch
+    assert first.images.float().std() > 0                     # images were made
+    files = sorted((tmp_path / "run" / "synthetic").iterdir())
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert torch.equal(make().images, first.images)            # read back, not made again
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    files[1].write_bytes(files[1].read_bytes()[:50])           # damaged: made again, the same
+    assert torch.equal(make().images, first.images)
+    assert files[1].stat().st_mtime_ns != stamps[1]
+    changed = make(tv_weight=1.0)                              # other options: other images
+    assert not torch.equal(changed.images, first.images)
