@@ -69,6 +69,7 @@ class TrainerConfig:
     compile: str = "none"             # none | teacher | student | both (torch.compile)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager, eager: to debug)
     on_nonfinite: str = "stop"        # stop | skip: a NaN/inf loss ends the run, or its step is skipped
+    quantize: str = "none"            # none | int8: quantisation-aware training of the student
 
 
 @dataclass

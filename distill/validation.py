@@ -18,6 +18,7 @@ from distill.engine import distributed as dist_utils
 from distill.engine.loaders import DATA_PATHS
 from distill.engine.nonfinite import NONFINITE_POLICIES
 from distill.engine.optim import OPTIMIZERS, SCHEDULES
+from distill.engine.quantize import QUANTIZE_CHOICES
 from distill.engine.trainer import COMPILE_CHOICES, PRECISIONS
 from distill.errors import ConfigError, unknown_name_error
 from distill.models import list_models, model_spec
@@ -111,6 +112,8 @@ def validate(cfg: DictConfig) -> dict:
          lambda: ", ".join(COMPILE_CHOICES)),
         ("trainer.compile_backend", lambda: trainer.compile == "none"
          or trainer.compile_backend in compile_backends(), lambda: ", ".join(compile_backends())),
+        ("trainer.quantize", lambda: trainer.quantize in QUANTIZE_CHOICES,
+         lambda: ", ".join(QUANTIZE_CHOICES)),
         ("trainer.on_nonfinite", lambda: trainer.on_nonfinite in NONFINITE_POLICIES,
          lambda: ", ".join(NONFINITE_POLICIES)),
         ("teacher.auto_train_epochs", lambda: cfg.teacher.auto_train_epochs is None

@@ -4,6 +4,8 @@
     python tools/export.py outputs/demo/kd                 # writes outputs/demo/kd/export/
     python tools/export.py RUN_DIR --out DIR --batch 32 --threads 4 --no-onnx
     python tools/export.py outputs/.../byot --exit 1   # early exit 1 -> RUN_DIR/export-exit1/
+    python tools/export.py RUN_DIR --int8   # also student.int8.onnx (automatic for runs trained
+                                            # with trainer.quantize=int8)
 
 Prints params, FLOPs, CPU latency, test top-1 and file sizes side by side; the same numbers
 go to export.json. Exit status: 0 done, 2 bad input or a model torch.onnx cannot export (use
@@ -67,6 +69,11 @@ def build_parser() -> cli_args.ArgumentParser:
                         help="export early exit N of a run whose method has exits (byot; 1 is "
                              "the shallowest) instead of the student: the student up to that "
                              "exit and its head (default folder: RUN_DIR/export-exitN)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write student.int8.onnx (onnxruntime QDQ: int8 weights per "
+                             "channel, uint8 activations calibrated on training images) and "
+                             "compare it with student.onnx: automatic for a run trained with "
+                             "trainer.quantize=int8, post-training quantization for others")
     parser.add_argument("--budget", type=cli_args.non_negative_float, default=1.0,
                         help=f"seconds spent timing each model and batch size: at least "
                              f"{Timing.min_repeats} timed forwards, more while within the "
@@ -125,6 +132,23 @@ def comparison_table(report: dict) -> Table:
     return table
 
 
+def int8_table(report: dict) -> Table:
+    """The float and the int8 ONNX file side by side, as onnxruntime runs them."""
+    int8 = report["int8"]
+    table = Table(title="student.onnx (float32) and student.int8.onnx, in onnxruntime")
+    for column in ("", "float32", "int8", "int8 / float32"):
+        table.add_column(column, justify="left" if not column else "right")
+    f32, i8 = int8["float32"], int8["int8"]
+    table.add_row("file", number(f32["bytes"], " MB", 1e6, 3), number(i8["bytes"], " MB", 1e6, 3),
+                  f"1/{int8['size_ratio']:.2f}")
+    for b in report["batches"]:
+        a, q = f32["latency_ms"][str(b)], i8["latency_ms"][str(b)]
+        table.add_row(f"CPU latency, batch {b}", number(a, " ms"), number(q, " ms"), ratio(q, a))
+    table.add_row("test top-1", number(f32["top1"], " %"), number(i8["top1"], " %"),
+                  f"{-int8['top1_drop']:+.2f} points")
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -133,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = export_run(args.run_dir, args.out, batch=args.batch, onnx=args.onnx,
                             threads=args.threads, zoo_root=args.zoo,
-                            timing=Timing(budget_s=args.budget), exit_number=args.exit_number)
+                            timing=Timing(budget_s=args.budget), exit_number=args.exit_number,
+                            int8=args.int8)
     except ConfigError as exc:
         print_error(exc)
         return 2
@@ -142,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     console = Console(highlight=False, soft_wrap=True)
     console.print(comparison_table(report))
+    if report.get("int8"):
+        console.print(int8_table(report))
     notes = [(f"CPU latency: median ms per batch, torch.inference_mode, "
               f"{report['cpu_threads']} CPU thread{'s' * (report['cpu_threads'] != 1)}, "
               f"torch {report['torch']}"),
@@ -162,8 +189,13 @@ def main(argv: list[str] | None = None) -> int:
                      f"(max abs diff {onnx['max_abs_diff']:.1e})")
     elif onnx:
         notes.append(f"ONNX ({onnx['exporter']} exporter): {onnx['check']}")
+    if report.get("int8"):
+        notes.append(f"int8: {report['int8']['weights']}; activations calibrated on "
+                     f"{report['int8']['calibration']}; both files run in onnxruntime "
+                     f"(CPU, {report['cpu_threads']} thread{'s' * (report['cpu_threads'] != 1)})")
     notes.append(f"written: {report['out']}/ (student.safetensors, "
-                 f"{'student.onnx, ' if onnx else ''}export.json)")
+                 f"{'student.onnx, ' if onnx else ''}"
+                 f"{'student.int8.onnx, ' if report.get('int8') else ''}export.json)")
     for note in notes:
         console.print(note, markup=False)
     return 0

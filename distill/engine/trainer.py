@@ -50,6 +50,7 @@ from distill.engine.nonfinite import StepWindow, format_terms, nonfinite_on_any_
 from distill.engine.optim import build_optimizer, build_scheduler
 from distill.engine.preemption import Preempted, PreemptionGuard, signal_name
 from distill.engine.progress import ProgressDisplay
+from distill.engine.quantize import plain_state_dict, quantize_weights
 from distill.engine.rundir import write_text_atomic
 from distill.engine.sampler import epoch_seed
 from distill.runs import read_run_dir
@@ -83,6 +84,7 @@ class TrainerOptions:
     compile: str = "none"      # torch.compile the teachers, the evaluated parts, or both
     compile_backend: str = "inductor"
     on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss does (NONFINITE_POLICIES)
+    quantize: str = "none"     # int8: the exported student trains on int8 weights (quantize.py)
 
 
 @dataclass
@@ -197,6 +199,10 @@ class Trainer:
             views=distiller.views(), sample_weights=distiller.sample_weights())
         self.steps_per_epoch = self.loaders.steps_per_epoch
         self.input_shape = tuple(data.val[0][0].shape)   # FLOPs of derived models (summary)
+        if options.quantize == "int8":   # before the optimizers: they take the shadow weights
+            count = quantize_weights(distiller.exported)
+            log.info("trainer.quantize=int8: the student's %d conv and linear layers train on "
+                     "int8 weights", count)
         self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
         distiller.to(memory_format=self.memory_format)
         # in place (nn.Module.compile): state-dict keys, hooks and checkpoints stay as they are
@@ -596,7 +602,7 @@ class Trainer:
         }
         if self.main:
             self.save_checkpoint()   # records `finished`, so re-running the command is a no-op
-            save_weights(exported.state_dict(), self.run_dir / "student.safetensors",
+            save_weights(plain_state_dict(exported), self.run_dir / "student.safetensors",
                          metadata={"top1": self.state.last_top1})
             write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             hparams = {k: v for k, v in flatten(self.config).items()

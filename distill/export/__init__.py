@@ -35,15 +35,16 @@ from distill.errors import ConfigError
 from distill.export.measure import (
     Timing, cpu_latency_ms, cpu_threads, flops_per_image, measure, parameter_count)
 from distill.export.onnx_file import (
-    ONNX_ATOL, ONNX_CHECK_BATCHES, ExportError, check_onnx, export_onnx, onnx_export_error,
-    onnx_exporter)
+    ONNX_ATOL, ONNX_CHECK_BATCHES, ExportError, check_onnx, compact_onnx, export_onnx,
+    onnx_export_error, onnx_exporter)
 from distill.export.run import (
     RUN_DIR_CONTENT, VANILLA_NO_TEACHER, FoundTeacher, TrainedRun, class_count, find_teacher,
     load_exit, load_student, read_run, run_dir_error, teacher_top1)
 from distill.models import create_model
 from distill.teachers import load_state_into
 
-EXPORT_FILES = ("student.safetensors", "student.onnx", "export.json")   # export.json last
+EXPORT_FILES = ("student.safetensors", "student.onnx", "student.int8.onnx",
+                "export.json")   # export.json last
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -99,7 +100,8 @@ def weights_metadata(run: TrainedRun, exit_number: int | None = None) -> dict[st
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, *, batch: int = 64,
                onnx: bool = True, threads: int = 1, zoo_root: str | Path | None = None,
-               timing: Timing = Timing(), exit_number: int | None = None) -> dict[str, Any]:
+               timing: Timing = Timing(), exit_number: int | None = None,
+               int8: bool = False) -> dict[str, Any]:
     """Export the student of a finished run into `out` (default RUN_DIR/export) and measure it
     and its teacher. Returns what export.json holds. With `exit_number` N, the run's early
     exit N (BYOT's; the student up to that exit plus its head) takes the student's place, in
@@ -107,12 +109,22 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, batch: int
 
     Latency is measured on `threads` CPU threads, 1 by default: single-thread numbers are the
     ones another machine can reproduce, and they do not collapse when other work shares the
-    cores (on a busy 2-core machine, 2-thread medians of resnet8 swung from 4 ms to 300 ms)."""
+    cores (on a busy 2-core machine, 2-thread medians of resnet8 swung from 4 ms to 300 ms).
+
+    A run trained with `trainer.quantize=int8`, or `int8=True` for any run (post-training
+    quantization), also gets `student.int8.onnx` (distill.export.int8), and export.json `int8`
+    compares it with student.onnx in onnxruntime: bytes, latency, test top-1."""
     run = read_run(run_dir)
+    trained_int8 = run.config.get("trainer", {}).get("quantize", "none") == "int8"
+    int8 = int8 or trained_int8
     default = "export" if exit_number is None else f"export-exit{exit_number}"
     out = Path(out) if out is not None else run.path / default
     check_output_folder(out)
     exporter = onnx_exporter() if onnx else None   # before any work: a missing package is input
+    if int8 and exporter is None:
+        raise ConfigError("the int8 model is made from student.onnx: --no-onnx leaves none"
+                          + (" (this run trained with trainer.quantize=int8)" if trained_int8
+                             else ""), key="--no-onnx")
     if exit_number is None:
         student, name, numbers = load_student(run), run.student, run.summary
     else:   # refused (--exit) before anything is written when the run has no such exit
@@ -127,6 +139,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, batch: int
         if exporter:
             try:
                 export_onnx(student, run.input_shape, staging / "student.onnx", exporter)
+                compact_onnx(staging / "student.onnx")   # checked below, as written
             except Exception as exc:  # noqa: BLE001 - torch.onnx raises many types for one cause
                 raise onnx_export_error(name, exporter, exc) from None
             onnx_report = {"file": "student.onnx", "exporter": exporter,
@@ -134,6 +147,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, batch: int
                            "bytes": (staging / "student.onnx").stat().st_size}
         # other work on the machine makes CPU timings meaningless: record how busy it was
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        int8_report = (int8_export(run, staging, batches, threads, timing, trained_int8)
+                       if int8 else None)
         with cpu_threads(threads):
             student_numbers = measure(student, run.input_shape, batches, timing)
             teacher_numbers = (measure(teacher.model, run.input_shape, batches, timing)
@@ -156,12 +171,40 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, batch: int
                         "weights_bytes": teacher.weights.stat().st_size if teacher.weights
                         else None},
             "onnx": onnx_report,
+            **({"int8": int8_report} if int8_report else {}),
             **({"exit": exit_number} if exit_number is not None else {}),
             **({"student_view": run.config["dataset"]["student_view"]}
                if run.config["dataset"].get("student_view") else {}),
         }
         (staging / "export.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def int8_export(run: TrainedRun, staging: Path, batches: tuple[int, ...], threads: int,
+                timing: Timing, trained_int8: bool) -> dict[str, Any]:
+    """student.int8.onnx from student.onnx, activations calibrated on training images, and
+    both files measured in onnxruntime on the test split (a cross-modal student's on its view)."""
+    from distill.app import build_data
+    from distill.data.views import StudentViewInput
+    from distill.export.int8 import (CALIBRATION_IMAGES, compare_onnx, images_of,
+                                     quantize_onnx)
+
+    dataset = run.config["dataset"]
+    data = build_data(dataset)
+    calibration, _ = images_of(data.train, getattr(data.val, "transform", None),
+                               CALIBRATION_IMAGES)
+    test = images_of(data.val, getattr(data.val, "transform", None))
+    view = dataset.get("student_view")
+    if view:
+        render = StudentViewInput(view, data.mean, data.std)
+        calibration, test = (render(None, (torch.from_numpy(calibration),))[0].numpy(),
+                             (render(None, (torch.from_numpy(test[0]),))[0].numpy(), test[1]))
+    quantize_onnx(staging / "student.onnx", staging / "student.int8.onnx", calibration)
+    report = compare_onnx(staging / "student.onnx", staging / "student.int8.onnx", test,
+                          run.input_shape, batches, threads, timing.budget_s)
+    return {"weights": "trained on int8 weights (trainer.quantize=int8)" if trained_int8
+            else "post-training quantization of float weights",
+            "calibration": f"{len(calibration)} training images", **report}
 
 
 def reload_exported(path: str | Path) -> nn.Module:
