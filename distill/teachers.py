@@ -40,7 +40,8 @@ Train = Callable[..., dict[str, Any]]   # distill.app.run
 # Command-line overrides that carry over to the run that trains a missing teacher; the recipe
 # and early-stop keys do not: a teacher is trained to the end with its dataset's recipe.
 TEACHER_RUN_KEYS = ("dataset", "trainer", "seed", "zoo", "device")
-NOT_FOR_TEACHERS = ("trainer.epochs", "trainer.batch_size", "trainer.max_steps")
+NOT_FOR_TEACHERS = ("trainer.epochs", "trainer.batch_size", "trainer.max_steps",
+                    "trainer.quantize")   # zoo models are float: only a run's student is int8
 # How often rank 0 of a DDP job asks again for a zoo claim another job holds.
 CLAIM_POLL_SECONDS = 5.0
 # Dataset options that do not change which images are in which split.
@@ -140,6 +141,7 @@ def zoo_run_config(cfg: DictConfig, *, student: str, distiller: dict | DictConfi
     zcfg.trainer.epochs = cfg.teacher.auto_train_epochs or "${dataset.recipe.epochs}"
     zcfg.trainer.batch_size = "${dataset.recipe.batch_size}"
     zcfg.trainer.max_steps = None
+    zcfg.trainer.quantize = "none"   # a zoo model is a float model, whatever its user trains
     zcfg.dataset.pop("train_fraction", None)
     zcfg.dataset.pop("student_view", None)   # zoo models see the image (cross-modal KD's teacher)
     zcfg.tuned = {}

@@ -95,3 +95,15 @@ def test_qat_run_resumes_bit_exactly_and_exports_an_int8_onnx(tmp_path):
 def report_dataset(run_dir):
     import yaml
     return yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["dataset"]
+
+
+def test_teachers_trained_for_an_int8_run_are_float(tmp_path):
+    """A teacher or assistant a quantized run trains goes to the zoo, where every model is a
+    float one: the run's trainer.quantize is not passed on."""
+    from distill.teachers import teacher_run_config, teacher_training_command
+
+    cfg = make_cfg(tmp_path, "dataset=fake", "trainer.quantize=int8")
+    assert cfg.trainer.quantize == "int8"
+    assert teacher_run_config(cfg, "resnet14", False, {"name": "fake"}).trainer.quantize == "none"
+    command = teacher_training_command(cfg, ["trainer.quantize=int8", "trainer.log_every=5"])
+    assert "quantize" not in command and "trainer.log_every=5" in command
