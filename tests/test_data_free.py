@@ -16,6 +16,7 @@ from _golden import fixed_teacher
 from _resume import FAKE_RUN, resumes_bit_exactly
 from distill.app import run
 from distill.distillers import BuildInfo, build_distiller
+from distill.errors import ConfigError
 from distill.losses.data_free import (bn_statistics_loss, dafl_losses, deepinversion_loss,
                                       total_variation_loss)
 from distill.models import create_model, model_spec
@@ -140,3 +141,6 @@ def test_deepinversion_cache_is_read_back_remade_when_damaged_or_changed(tmp_pat
     assert files[1].stat().st_mtime_ns != stamps[1]
     changed = make(tv_weight=1.0)                              # other options: other images
     assert not torch.equal(changed.images, first.images)
+    with pytest.raises(ConfigError, match="diverged") as error:   # nothing cached from it
+        make(lr=1e30, iterations=3)
+    assert error.value.key == "distiller.lr"

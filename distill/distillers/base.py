@@ -498,8 +498,8 @@ class FeatureDistiller(Distiller):
                  student_layers: list[str], teacher_layers: list[str]):
         super().__init__(student, teacher)
         self.student_layers, self.teacher_layers = list(student_layers), list(teacher_layers)
-        self.student_hooks = _hooks(student, self.student_layers, self.option_key("student"))
-        self.teacher_hooks = _hooks(teacher, self.teacher_layers, self.option_key("teacher"))
+        self.student_hooks = hooks_on(student, self.student_layers, self.option_key("student"))
+        self.teacher_hooks = hooks_on(teacher, self.teacher_layers, self.option_key("teacher"))
 
     @classmethod
     def option_key(cls, role: str) -> str:
@@ -606,7 +606,7 @@ def stage_pairs(cls: type[FeatureDistiller], student_layers: list[str] | None,
     return student_layers, teacher_layers
 
 
-def _hooks(model: nn.Module, names: list[str], key: str) -> FeatureHooks:
+def hooks_on(model: nn.Module, names: list[str], key: str) -> FeatureHooks:
     try:
         return FeatureHooks(model, names)
     except ConfigError as exc:  # FeatureHooks names the module; the user set a distiller option

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from distill.data.synthetic import StepPlaceholders
-from distill.distillers.base import DISTILLERS, BuildInfo, Distiller, default_layers, require
+from distill.distillers.base import (DISTILLERS, BuildInfo, Distiller, default_layers, hooks_on,
+                                     require)
 from distill.errors import ConfigError
-from distill.features import FeatureHooks
 from distill.losses import kd_loss
 from distill.losses.data_free import dafl_losses
 
@@ -71,7 +71,7 @@ class DAFL(Distiller):
         layer = teacher_layer or default_layers(info.teacher_spec, "distiller.teacher_layer",
                                                 "pooled")[0]
         self.teacher_layer = layer
-        self.teacher_features = FeatureHooks(teacher, [layer])
+        self.teacher_features = hooks_on(teacher, [layer], "distiller.teacher_layer")
         self.kd_weight, self.temperature = kd_weight, temperature
         self.weights = {"one_hot": onehot_weight, "entropy": entropy_weight,
                         "activation": activation_weight}

@@ -35,6 +35,7 @@ from torch import nn
 from distill.data.synthetic import synthetic_image_set, to_uint8
 from distill.distillers.base import DISTILLERS, BuildInfo, Distiller, require
 from distill.engine.checkpoint import save_weights
+from distill.errors import ConfigError
 from distill.losses import kd_loss
 from distill.losses.data_free import bn_statistics_loss, deepinversion_loss
 
@@ -127,7 +128,7 @@ class DeepInversion(Distiller):
         offsets = torch.randint(-options["jitter"], options["jitter"] + 1,
                                 (options["iterations"], 2), generator=generator).tolist()
         try:
-            for dx, dy in offsets:
+            for step, (dx, dy) in enumerate(offsets):
                 bn_losses.clear()
                 jittered = torch.roll(pixels, shifts=(dx, dy), dims=(2, 3))
                 logits = teacher(jittered)
@@ -135,6 +136,11 @@ class DeepInversion(Distiller):
                                           bn_weight=options["bn_weight"],
                                           tv_weight=options["tv_weight"],
                                           l2_weight=options["l2_weight"])
+                if not torch.isfinite(loss):   # one host sync a step, outside training
+                    raise ConfigError(f"the synthesis of batch {index} diverged (loss "
+                                      f"{float(loss.detach())} at Adam step {step + 1})",
+                                      key="distiller.lr", hint="a smaller distiller.lr "
+                                      "(the paper's 0.05, the script's 0.1)")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
