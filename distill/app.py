@@ -149,7 +149,8 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
     if distiller_cls.data_free:
         # the training split is never touched from here on: the method's own set replaces it
         data = replace(data, train=distiller_cls.stand_in_training_set(options, data))
-        log.info("%s is data-free: it reads no training image%s", cfg.distiller.name,
+        log.info("%s is data-free: the student's training reads no training image (its "
+                 "teacher was trained on them)%s", cfg.distiller.name,
                  " (dataset.train_fraction has nothing to keep a part of)"
                  if dataset.get("train_fraction", 1.0) != 1.0 else "")
     data_path_transforms(data, cfg.trainer.data_path)   # trainer.data_path=memory must fit
@@ -269,6 +270,9 @@ def publish_to_zoo(zoo: TeacherZoo, dataset: dict, cfg: DictConfig, run_dir: Pat
                  dataset["student_view"])
     elif summary["stopped_early"]:
         log.info("not published to the zoo: stopped early by trainer.max_steps")
+    elif cfg.trainer.quantize != "none":
+        log.info("not published to the zoo: trained on %s weights (zoo models are float)",
+                 cfg.trainer.quantize)
     else:
         zoo.publish(dataset["name"], cfg.student.name, run_dir / "student.safetensors", {
             "top1": summary["last_top1"], "best_top1": summary["best_top1"],

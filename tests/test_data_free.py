@@ -16,6 +16,7 @@ from _golden import fixed_teacher
 from _resume import FAKE_RUN, resumes_bit_exactly
 from distill.app import run
 from distill.distillers import BuildInfo, build_distiller
+from distill.export import Timing, export_run
 from distill.errors import ConfigError
 from distill.losses.data_free import (bn_statistics_loss, dafl_losses, deepinversion_loss,
                                       total_variation_loss)
@@ -97,11 +98,14 @@ def test_a_data_free_run_reads_no_training_image(tmp_path, monkeypatch, method):
     with pytest.raises(AssertionError, match="training split was read"):
         run(make_cfg(tmp_path, *FAKE_RUN, "distiller=kd",
                      f"teacher.checkpoint={fixed_teacher(tmp_path)}", run="kd"))
-    summary = run(make_cfg(tmp_path, *FAKE_RUN, *method,
+    summary = run(make_cfg(tmp_path, *FAKE_RUN, *method, "trainer.quantize=int8",
                            f"teacher.checkpoint={fixed_teacher(tmp_path)}"))
     assert summary["steps"] == 8 and len(summary["history"]) == 2
     # evaluated on the real validation split (32 images: top-1 a multiple of 1/32)
     assert all(round(h["top1"] * 32 / 100, 6).is_integer() for h in summary["history"])
+    # its int8 export calibrates on the images the method made, not on training images
+    report = export_run(tmp_path / "run", batch=2, timing=Timing(1, 1, 1, 0.0))
+    assert report["int8"]["calibration"].endswith("images the method made")
 
 
 @pytest.mark.parametrize("method", [DEEPINVERSION, DAFL], ids=["deepinversion", "dafl"])
@@ -144,3 +148,31 @@ def test_deepinversion_cache_is_read_back_remade_when_damaged_or_changed(tmp_pat
     with pytest.raises(ConfigError, match="diverged") as error:   # nothing cached from it
         make(lr=1e30, iterations=3)
     assert error.value.key == "distiller.lr"
+
+
+def test_training_files_are_not_opened_for_a_data_free_method(tmp_path):
+    """CIFAR's training batches and the images under a class folder's train/ are left unopened:
+    here they are damaged, and the data-free build still gives the test split (and the class
+    indices of train/'s folder names)."""
+    from test_data import make_cifar10
+    from test_data_checks import make_folder
+
+    from distill.data import build_datasets
+
+    folder, _, (test_images, test_labels) = make_cifar10(tmp_path / "c10")
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(b"not a pickle")
+    with pytest.raises(ConfigError):   # a normal build reads them
+        build_datasets("cifar10", root=str(tmp_path / "c10"), download=False)
+    bundle = build_datasets("cifar10", root=str(tmp_path / "c10"), download=False,
+                            training_split=False)
+    assert len(bundle.train) == 0 and bundle.val.labels.tolist() == list(test_labels)
+    root = make_folder(tmp_path / "flowers")
+    for image in (root / "train").rglob("*.*"):
+        image.write_bytes(b"not an image")
+    with pytest.raises(ConfigError):
+        build_datasets("folder", root=str(root), image_size=32)
+    bundle = build_datasets("folder", root=str(root), image_size=32, training_split=False)
+    assert bundle.val.class_to_idx == {c: i for i, c in enumerate(
+        sorted(p.name for p in (root / "train").iterdir()))}
+    assert len(bundle.val) > 0 and bundle.num_classes == len(bundle.val.class_to_idx)

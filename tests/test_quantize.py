@@ -59,7 +59,10 @@ def test_a_bad_quantize_value_names_the_choices(tmp_path):
 
 
 def test_qat_run_resumes_bit_exactly_and_exports_an_int8_onnx(tmp_path):
-    resumes_bit_exactly(tmp_path, "distiller=kd", "trainer.quantize=int8")
+    straight, _, checkpoint = resumes_bit_exactly(tmp_path, "distiller=kd",
+                                                  "trainer.quantize=int8")
+    # the student trained through the quantizer (its shadow weights are in the checkpoint)
+    assert "conv1.parametrizations.weight.original" in checkpoint["parts"]["student"]
     run_dir = tmp_path / "straight"
     weights = load_file(str(run_dir / "student.safetensors"))
     assert set(weights) == set(create_model("resnet8", num_classes=10).state_dict())
@@ -70,6 +73,8 @@ def test_qat_run_resumes_bit_exactly_and_exports_an_int8_onnx(tmp_path):
     out = run_dir / "export"
     assert (out / "student.int8.onnx").stat().st_size == int8["int8"]["bytes"]
     assert int8["size_ratio"] > 3.2 and int8["weights"].startswith("trained on int8 weights")
+    # student.safetensors (plain weights) scores what the quantized model scored in training
+    assert int8["float32"]["top1"] == pytest.approx(straight["last_top1"])
     # onnxruntime runs it as int8 kernels (QLinearConv once its graph is optimised)
     import onnxruntime
     options = onnxruntime.SessionOptions()

@@ -16,6 +16,7 @@ data (`data_key="dataset.root"`) so these errors point at the folder or file at 
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -135,7 +136,14 @@ def build_datasets(name: str, train_fraction: float = 1.0, student_view: str | N
             raise ConfigError(f"invalid value {student_view!r}", key="dataset.student_view",
                               allowed=f"null (the image), {', '.join(STUDENT_VIEWS.list())}")
         STUDENT_VIEWS.get(student_view, key="dataset.student_view")
-    bundle = DATASETS.build_from_config(name, kwargs, key="dataset")
+    # builders that can leave the training files unread take `training_split` (CIFAR, class
+    # folders); the others (digits, mnist5k, fake) read both splits from one source and split
+    # it in memory: the training images are loaded, never used
+    factory = DATASETS.get(name, key="dataset")
+    skip_training = (not training_split
+                     and "training_split" in inspect.signature(factory).parameters)
+    bundle = DATASETS.build_from_config(name, kwargs, key="dataset",
+                                        **({"training_split": False} if skip_training else {}))
     bundle = replace(bundle, student_view=student_view, name=name)
     if not training_split:   # train_fraction has nothing to keep a part of
         check_bundle(bundle, key=DATASETS.meta(name).get("data_key", "dataset"), splits=("val",))

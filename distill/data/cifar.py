@@ -256,14 +256,20 @@ def _md5(path: str) -> str:
     return digest.hexdigest()
 
 
-def _build(spec: CifarSpec, root: str, download: bool, augment: bool) -> DatasetBundle:
+def _build(spec: CifarSpec, root: str, download: bool, augment: bool,
+           training_split: bool = True) -> DatasetBundle:
+    """`training_split=False` (data-free methods): the training batches are not opened; the
+    bundle's training split is empty and its digest covers the test batch alone."""
     folder = ensure_cifar(spec, root, download)
-    xtr, ytr = load_cifar_files(spec, folder, spec.train_files)
+    if training_split:
+        xtr, ytr = load_cifar_files(spec, folder, spec.train_files)
+    else:
+        xtr, ytr = torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
     xte, yte = load_cifar_files(spec, folder, spec.test_files)
     # The official release is identified by its name, as before digests existed (so its zoo
     # teachers are still found); a copy that differs from it (re-labelled, filtered) is other
     # data, even under the same root option: the sha256 of its batch files (~0.3 s for 180 MB).
-    names = spec.train_files + spec.test_files
+    names = (spec.train_files if training_split else ()) + spec.test_files
     official = all(_md5(os.path.join(folder, f)) == spec.release_md5[f] for f in names)
     digest = None if official else files_digest((f, os.path.join(folder, f)) for f in names)
     return tensor_bundle((xtr, ytr), (xte, yte), num_classes=spec.num_classes, mean=spec.mean,
@@ -273,13 +279,15 @@ def _build(spec: CifarSpec, root: str, download: bool, augment: bool) -> Dataset
 
 @DATASETS.register("cifar10", num_classes=10, image_size=32, mean=CIFAR10.mean, std=CIFAR10.std,
                    data_key="dataset.root", padding=4, flip=True)
-def cifar10(root: str = "data", download: bool = True, augment: bool = True) -> DatasetBundle:
+def cifar10(root: str = "data", download: bool = True, augment: bool = True, *,
+            training_split: bool = True) -> DatasetBundle:
     """CIFAR-10 (50k/10k, 10 classes) from `root/cifar-10-batches-py/` or its archive."""
-    return _build(CIFAR10, root, download, augment)
+    return _build(CIFAR10, root, download, augment, training_split)
 
 
 @DATASETS.register("cifar100", num_classes=100, image_size=32, mean=CIFAR100.mean,
                    std=CIFAR100.std, data_key="dataset.root", padding=4, flip=True)
-def cifar100(root: str = "data", download: bool = True, augment: bool = True) -> DatasetBundle:
+def cifar100(root: str = "data", download: bool = True, augment: bool = True, *,
+             training_split: bool = True) -> DatasetBundle:
     """CIFAR-100 (50k/10k, 100 fine classes) from `root/cifar-100-python/` or its archive."""
-    return _build(CIFAR100, root, download, augment)
+    return _build(CIFAR100, root, download, augment, training_split)

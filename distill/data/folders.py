@@ -54,6 +54,15 @@ def _image_folder(path: str, transform: Callable, layout: str,
     return IndexedImageFolder(path, transform, classes, class_to_idx, samples)
 
 
+def _class_names(path: str) -> list[str]:
+    """The sorted names of the class folders in `path` (ImageFolder's class order)."""
+    try:
+        return sorted(e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=True))
+    except OSError as exc:
+        raise ConfigError(f"cannot list {path}/: {exc.strerror or exc}", key="dataset.root",
+                          hint=f"expected layout: {IMAGENET_LAYOUT}") from None
+
+
 def _screened(root: str, datasets: list, bad_images: str, check_images: bool,
               extra: bytes = b"") -> str:
     """Screen the splits' images (`dataset.bad_images`) and return the listing digest of what
@@ -96,26 +105,37 @@ IMAGENET_LAYOUT = "<root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG"
 @DATASETS.register("imagenet", num_classes=1000, image_size=224, mean=IMAGENET_MEAN,
                    std=IMAGENET_STD, data_key="dataset.root")
 def imagenet(root: str | None = None, image_size: int = 224, bad_images: str = "error",
-             check_images: bool = True) -> DatasetBundle:
+             check_images: bool = True, *, training_split: bool = True) -> DatasetBundle:
     """ImageNet-style class folders: RandomResizedCrop+flip for train, resize/0.875+center-crop val."""
-    return _class_folders(root, image_size, "imagenet", bad_images, check_images)
+    return _class_folders(root, image_size, "imagenet", bad_images, check_images,
+                          training_split)
 
 
 # class folders: the size is dataset.image_size, the class count what the folders hold
 @DATASETS.register("folder", num_classes=None, image_size=None, mean=IMAGENET_MEAN,
                    std=IMAGENET_STD, data_key="dataset.root")
 def folder(root: str | None = None, image_size: int = 224, bad_images: str = "error",
-           check_images: bool = True) -> DatasetBundle:
+           check_images: bool = True, *, training_split: bool = True) -> DatasetBundle:
     """Your own data in class folders (<root>/train/<class>/*, <root>/val/<class>/*), read and
     augmented like ImageNet, so torchvision teachers pretrained on ImageNet see what they expect."""
-    return _class_folders(root, image_size, "folder", bad_images, check_images)
+    return _class_folders(root, image_size, "folder", bad_images, check_images, training_split)
 
 
 def _class_folders(root: str | None, image_size: int, name: str, bad_images: str,
-                   check_images: bool) -> DatasetBundle:
+                   check_images: bool, training_split: bool = True) -> DatasetBundle:
+    """`training_split=False` (data-free methods): train/ is only listed for its class
+    folders' names (the class indices), no image in it is opened or screened."""
     root = _require_root(root, name, IMAGENET_LAYOUT)
     check_positive(image_size, "dataset.image_size")
     check_image_options(bad_images, check_images)
+    if not training_split:
+        classes = _class_names(os.path.join(root, "train"))
+        val = _image_folder(os.path.join(root, "val"), imagenet_eval_transform(image_size),
+                            IMAGENET_LAYOUT, class_to_idx={c: i for i, c in enumerate(classes)})
+        return DatasetBundle(train=ImageListDataset([], None, classes), val=val,
+                             num_classes=len(classes), image_size=image_size,
+                             mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                             data_digest=_screened(root, [val], bad_images, check_images))
     train = _image_folder(os.path.join(root, "train"), imagenet_train_transform(image_size),
                           IMAGENET_LAYOUT)
     val = _image_folder(os.path.join(root, "val"), imagenet_eval_transform(image_size),

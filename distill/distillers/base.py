@@ -362,6 +362,14 @@ class Distiller(nn.Module):
         an epoch when it makes new images every step. Only `data_free` methods are asked."""
         raise NotImplementedError(f"{cls.__name__} is data-free but gives no training set")
 
+    @classmethod
+    def made_images(cls, run_dir: Any, options: dict, input_shape: tuple[int, ...],
+                    count: int) -> torch.Tensor | None:
+        """Up to `count` images (normalised) a finished run of this data-free method trained
+        on, read back from its run directory: what its int8 export calibrates on instead of
+        training images. None by default."""
+        return None
+
     def make_training_set(self, dataset: Any, *, run_dir: Any, device: torch.device) -> None:
         """Fill the stand-in training set before the first step, teachers built (e.g.
         DeepInversion's synthesis, cached in the run directory so a resumed run reads it

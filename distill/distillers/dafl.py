@@ -20,6 +20,8 @@ meant momentum); kept, the published numbers came from it.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -55,6 +57,9 @@ class DAFLGenerator(nn.Module):
 @DISTILLERS.register("dafl")
 class DAFL(Distiller):
     data_free = True
+    # the information-entropy term is not linear in the batch: on shards it would balance
+    # each rank's classes, not the batch's (the reference's DataParallel sees the whole batch)
+    unsupported = {"ddp": "its information-entropy term needs the whole batch's predictions"}
 
     def __init__(self, student, teacher, kd_weight: float = 1.0, temperature: float = 1.0,
                  onehot_weight: float = 0.05, entropy_weight: float = 5.0,
@@ -87,6 +92,22 @@ class DAFL(Distiller):
     def loss_term_weights(cls, options):
         # the student learns from the KD term alone; the others train the generator
         return {"kd_weight": options.get("kd_weight", 1.0)}
+
+    @classmethod
+    def made_images(cls, run_dir, options, input_shape, count):
+        """`count` images of the trained generator (from checkpoints/last.pt), in training
+        mode as it ran, from a fixed seed."""
+        from distill.engine.checkpoint import read_checkpoint
+
+        path = Path(run_dir) / "checkpoints" / "last.pt"
+        if not path.is_file():
+            return None
+        generator = DAFLGenerator(options.get("latent_dim", 1000), input_shape[0], input_shape[1])
+        generator.load_state_dict(read_checkpoint(path)["parts"]["generator"])
+        z = torch.randn(count, generator.project.in_features,
+                        generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return generator.train()(z)
 
     @classmethod
     def stand_in_training_set(cls, options, data):

@@ -7,8 +7,8 @@ No training image is read (`data_free`). Before the first step the method synthe
 each image is made for (0, 1, ..., C-1, 0, ... within every batch, as the reference's fixed
 targets), `bn_weight` x the distance of every BatchNorm input's batch mean and variance to its
 running statistics, `tv_weight` x total variation, `l2_weight` x the L2 norm, each step on a copy
-rolled by up to `jitter` pixels. The images are stored as uint8 pixels (clamped to the valid
-range, as the reference's saved PNGs are) in the run directory (`synthetic/`, one file per batch,
+rolled by up to `jitter` pixels. The images are stored as uint8 pixels, clamped to the valid
+range (ours: the reference distils on the float tensors) in the run directory (`synthetic/`, one file per batch,
 keyed by the teacher's weights and the synthesis options, so a resumed or repeated run reads them
 back and a changed one makes them again), and the student is distilled on them with the dataset's
 crop/flip recipe: `kd_weight` x KD at `temperature` (+ `ce_weight` x CE to the synthesis classes).
@@ -64,6 +64,12 @@ class DeepInversion(Distiller):
                           "tv_weight": tv_weight, "l2_weight": l2_weight, "jitter": jitter}
         self.mean, self.std, self.seed = info.mean, info.std, info.seed
         self.image_shape = tuple(info.input_shape)
+        if not any(isinstance(m, nn.BatchNorm2d) and m.track_running_stats
+                   for m in teacher.modules()):
+            raise ConfigError(f"{type(teacher).__name__} has no BatchNorm2d with running "
+                              "statistics: DeepInversion makes images that match them",
+                              key="teacher", hint="a teacher with BatchNorm (ResNets, VGG-BN, "
+                              "WRN, MobileNet, ShuffleNet)")
 
     @classmethod
     def check_values(cls, options):
@@ -78,6 +84,15 @@ class DeepInversion(Distiller):
         labels = torch.cat([torch.arange(min(batch, count - start)) % data.num_classes
                             for start in range(0, count, batch)])
         return synthetic_image_set(data, labels)
+
+    @classmethod
+    def made_images(cls, run_dir, options, input_shape, count):
+        files = sorted((Path(run_dir) / SYNTHETIC_DIR).glob("batch-*.safetensors"))
+        if not files:
+            return None
+        images = torch.cat([load_file(str(f))["images"] for f in files])
+        index = torch.linspace(0, len(images) - 1, min(count, len(images))).round().long()
+        return images[index]   # uint8: the caller normalises as the dataset does
 
     def forward(self, images, targets, ctx):
         logits = self.student(images)

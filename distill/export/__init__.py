@@ -139,9 +139,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, batch: int
         if exporter:
             try:
                 export_onnx(student, run.input_shape, staging / "student.onnx", exporter)
-                compact_onnx(staging / "student.onnx")   # checked below, as written
             except Exception as exc:  # noqa: BLE001 - torch.onnx raises many types for one cause
                 raise onnx_export_error(name, exporter, exc) from None
+            compact_onnx(staging / "student.onnx")   # checked below, as written
             onnx_report = {"file": "student.onnx", "exporter": exporter,
                            **check_onnx(student, staging / "student.onnx", run.input_shape),
                            "bytes": (staging / "student.onnx").stat().st_size}
@@ -186,13 +186,27 @@ def int8_export(run: TrainedRun, staging: Path, batches: tuple[int, ...], thread
     both files measured in onnxruntime on the test split (a cross-modal student's on its view)."""
     from distill.app import build_data
     from distill.data.views import StudentViewInput
+    from distill.distillers import DISTILLERS
     from distill.export.int8 import (CALIBRATION_IMAGES, compare_onnx, images_of,
                                      quantize_onnx)
 
     dataset = run.config["dataset"]
-    data = build_data(dataset)
-    calibration, _ = images_of(data.train, getattr(data.val, "transform", None),
-                               CALIBRATION_IMAGES)
+    method = DISTILLERS.get(run.config["distiller"]["name"])
+    options = {k: v for k, v in run.config["distiller"].items() if k != "name"}
+    data = build_data(dataset, training_split=not method.data_free)
+    if method.data_free:   # calibrated on the images it made: no training image is read
+        made = method.made_images(run.path, options, run.input_shape, CALIBRATION_IMAGES)
+        if made is None:
+            raise run_dir_error(run.path, "the images this data-free run trained on are gone "
+                                          "(synthetic/ or checkpoints/last.pt): nothing to "
+                                          "calibrate the int8 model on")
+        if made.dtype == torch.uint8:
+            made = torch.stack([data.val.transform(image) for image in made])
+        calibration, source = made.float().numpy(), f"{len(made)} images the method made"
+    else:
+        calibration, _ = images_of(data.train, getattr(data.val, "transform", None),
+                                   CALIBRATION_IMAGES)
+        source = f"{len(calibration)} training images"
     test = images_of(data.val, getattr(data.val, "transform", None))
     view = dataset.get("student_view")
     if view:
@@ -204,7 +218,7 @@ def int8_export(run: TrainedRun, staging: Path, batches: tuple[int, ...], thread
                           run.input_shape, batches, threads, timing.budget_s)
     return {"weights": "trained on int8 weights (trainer.quantize=int8)" if trained_int8
             else "post-training quantization of float weights",
-            "calibration": f"{len(calibration)} training images", **report}
+            "calibration": source, **report}
 
 
 def reload_exported(path: str | Path) -> nn.Module:

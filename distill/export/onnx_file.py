@@ -58,6 +58,9 @@ def compact_onnx(path: Path) -> None:
 
     model = onnx.load(str(path))
     graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for node in graph.node for a in node.attribute):
+        return   # names used inside subgraphs (If, Loop) would need renaming there too
     keep = {v.name for v in (*graph.input, *graph.output)}
     names: dict[str, str] = {}
 
