@@ -19,7 +19,8 @@ import torch
 from omegaconf import DictConfig
 
 from distill.config import run_path
-from distill.data import DATASETS, DatasetBundle, build_datasets, dataset_labels
+from distill.data import (DATASETS, DatasetBundle, TensorImageDataset, build_datasets,
+                          dataset_labels)
 from distill.data.views import apply_student_view
 from distill.distillers import DISTILLERS, BuildInfo, Distiller, TeacherRequest, build_distiller
 from distill.engine import distributed as dist_utils
@@ -153,6 +154,11 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
                  "teacher was trained on them)%s", cfg.distiller.name,
                  " (dataset.train_fraction has nothing to keep a part of)"
                  if dataset.get("train_fraction", 1.0) != 1.0 else "")
+    if distiller_cls.data_free and cfg.trainer.data_path == "memory" \
+            and not isinstance(data.train, TensorImageDataset):
+        raise ConfigError(f"{cfg.distiller.name} makes its images at every step: there is no "
+                          "training data to hold in memory", key="trainer.data_path",
+                          allowed="auto or loader")
     data_path_transforms(data, cfg.trainer.data_path)   # trainer.data_path=memory must fit
     if data.data_digest is not None:
         # recorded with the config: a resume on other data is refused, the zoo and the report
