@@ -75,13 +75,31 @@ def test_qat_run_resumes_bit_exactly_and_exports_an_int8_onnx(tmp_path):
     assert int8["size_ratio"] > 3.2 and int8["weights"].startswith("trained on int8 weights")
     # student.safetensors (plain weights) scores what the quantized model scored in training
     assert int8["float32"]["top1"] == pytest.approx(straight["last_top1"])
+    # the int8 file holds exactly the integers the student trained on: the multiset of its
+    # int8 weight tensors equals the trained ones' (up to each channel's sign: folding a
+    # BatchNorm with a negative scale into a convolution flips that channel)
+    import onnx
+    from onnx import numpy_helper
+    stored = [numpy_helper.to_array(t) for t in onnx.load(str(out / "student.int8.onnx")).graph
+              .initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
+    trained = []
+    for key, w in weights.items():
+        if key.endswith("weight") and w.ndim > 1:
+            scale = w.abs().flatten(1).amax(1).clamp_min(1e-30) / 127
+            trained.append((w / scale.view(-1, *[1] * (w.ndim - 1))).round().to(torch.int8)
+                           .numpy())
+
+    def canonical(q):
+        return q.shape, np.abs(q).tobytes()
+
+    assert len(stored) == len(trained) == 10
+    assert sorted(map(canonical, stored)) == sorted(map(canonical, trained))
     # onnxruntime runs it as int8 kernels (QLinearConv once its graph is optimised)
     import onnxruntime
     options = onnxruntime.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
     onnxruntime.InferenceSession(str(out / "student.int8.onnx"), options,
                                  providers=["CPUExecutionProvider"])
-    import onnx
     ops = {n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node}
     assert "QLinearConv" in ops
     # and it predicts what the float file predicts on the test images
