@@ -12,7 +12,7 @@ from _compose import make_cfg
 from _resume import resumes_bit_exactly
 from distill.engine.quantize import Int8Weights, plain_state_dict, quantize_weights
 from distill.errors import ConfigError
-from distill.export import Timing, export_run
+from distill.export import Timing, export_run, read_run
 from distill.export.int8 import images_of, session
 from distill.models import create_model
 from distill.validation import validate
@@ -104,7 +104,7 @@ def test_qat_run_resumes_bit_exactly_and_exports_an_int8_onnx(tmp_path):
     assert "QLinearConv" in ops
     # and it predicts what the float file predicts on the test images
     from distill.app import build_data
-    data = build_data(report_dataset(run_dir))
+    data = build_data(read_run(run_dir).config["dataset"])
     images, labels = images_of(data.val, data.val.transform)
     float_logits = session(out / "student.onnx", 1).run(["logits"], {"images": images})[0]
     int8_logits = session(out / "student.int8.onnx", 1).run(["logits"], {"images": images})[0]
@@ -114,10 +114,6 @@ def test_qat_run_resumes_bit_exactly_and_exports_an_int8_onnx(tmp_path):
         (float_logits.argmax(1) == labels).mean()))
     assert np.abs(int8_logits - float_logits).max() < 0.2 * np.abs(float_logits).max()
 
-
-def report_dataset(run_dir):
-    import yaml
-    return yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["dataset"]
 
 
 def test_teachers_trained_for_an_int8_run_are_float(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from distill.data import DATASETS, DatasetBundle, TensorImageDataset, crop_recipe
-from distill.data.transforms import tensor_train_transform
+from distill.data.transforms import denormalize, tensor_train_transform
 from distill.errors import ConfigError
 
 
@@ -50,6 +50,4 @@ def synthetic_image_set(data: DatasetBundle, labels: torch.Tensor) -> TensorImag
 
 def to_uint8(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Normalised images back to uint8 pixels: denormalised, clamped to [0, 1], rounded."""
-    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return ((images * std_t + mean_t).clamp(0, 1) * 255).round().to(torch.uint8)
+    return (denormalize(images, mean, std).clamp(0, 1) * 255).round().to(torch.uint8)

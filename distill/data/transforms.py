@@ -67,8 +67,8 @@ def pil_eval_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
 
 def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Inverse of the normalisation: float [...,3,H,W] -> values in [0,1]."""
-    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
     return x * s + m
 
 

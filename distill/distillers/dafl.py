@@ -102,7 +102,7 @@ class DAFL(Distiller):
         path = Path(run_dir) / "checkpoints" / "last.pt"
         if not path.is_file():
             return None
-        generator = DAFLGenerator(options.get("latent_dim", 1000), input_shape[0], input_shape[1])
+        generator = DAFLGenerator(options["latent_dim"], input_shape[0], input_shape[1])
         generator.load_state_dict(read_checkpoint(path)["parts"]["generator"])
         z = torch.randn(count, generator.project.in_features,
                         generator=torch.Generator().manual_seed(0))
@@ -111,7 +111,7 @@ class DAFL(Distiller):
 
     @classmethod
     def stand_in_training_set(cls, options, data):
-        return StepPlaceholders(options.get("epoch_size", 122880))
+        return StepPlaceholders(options["epoch_size"])
 
     def configure_optimizers(self, default):
         groups = self.parameter_groups()

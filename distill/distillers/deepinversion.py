@@ -79,8 +79,7 @@ class DeepInversion(Distiller):
 
     @classmethod
     def stand_in_training_set(cls, options, data):
-        count = options.get("num_images", 256000)
-        batch = options.get("batch_size", 256)
+        count, batch = options["num_images"], options["batch_size"]
         labels = torch.cat([torch.arange(min(batch, count - start)) % data.num_classes
                             for start in range(0, count, batch)])
         return synthetic_image_set(data, labels)
@@ -88,11 +87,13 @@ class DeepInversion(Distiller):
     @classmethod
     def made_images(cls, run_dir, options, input_shape, count):
         files = sorted((Path(run_dir) / SYNTHETIC_DIR).glob("batch-*.safetensors"))
-        if not files:
-            return None
-        images = torch.cat([load_file(str(f))["images"] for f in files])
-        index = torch.linspace(0, len(images) - 1, min(count, len(images))).round().long()
-        return images[index]   # uint8: the caller normalises as the dataset does
+        batches = []   # the first files that hold `count` images (a batch mixes every class)
+        for path in files:
+            batches.append(load_file(str(path))["images"])
+            if sum(len(b) for b in batches) >= count:
+                break
+        # uint8: the caller normalises as the dataset does
+        return torch.cat(batches)[:count] if batches else None
 
     def forward(self, images, targets, ctx):
         logits = self.student(images)

@@ -21,7 +21,7 @@ def bn_statistics_loss(features: torch.Tensor, running_mean: torch.Tensor,
     [N,C,H,W]: the batch statistics over (N,H,W), the variance biased, as BatchNorm computes
     them in training. Plain L2 norms, not squared, as the reference's feature hook."""
     mean = features.mean(dim=(0, 2, 3))
-    var = features.permute(1, 0, 2, 3).reshape(features.shape[1], -1).var(dim=1, unbiased=False)
+    var = features.var(dim=(0, 2, 3), unbiased=False)
     return (torch.linalg.vector_norm(running_var.to(var.dtype) - var)
             + torch.linalg.vector_norm(running_mean.to(mean.dtype) - mean))
 
