@@ -12,6 +12,9 @@ batch mean) on x detached. One backward; both optimizers step: the student's is 
 generator's is Adam at a constant `generator_lr` (optimizer "generator"). Evaluation uses the
 real test split.
 
+Defaults: the README's CIFAR-10 command (one-hot 0.05, entropy 5, generator lr 0.02, latent
+1000); its `--act 0.01` is rejected by the script's own argparse (it defines `--a`), so the
+script's default activation weight 0.1 holds, as it does for anyone who runs that command.
 The generator is the reference's DCGAN-style one: linear to 128 x (S/4)^2, BN, 2x nearest
 upsampling, conv 128, BN, LeakyReLU 0.2, upsampling, conv 64, BN, LeakyReLU, conv to the image's
 channels, Tanh, then a BatchNorm without affine parameters. Its inner BatchNorms have eps 0.8:

@@ -14,6 +14,8 @@ back and a changed one makes them again), and the student is distilled on them w
 crop/flip recipe: `kd_weight` x KD at `temperature` (+ `ce_weight` x CE to the synthesis classes).
 Evaluation uses the real test split.
 
+The defaults are the cifar10 README's "parameters from the paper" (lr 0.05, BN weight 10), the
+flags its authors ran for the published numbers; the script's own defaults are lr 0.1, BN 100.
 The reference returns the last iterate: its "best" images alias the tensor being optimised. It
 has no KD code; the maintainers name T = 3 (NVlabs/DeepInversion#9) and 1000 batches of 256
 images for the paper's CIFAR-10 table (#6). The competition term of Adaptive DeepInversion is
