@@ -10,7 +10,7 @@ import contextlib
 import inspect
 import logging
 import random
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +28,7 @@ from distill.engine.loaders import data_path_transforms, view_transforms
 from distill.engine.rundir import (check_run_dir, check_schedule_change, discard_if_unused,
                                    locked, note_new_folders, start_run_dir)
 from distill.engine.sampler import steps_per_epoch
+from distill.engine.teacher_cache import OutputStore, attach_teacher_cache
 from distill.engine.trainer import Trainer, TrainerOptions
 from distill.errors import ConfigError
 from distill.models import create_model, model_spec
@@ -192,19 +193,8 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
         log.warning("this checkpoint was written before runs recorded their teachers' sha256: "
                     "the teacher it resumes with cannot be checked against the one it started "
                     "with (recorded from now on)")
-    resolver = TeacherResolver(cfg, dataset, data.num_classes, TeacherZoo(cfg.zoo.root),
-                               overrides, train=run, data_digest=data.data_digest)
-    teachers = [resolver.resolve(r, pinned.get(r.role)) for r in requests]
-    # options derived from those teachers and the data (the specialists' class subsets); the
-    # teachers that depend on them are requested and resolved now
-    completed = distiller_cls.complete_options(options, {t.role: t.model for t in teachers},
-                                               data, device)
-    if completed != options:
-        options, known = completed, {r.role for r in requests}
-        later = [r for r in distiller_cls.teacher_requests(options, resolved["teacher"])
-                 if r.role not in known]
-        requests += later
-        teachers += [resolver.resolve(r, pinned.get(r.role)) for r in later]
+    teachers, options, requests = find_teachers(cfg, resolved, options, data, device,
+                                                overrides, pinned, requests)
     digests = [t.sha256 for t in teachers]
     for i, teacher in enumerate(teachers):
         if teacher.sha256 in digests[:i]:
@@ -228,6 +218,11 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
                             for role, model in (*distiller.evaluated_parts().items(),
                                                 *distiller.frozen_parts().items())],
                 data, device)
+    teacher_cache = None
+    if cfg.teacher.cache == "views":   # before the run directory: a refused dataset writes nothing
+        teacher_cache = attach_teacher_cache(
+            distiller, teachers, data, zoo_root=cfg.zoo.root, dataset=dataset["name"],
+            precision=cfg.trainer.precision, device=device, dtype=cfg.teacher.cache_dtype)
 
     run_name = "/".join([dataset["name"], run_path(resolved["distiller"], cfg.teacher.name,
                                                    cfg.student.name, cfg.tag), f"seed{cfg.seed}"])
@@ -243,13 +238,86 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
         distiller, data, options=TrainerOptions(**resolved["trainer"]),
         optimizer=resolved["optimizer"], scheduler=resolved["scheduler"], run_dir=run_dir,
         device=device, loggers=resolved["logger"] or {}, config=resolved, seed=cfg.seed,
-        run_name=run_name, checkpoint=checkpoint, teachers=[t.record() for t in teachers])
+        run_name=run_name, checkpoint=checkpoint, teachers=[t.record() for t in teachers],
+        teacher_cache=teacher_cache)
     log_start(run_dir, cfg, device, distiller, teachers)
     publish = None
     if publishes:
         def publish(summary: dict) -> None:
             publish_to_zoo(TeacherZoo(cfg.zoo.root), dataset, cfg, run_dir, summary, data)
     return trainer, publish
+
+
+def find_teachers(cfg: DictConfig, resolved: dict, options: dict, data: DatasetBundle,
+                  device: torch.device, overrides: list[str], pinned: dict[str, str],
+                  requests: list[TeacherRequest]
+                  ) -> tuple[list[ResolvedTeacher], dict, list[TeacherRequest]]:
+    """The method's frozen teachers, found (zoo, files) or made as the config says; `pinned`:
+    the sha256 a resumed run recorded per role. Returns them, the options completed from the
+    first ones (the specialists' class subsets), and every request."""
+    distiller_cls = DISTILLERS.get(cfg.distiller.name)
+    resolver = TeacherResolver(cfg, resolved["dataset"], data.num_classes,
+                               TeacherZoo(cfg.zoo.root), overrides, train=run,
+                               data_digest=data.data_digest)
+    teachers = [resolver.resolve(r, pinned.get(r.role)) for r in requests]
+    # options derived from those teachers and the data (the specialists' class subsets); the
+    # teachers that depend on them are requested and resolved now
+    completed = distiller_cls.complete_options(options, {t.role: t.model for t in teachers},
+                                               data, device)
+    if completed != options:
+        options, known = completed, {r.role for r in requests}
+        later = [r for r in distiller_cls.teacher_requests(options, resolved["teacher"])
+                 if r.role not in known]
+        requests = [*requests, *later]
+        teachers += [resolver.resolve(r, pinned.get(r.role)) for r in later]
+    return teachers, options, requests
+
+
+@dataclass
+class CacheJob:
+    """One teacher whose outputs tools/cache_teacher.py stores for every (image, view)."""
+
+    teacher: ResolvedTeacher
+    store: OutputStore
+    images: torch.Tensor   # the uint8 training images the store is keyed by
+    transform: Any         # their BatchTransform (its views)
+
+
+def teacher_cache_jobs(cfg: DictConfig, overrides: list[str]) -> tuple[list[CacheJob], torch.device]:
+    """The caches a run of `cfg` with teacher.cache=views reads, opened (found, or made empty),
+    with their teachers found or made as that run would: what tools/cache_teacher.py fills.
+    Refuses methods and datasets the cache cannot serve, as the run would."""
+    from distill.data.batched import tensor_origin, tensor_source
+    from distill.engine.teacher_cache import images_digest, open_store, uncacheable_pipeline
+    from distill.validation import check_teacher_cache
+
+    resolved = validate(cfg)
+    device = resolve_device(cfg.device)
+    distiller_cls = DISTILLERS.get(cfg.distiller.name)
+    check_teacher_cache(cfg.distiller.name, distiller_cls, "views")
+    options = {k: v for k, v in resolved["distiller"].items() if k != "name"}
+    data = build_data(resolved["dataset"])
+    why = uncacheable_pipeline(data.train)
+    if why is not None:
+        raise ConfigError(f"dataset {data.name}: {why}", key="dataset",
+                          allowed="a dataset held in memory: cifar10, cifar100, digits, mnist5k, "
+                                  "fake")
+    requests = distiller_cls.teacher_requests(options, resolved["teacher"])
+    teachers, _, _ = find_teachers(cfg, resolved, options, data, device, overrides, {}, requests)
+    base = tensor_origin(data.train)[0]
+    transform = tensor_source(base)[1]
+    digest = images_digest(base.images)
+    jobs = []
+    for teacher in teachers:
+        model = teacher.model.to(device).eval()
+        if cfg.trainer.channels_last:
+            model.to(memory_format=torch.channels_last)
+        store, _, _ = open_store(model, arch=teacher.name, teacher_sha256=teacher.sha256,
+                                 train=base, zoo_root=cfg.zoo.root, dataset=resolved["dataset"]["name"],
+                                 precision=cfg.trainer.precision, device=device,
+                                 dtype=cfg.teacher.cache_dtype, images_sha256=digest)
+        jobs.append(CacheJob(teacher, store, base.images, transform))
+    return jobs, device
 
 
 def log_start(run_dir: Path, cfg: DictConfig, device: torch.device, distiller: Distiller,

@@ -32,6 +32,8 @@ class TeacherConfig(StudentConfig):
     checkpoint: Optional[str] = None       # weights file; default: the zoo entry for (dataset, name)
     auto_train: bool = False               # no weights anywhere: train the teacher first
     auto_train_epochs: Optional[int] = None  # epochs for that run (default: the dataset recipe's)
+    cache: str = "none"                    # views: its outputs per (image, augmentation view), kept
+    cache_dtype: str = "float32"           # float32 (exact) | float16 (half the disk, rounded)
 
 
 @dataclass

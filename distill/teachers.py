@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distill.config import CONFIG_DIR, OptimizerConfig, SchedulerConfig
-from distill.distillers.base import TeacherRequest
+from distill.distillers.base import DISTILLERS, TeacherRequest, teacher_cache_refusal
 from distill.engine import distributed as dist_utils
 from distill.engine.checkpoint import load_weights, preserved_rng
 from distill.errors import ConfigError
@@ -142,6 +142,8 @@ def zoo_run_config(cfg: DictConfig, *, student: str, distiller: dict | DictConfi
     zcfg.trainer.batch_size = "${dataset.recipe.batch_size}"
     zcfg.trainer.max_steps = None
     zcfg.trainer.quantize = "none"   # a zoo model is a float model, whatever its user trains
+    if teacher_cache_refusal(DISTILLERS.get(distiller["name"])) is not None:
+        zcfg.teacher.cache = "none"   # e.g. a teacher's own vanilla run: nothing to cache
     zcfg.dataset.pop("train_fraction", None)
     zcfg.dataset.pop("student_view", None)   # zoo models see the image (cross-modal KD's teacher)
     zcfg.tuned = {}

@@ -13,12 +13,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distill.config import CONFIG_DIR, check_known_keys, flatten, schema_defaults
 from distill.distillers import DISTILLERS
-from distill.distillers.base import FIXED_ARGUMENTS, RUN_FEATURES, check_common, refused_features
+from distill.distillers.base import (FIXED_ARGUMENTS, RUN_FEATURES, check_common,
+                                     refused_features, teacher_cache_refusal)
 from distill.engine import distributed as dist_utils
 from distill.engine.loaders import DATA_PATHS
 from distill.engine.nonfinite import NONFINITE_POLICIES
 from distill.engine.optim import OPTIMIZERS, SCHEDULES
 from distill.engine.quantize import QUANTIZE_CHOICES
+from distill.engine.teacher_cache import CACHE_MODES, STORAGE_DTYPES
 from distill.engine.trainer import COMPILE_CHOICES, PRECISIONS
 from distill.errors import ConfigError, unknown_name_error
 from distill.models import list_models, model_spec
@@ -120,6 +122,9 @@ def validate(cfg: DictConfig) -> dict:
          or cfg.teacher.auto_train_epochs >= 1, "null (the dataset recipe's epochs) or at least 1"),
         ("teacher.checkpoint", lambda: cfg.teacher.checkpoint is None
          or cfg.teacher.checkpoint.strip() != "", "null (the zoo) or the path of a weights file"),
+        ("teacher.cache", lambda: cfg.teacher.cache in CACHE_MODES, ", ".join(CACHE_MODES)),
+        ("teacher.cache_dtype", lambda: cfg.teacher.cache_dtype in STORAGE_DTYPES,
+         ", ".join(STORAGE_DTYPES)),
         ("seed", lambda: 0 <= cfg.seed <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
         ("zoo.root", lambda: cfg.zoo.root.strip() != "", "a folder (default: zoo, or $DISTILL_ZOO)"),
     ]
@@ -139,6 +144,7 @@ def validate(cfg: DictConfig) -> dict:
     check_options(distiller_cls, options, key="distiller", skip=FIXED_ARGUMENTS)
     distiller_cls.check_values(options)
     check_common(distiller_cls, options, trainer.epochs)
+    check_teacher_cache(cfg.distiller.name, distiller_cls, cfg.teacher.cache)
     check_tag(cfg.tag)
     for group in ("teacher", "student"):
         if cfg[group].name not in list_models():
@@ -208,6 +214,16 @@ def check_finite(resolved: dict) -> None:
         if isinstance(defaults.get(key), float) and isinstance(value, float) \
                 and not math.isfinite(value):
             raise ConfigError(f"invalid value {value!r}", key=key, allowed="a finite number")
+
+
+def check_teacher_cache(name: str, distiller_cls: type, mode: str) -> None:
+    """`teacher.cache=views` serves only methods that read nothing but their teachers' outputs
+    on the training batch; any other is refused, saying why and which methods it serves."""
+    why = teacher_cache_refusal(distiller_cls) if mode != "none" else None
+    if why is not None:
+        served = [n for n in DISTILLERS.list() if teacher_cache_refusal(DISTILLERS.get(n)) is None]
+        raise ConfigError(f"{name} {why}", key="teacher.cache",
+                          allowed=f"none for {name}; views serves {', '.join(served)}")
 
 
 def check_run_features(name: str, distiller_cls: type, trainer: dict, world_size: int) -> None:

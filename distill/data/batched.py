@@ -65,13 +65,62 @@ class BatchTransform:
                  ) -> torch.Tensor:
         return self.normalize(self.geometric(images, generator))
 
+    @property
+    def view_count(self) -> int:
+        """How many distinct views of an image the pipeline draws from: (2p+1)^2 crop offsets,
+        times 2 with the flip (CIFAR: 162). A view's id is (top * (2p+1) + left) * flips + flip,
+        in [0, view_count)."""
+        side = 2 * self.padding + 1
+        return side * side * (2 if self.flip else 1)
+
+    def draw_views(self, n: int, device: torch.device,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """The view ids [n] of a batch of n images, drawn as the crop and flip always were
+        (crop tops, crop lefts, then flips), so a generator state gives the same images as
+        before view ids existed."""
+        views = torch.zeros(n, dtype=torch.long, device=device)
+        if self.padding:
+            side = 2 * self.padding + 1
+            top = torch.randint(0, side, (n,), device=device, generator=generator)
+            left = torch.randint(0, side, (n,), device=device, generator=generator)
+            views = top * side + left
+        if self.flip:
+            flip = torch.rand(n, device=device, generator=generator) < 0.5
+            views = views * 2 + flip
+        return views
+
+    def replay_view(self, rng_state: torch.Tensor) -> int:
+        """The view id that torchvision's per-item pipeline of the same recipe (RandomCrop,
+        RandomHorizontalFlip: `tensor_train_transform`) draws from the global RNG in state
+        `rng_state`: the DataLoader path's view, found without touching its random stream.
+        Draw order of the pinned torchvision: crop top, crop left (`randint(0, 2p+1, ())`
+        each, RandomCrop.make_params), then `rand(1) >= 0.5` means no flip."""
+        generator = torch.Generator()
+        generator.set_state(rng_state)
+        view = 0
+        if self.padding:
+            side = 2 * self.padding + 1
+            top = int(torch.randint(0, side, (), generator=generator))
+            left = int(torch.randint(0, side, (), generator=generator))
+            view = top * side + left
+        if self.flip:
+            view = view * 2 + int(float(torch.rand(1, generator=generator)) < 0.5)
+        return view
+
     def geometric(self, images: torch.Tensor, generator: torch.Generator | None = None
                   ) -> torch.Tensor:
         """The random crop and flip alone: uint8 in, uint8 out."""
+        return self.render(images, self.draw_views(images.shape[0], images.device, generator))
+
+    def render(self, images: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        """Each uint8 image [B,3,H,W] seen in its view (`views`: ids [B], see view_count)."""
+        flips = 2 if self.flip else 1
         if self.padding:
-            images = self._random_crop(images, generator)
+            side = 2 * self.padding + 1
+            offsets = views // flips
+            images = self._crop(images, offsets // side, offsets % side)
         if self.flip:
-            flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+            flip = (views % 2).bool()
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         return images
 
@@ -85,15 +134,14 @@ class BatchTransform:
         return (torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
                 torch.tensor(self.std, device=device).view(1, -1, 1, 1))
 
-    def _random_crop(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Each image's own crop of its zero-padded copy (torchvision's RandomCrop(padding=p))."""
+    def _crop(self, images: torch.Tensor, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+        """Each image's crop at (top, left) of its zero-padded copy (torchvision's
+        RandomCrop(padding=p) with those offsets)."""
         n, _, h, w = images.shape
         if self.crop_size is not None and self.crop_size != (h, w):
             raise ValueError(f"crop size {self.crop_size} differs from the images' {(h, w)}")
         p = self.padding
         padded = F.pad(images, (p, p, p, p))
-        top = torch.randint(0, 2 * p + 1, (n,), device=images.device, generator=generator)
-        left = torch.randint(0, 2 * p + 1, (n,), device=images.device, generator=generator)
         rows = (top[:, None] + torch.arange(h, device=images.device))[:, :, None]   # [n,h,1]
         cols = (left[:, None] + torch.arange(w, device=images.device))[:, None, :]  # [n,1,w]
         batch = torch.arange(n, device=images.device)[:, None, None]
@@ -128,6 +176,20 @@ def tensor_source(dataset) -> tuple[torch.Tensor, BatchTransform] | None:
     return (dataset.images if indices is None else dataset.images[indices]), transform
 
 
+def tensor_origin(dataset) -> tuple[TensorImageDataset, torch.Tensor] | None:
+    """(the TensorImageDataset behind `dataset`, the index there of each of its items): the
+    identity for the dataset itself, the subset's indices for a Subset of one
+    (dataset.train_fraction); None for anything else."""
+    if isinstance(dataset, Subset):
+        inner = tensor_origin(dataset.dataset)
+        if inner is None:
+            return None
+        return inner[0], inner[1][torch.as_tensor(dataset.indices, dtype=torch.long)]
+    if not isinstance(dataset, TensorImageDataset):
+        return None
+    return dataset, torch.arange(len(dataset))
+
+
 def _dtype_of(to_dtype: v2.ToDtype):
     dtype = to_dtype.dtype
     return dtype.get(torch.Tensor, dtype.get("others")) if isinstance(dtype, dict) else dtype
@@ -148,9 +210,11 @@ class DeviceBatches:
     """Batches of an in-memory dataset, made on `device`: the images move there once.
 
     `indices` (a sampler, re-read on each iteration) gives this rank's order; `batch_size` is
-    the per-rank batch. `with_indices`: each batch also carries its samples' dataset indices, as
-    `(images, labels, {"index": LongTensor})`, the training batches' form on both data paths. `set_epoch(epoch, first_batch)` mirrors the sampler's, and seeds each
-    batch's augmentation from (seed, epoch, batch, rank).
+    the per-rank batch. `with_indices`: each batch also carries its samples' dataset indices and
+    the id of the view each was cropped and flipped to (BatchTransform.view_count), as
+    `(images, labels, {"index": LongTensor, "augmentation": LongTensor})`, the training batches'
+    form on both data paths. `set_epoch(epoch, first_batch)` mirrors the sampler's, and seeds
+    each batch's augmentation from (seed, epoch, batch, rank).
     """
 
     def __init__(self, dataset: TensorImageDataset, transform: BatchTransform, indices,
@@ -181,13 +245,15 @@ class DeviceBatches:
                 mixed = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + batch) * 1_009 + self.rank
                 self.generator.manual_seed(mixed % (2**63 - 1))   # any seed: stays in int64
             raw = self.images[index]
-            images, labels = self.transform(raw, self.generator), self.labels[index]
+            augmentation = self.transform.draw_views(len(index), self.device, self.generator)
+            images = self.transform.normalize(self.transform.render(raw, augmentation))
+            labels = self.labels[index]
             if not self.with_indices:
                 yield images, labels
                 continue
             views = {name: view(raw, self.generator) for name, view in self.views.items()}
-            yield images, labels, {"index": index, **views}
+            yield images, labels, {"index": index, "augmentation": augmentation, **views}
 
 
 __all__ = ["BatchTransform", "DeviceBatches", "ViewTransform", "batch_transform_of",
-           "tensor_source"]
+           "tensor_origin", "tensor_source"]

@@ -59,6 +59,8 @@ class LogitDiscriminator(nn.Module):
 
 @DISTILLERS.register("adversarial_kd")
 class AdversarialKD(Distiller):
+    teacher_outputs_only = True   # its teachers' logits of the batch: teacher.cache=views serves them
+
     manual_step = True
 
     def __init__(self, student, teacher, ce_weight: float = 0.1, kd_weight: float = 0.9,

@@ -167,6 +167,12 @@ class Distiller(nn.Module):
     # training set `stand_in_training_set` returns instead of the dataset's training split
     # (which it never touches), and `make_training_set` fills that set before the first step.
     data_free: ClassVar[bool] = False
+    # True when the method calls its frozen parts only on the training batch's images and uses
+    # only what they return (the logits): `teacher.cache=views` may answer those calls from the
+    # teacher-output cache (distill/engine/teacher_cache.py). Otherwise `cache_refusal` says why
+    # not (derived for feature methods, data-free ones and methods without a teacher).
+    teacher_outputs_only: ClassVar[bool] = False
+    cache_refusal: ClassVar[str] = "shows its teacher images other than the training batch's"
 
     def __init__(self, student: nn.Module | None = None, teacher: nn.Module | None = None):
         super().__init__()
@@ -480,6 +486,21 @@ def warmup_ramp(epoch: int, warmup_epochs: int) -> float:
     min(epoch / warmup_epochs, 1) with its 1-based epochs, so the first epoch already has
     1 / warmup_epochs; 1 without a warm-up."""
     return min((epoch + 1) / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
+
+
+def teacher_cache_refusal(cls: type[Distiller]) -> str | None:
+    """Why `teacher.cache=views` cannot serve the method `cls`, or None when it can."""
+    if cls.teacher_outputs_only:
+        return None
+    if not cls.requires_teacher:
+        return "has no teacher"
+    if cls.data_free:
+        return "trains on images it makes, not on views of the dataset's images"
+    if issubclass(cls, FeatureDistiller):
+        return "reads the teacher's intermediate features, which the cache does not hold"
+    if "teacher_input_grad" in cls.needs:
+        return "takes gradients through the teacher with respect to its input"
+    return cls.cache_refusal
 
 
 def refused_features(cls: type[Distiller]) -> dict[str, str]:

@@ -29,6 +29,8 @@ LINK_OPTIONS = ("ce_weight", "kd_weight", "temperature")   # every generation le
 
 @DISTILLERS.register("born_again")
 class BornAgain(Distiller):
+    teacher_outputs_only = True   # its teachers' logits of the batch: teacher.cache=views serves them
+
     def __init__(self, student, teacher_models, architecture: str | None = None,
                  generations: int = 3, ensemble: bool = False, ce_weight: float = 0.0,
                  kd_weight: float = 1.0, temperature: float = 1.0, *, info: BuildInfo):

@@ -11,6 +11,8 @@ from distill.losses import dist_loss
 
 @DISTILLERS.register("dist")
 class DIST(Distiller):
+    teacher_outputs_only = True   # its teachers' logits of the batch: teacher.cache=views serves them
+
     def __init__(self, student, teacher, ce_weight: float = 1.0, dist_weight: float = 2.0,
                  beta: float = 1.0, gamma: float = 1.0, temperature: float = 4.0):
         super().__init__(student, teacher)

@@ -15,6 +15,8 @@ from distill.losses import dkd_loss, standardize_logits
 
 @DISTILLERS.register("dkd")
 class DKD(Distiller):
+    teacher_outputs_only = True   # its teachers' logits of the batch: teacher.cache=views serves them
+
     def __init__(self, student, teacher, ce_weight: float = 1.0, alpha: float = 1.0,
                  beta: float = 8.0, temperature: float = 4.0, warmup_epochs: int = 20,
                  standardize: bool = False):

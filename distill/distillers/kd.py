@@ -12,6 +12,8 @@ from distill.losses import kd_loss
 
 @DISTILLERS.register("kd")
 class KD(Distiller):
+    teacher_outputs_only = True   # its teachers' logits of the batch: teacher.cache=views serves them
+
     def __init__(self, student, teacher, ce_weight: float = 0.1, kd_weight: float = 0.9,
                  temperature: float = 4.0, standardize: bool = False):
         super().__init__(student, teacher)

@@ -21,6 +21,9 @@ STRONG_VIEW = "strong"
 
 @DISTILLERS.register("mlkd")
 class MLKD(Distiller):
+    cache_refusal = ("also shows its teacher a RandAugment view of each image, which has too many "
+                     "forms to enumerate")
+
     def __init__(self, student, teacher, ce_weight: float = 0.1, kd_weight: float = 0.9,
                  temperature: float = 4.0, standardize: bool = False,
                  strong_augment: str = "mlkd_randaugment"):

@@ -23,6 +23,8 @@ from distill.losses.ensemble import ensemble_weights
 
 @DISTILLERS.register("multi_teacher")
 class MultiTeacher(Distiller):
+    teacher_outputs_only = True   # its teachers' logits of the batch: teacher.cache=views serves them
+
     def __init__(self, student, teacher_models, teachers: list[str] | None = None,
                  teacher_checkpoints: list[str] | None = None, ce_weight: float = 0.1,
                  kd_weight: float = 0.9, temperature: float = 4.0, mode: str = "arithmetic",

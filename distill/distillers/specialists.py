@@ -52,6 +52,8 @@ CLUSTER_SEED = 0                         # K-means's own seed: subsets do not fo
 
 @DISTILLERS.register("specialists")
 class Specialists(Distiller):
+    teacher_outputs_only = True   # its teachers' logits of the batch: teacher.cache=views serves them
+
     def __init__(self, student, teacher_models, subsets: list[list[int]] | None = None,
                  num_specialists: int | None = None, top_n: int = 1, enrichment: float = 0.5,
                  ce_weight: float = 0.1, kd_weight: float = 0.9, temperature: float = 4.0,

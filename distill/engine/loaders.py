@@ -43,19 +43,28 @@ class IndexedDataset(Dataset):
     in-memory one. The trainer hands the indices to the distiller (StepContext.indices; CRD's
     memory bank) and the views (StepContext.views; MLKD's strong view). A view is made from the
     item's uint8 image (`images`, in item order) with the process's RNG, as the pipeline's own
-    per-item randomness is."""
+    per-item randomness is. With `augmentation` (the batch form of the item pipeline), each
+    item also carries the id of the view its pipeline drew ("augmentation", as on the in-memory
+    path), replayed from the RNG state the pipeline started from: the random stream is the
+    same with it as without."""
 
     def __init__(self, dataset: Dataset, images: torch.Tensor | None = None,
-                 views: dict[str, ViewTransform] | None = None):
+                 views: dict[str, ViewTransform] | None = None,
+                 augmentation: BatchTransform | None = None):
         self.dataset, self.images, self.views = dataset, images, dict(views or {})
+        self.augmentation = augmentation
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
+        state = torch.get_rng_state() if self.augmentation is not None else None
         image, label = self.dataset[index]
+        extras = {"index": index}
+        if state is not None:
+            extras["augmentation"] = self.augmentation.replay_view(state)
         views = {name: view(self.images[index:index + 1])[0] for name, view in self.views.items()}
-        return image, label, {"index": index, **views}
+        return image, label, {**extras, **views}
 
 
 def view_transforms(data: DatasetBundle, views: dict[str, str]) -> dict[str, ViewTransform]:
@@ -99,10 +108,13 @@ class Loaders:
 def build_loaders(data: DatasetBundle, *, data_path: str, batch_size: int, eval_batch_size: int,
                   num_workers: int, device: torch.device, seed: int, rank: int,
                   world_size: int, views: dict[str, str] | None = None,
-                  sample_weights: torch.Tensor | None = None) -> Loaders:
+                  sample_weights: torch.Tensor | None = None,
+                  augmentation_ids: bool = False) -> Loaders:
     """`views`: extra views of each training image by name -> registered augmentation
     (Distiller.views()), given in each training batch's dict next to "index";
-    `sample_weights`: how often each item is drawn (Distiller.sample_weights())."""
+    `sample_weights`: how often each item is drawn (Distiller.sample_weights());
+    `augmentation_ids`: the DataLoader path's batches carry each image's view id too (the
+    in-memory path's always do), for the teacher-output cache."""
     transforms = view_transforms(data, views or {})
     sampler = EpochSampler(len(data.train), seed, global_batch=batch_size, rank=rank,
                            world_size=world_size, weights=sample_weights)
@@ -119,7 +131,9 @@ def build_loaders(data: DatasetBundle, *, data_path: str, batch_size: int, eval_
     else:
         pin = device.type == "cuda"
         images = tensor_source(data.train)[0] if transforms else None
-        train = DataLoader(IndexedDataset(data.train, images, transforms), batch_size=per_rank,
+        replayed = tensor_source(data.train)[1] if augmentation_ids else None
+        train = DataLoader(IndexedDataset(data.train, images, transforms, replayed),
+                           batch_size=per_rank,
                            sampler=sampler,
                            num_workers=num_workers, generator=worker_seeds, drop_last=False,
                            pin_memory=pin)

@@ -34,6 +34,7 @@ RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.resume", "t
                      "world_size",   # the global batch is the same on any number of ranks
                      "trainer.data_path",   # the same augmentation, another random stream
                      "trainer.on_nonfinite",   # e.g. resume a stopped run with skip
+                     "teacher.cache",   # the teacher's own outputs, stored or computed
                      "tuned",   # per-pair values are compared where they are read: distiller.*
                      "data_sha256")   # compared once the data is read (distill.app.prepare)
 # Where the teachers' weights are: may move, because a checkpoint that records the teachers'

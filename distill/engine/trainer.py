@@ -53,6 +53,7 @@ from distill.engine.progress import ProgressDisplay
 from distill.engine.quantize import plain_state_dict, quantize_weights
 from distill.engine.rundir import write_text_atomic
 from distill.engine.sampler import epoch_seed
+from distill.engine.teacher_cache import TeacherCache
 from distill.runs import read_run_dir
 from distill.tracking import Trackers, build_trackers
 
@@ -180,7 +181,8 @@ class Trainer:
     def __init__(self, distiller: Distiller, data: DatasetBundle, *, options: TrainerOptions,
                  optimizer: dict, scheduler: dict, run_dir: Path, device: torch.device,
                  loggers: dict, config: dict, run_name: str, seed: int,
-                 checkpoint: dict | None = None, teachers: list[dict] | None = None):
+                 checkpoint: dict | None = None, teachers: list[dict] | None = None,
+                 teacher_cache: TeacherCache | None = None):
         self.distiller = distiller
         self.opt = options
         self.run_dir = Path(run_dir)
@@ -192,11 +194,13 @@ class Trainer:
         self.main = dist_utils.is_main_process()
         self.seed = seed
         self.world_size = dist_utils.world_size()
+        self.teacher_cache = teacher_cache   # teacher.cache=views: the teachers answer from it
         self.loaders = build_loaders(
             data, data_path=options.data_path, batch_size=options.batch_size,
             eval_batch_size=options.eval_batch_size, num_workers=options.num_workers,
             device=device, seed=seed, rank=dist_utils.rank(), world_size=self.world_size,
-            views=distiller.views(), sample_weights=distiller.sample_weights())
+            views=distiller.views(), sample_weights=distiller.sample_weights(),
+            augmentation_ids=teacher_cache is not None)
         self.steps_per_epoch = self.loaders.steps_per_epoch
         self.input_shape = tuple(data.val[0][0].shape)   # FLOPs of derived models (summary)
         if options.quantize == "int8":   # before the optimizers: they take the shadow weights
@@ -424,12 +428,17 @@ class Trainer:
                               indices=extras["index"].to(self.device, non_blocking=True),
                               views={name: view.to(self.device, non_blocking=True,
                                                    memory_format=self.memory_format)
-                                     for name, view in extras.items() if name != "index"})
+                                     for name, view in extras.items()
+                                     if name not in ("index", "augmentation")})
             lr = first_optimizer.param_groups[0]["lr"]   # the lr this step uses
-            if self.stepper is not None:
-                losses, skipped = self._manual_step(images, targets, ctx)
-            else:
-                losses, skipped = self._default_step(images, targets, ctx, skip_nonfinite, buffers)
+            cached = (self.teacher_cache.serving(images, extras["index"], extras["augmentation"])
+                      if self.teacher_cache is not None else contextlib.nullcontext())
+            with cached:
+                if self.stepper is not None:
+                    losses, skipped = self._manual_step(images, targets, ctx)
+                else:
+                    losses, skipped = self._default_step(images, targets, ctx, skip_nonfinite,
+                                                         buffers)
             loss = sum(losses.values())
             if skipped:
                 self.state.skipped_steps += 1
@@ -537,11 +546,18 @@ class Trainer:
                                for role, r in results.items()}
         self.state.history.append(entry)
         per_part = {f"val/{role}/{k}": r[k] for role, r in others.items() for k in ("top1", "top5")}
+        cache = self._teacher_cache_counts()
         self.trackers.log({"epoch": completed, "val/top1": metrics["top1"],
                            "val/top5": metrics["top5"], "val/loss": metrics["loss"],
                            "val/best_top1": self.state.best_top1, **per_part,
-                           **{f"epoch/{k}": v for k, v in epoch_terms.items()}},
+                           **{f"epoch/{k}": v for k, v in epoch_terms.items()}, **cache},
                           step=self.state.global_step, event="epoch")
+        if cache:
+            looked_up = cache["teacher_cache/read"] + cache["teacher_cache/computed"]
+            log.info("teacher cache: %d of %d teacher outputs read so far (%.0f%%), %d computed",
+                     cache["teacher_cache/read"], looked_up,
+                     100.0 * cache["teacher_cache/read"] / max(looked_up, 1),
+                     cache["teacher_cache/computed"])
         terms = "  ".join(f"{k} {v:.4f}" for k, v in epoch_terms.items())
         also = "".join(f"  {role} {r['top1']:.2f}%" for role, r in others.items())
         if self.stages:
@@ -551,6 +567,18 @@ class Trainer:
                  metrics["top5"], also)
         self._tick_wall_clock()
         self.save_checkpoint()
+
+    def _teacher_cache_counts(self) -> dict[str, int]:
+        """Teacher outputs read from the cache and computed, by this run's processes since they
+        started (summed over ranks); {} without the cache."""
+        if self.teacher_cache is None:
+            return {}
+        counts = torch.tensor([*self.teacher_cache.counts(), self.teacher_cache.rejected()],
+                              dtype=torch.float64, device=self.device)
+        dist_utils.all_reduce_sum(counts)
+        read, computed, rejected = (int(v) for v in counts.tolist())
+        return {"teacher_cache/read": read, "teacher_cache/computed": computed,
+                "teacher_cache/rejected": rejected}
 
     def _derived_summaries(self) -> dict[str, dict]:
         """summary.json's entries of the derived models (BYOT's exits): top-1, params, FLOPs."""
@@ -600,6 +628,11 @@ class Trainer:
                          for t in self.teachers],
             "history": self.state.history,
         }
+        if self.teacher_cache is not None:   # this process's lookups (a resumed run: since resume)
+            self.teacher_cache.flush()
+            cache = self._teacher_cache_counts()
+            summary["teacher_cache"] = {**self.teacher_cache.describe(),
+                                        **{k.split("/")[1]: v for k, v in cache.items()}}
         if self.main:
             self.save_checkpoint()   # records `finished`, so re-running the command is a no-op
             save_weights(plain_state_dict(exported), self.run_dir / "student.safetensors",

@@ -36,6 +36,7 @@ IGNORED_KEYS = (
     "trainer.compile*",          # torch.compile: same math, other kernels
     "trainer.channels_last",     # memory layout only
     "trainer.on_nonfinite",      # what to do on a NaN step; skipped steps are counted in the run
+    "teacher.cache",             # the teacher's outputs stored or computed: the same values
     "world_size",                # ranks (recorded by distill.app): trainer.batch_size is the
                                  # global batch, so 1 GPU and 2 GPUs run the same experiment
 )

@@ -1,0 +1,414 @@
+"""The exact teacher-output cache (`teacher.cache=views`): a frozen teacher's outputs for each
+(training image, augmentation view), computed when first needed and read back afterwards.
+
+A frozen teacher gives the same output for the same input, and the CIFAR recipe shows each image
+in one of only (2p+1)^2 x 2 views (a crop offset of its p-pixel zero padding, and a flip: 162 for
+CIFAR). Every training batch carries each image's dataset index and view id
+(distill.data.batched), so the teacher's answer for that batch is a lookup of rows
+`item * views + view`; only the rows not stored yet are computed (and stored). The student then
+trains as it would without the cache: the stored outputs are the teacher's own, up to the float
+rounding of a batch of another size (about 1e-7 relative, on this CPU).
+
+Storage, one file per (teacher weights, training images, recipe, precision, device type, storage
+dtype), beside the teacher's zoo entry:
+
+    <zoo>/<dataset>/<teacher arch>/outputs/<teacher sha256[:16]>/<key[:16]>-<dtype>.bin
+    [4096-byte header: magic + JSON of the key] [int64 tag per row] [rows x width values]
+
+The file is memory-mapped (shared between processes: the OS page cache is the in-memory copy).
+A row's tag is 0 while it is empty, else a checksum of its values and its position, so a row
+half-written by a process that died, a row two runs wrote at once, or a damaged byte reads as
+empty and is computed again: never trusted. A file whose header or size is wrong is rebuilt. A
+new file is made complete under a temporary name and linked into place, so two runs that start
+together share one file.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from distill.errors import ConfigError
+
+log = logging.getLogger("distill")
+
+CACHE_MODES = ("none", "views")
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
+MAGIC = b"distill teacher outputs\n"
+HEADER_BYTES = 4096
+FORMAT = 1
+_PRIME = 2_147_483_647            # 2^31 - 1: checksum arithmetic stays inside int64
+_ROW_FACTOR = 1_000_003
+
+
+@functools.lru_cache(maxsize=8)
+def _multipliers(words: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(20261130)
+    return torch.randint(1, _PRIME, (words,), generator=generator, dtype=torch.int64)
+
+
+def row_checksums(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """int64 [n], never 0: a checksum of each row of stored values (their storage dtype) and of
+    its row number. Each 16-bit word times its own multiplier, summed modulo 2^31 - 1: a change
+    of any single word always changes it (words and their differences are below the prime)."""
+    words = values.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    total = ((words * _multipliers(words.shape[1])) % _PRIME).sum(1)
+    return (total + rows.to(torch.int64) * _ROW_FACTOR) % _PRIME + 1
+
+
+class OutputStore:
+    """`rows` rows of `width` outputs in `dtype` ("float32" exact, "float16" half the size), in
+    the memory-mapped file `path` (None: in this process's memory only)."""
+
+    def __init__(self, path: Path | None, key: dict, rows: int, width: int, dtype: str):
+        self.path, self.rows, self.width, self.dtype = path, rows, width, dtype
+        self.np_dtype = np.dtype(STORAGE_DTYPES[dtype])
+        self.header = header_bytes({**key, "rows": rows, "width": width, "dtype": dtype})
+        self.size = HEADER_BYTES + 8 * rows + self.np_dtype.itemsize * rows * width
+        self.rejected = 0   # rows whose checksum failed, read as empty (this process)
+        if path is not None:
+            try:
+                self._open_file(path)
+                return
+            except OSError as exc:
+                log.warning("teacher.cache: cannot use %s (%s); this run keeps the teacher's "
+                            "outputs in memory only", path, exc)
+                self.path = None
+        self.tags = torch.zeros(rows, dtype=torch.int64)
+        self.values = torch.zeros(rows, width, dtype=_torch_dtype(self.np_dtype))
+
+    # --- the file ------------------------------------------------------------------------------
+    def _open_file(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        problem = self.problem(path)
+        if problem is not None:
+            if problem != "missing":
+                log.warning("teacher.cache: %s is damaged (%s): rebuilt empty", path, problem)
+            self._create(path, replace=problem != "missing")
+        tags = np.memmap(path, dtype=np.int64, mode="r+", offset=HEADER_BYTES, shape=(self.rows,))
+        values = np.memmap(path, dtype=self.np_dtype, mode="r+",
+                           offset=HEADER_BYTES + 8 * self.rows, shape=(self.rows, self.width))
+        self.tags, self.values = torch.from_numpy(tags), torch.from_numpy(values)
+        self._maps = (tags, values)   # kept alive with the tensors that share their memory
+
+    def problem(self, path: Path) -> str | None:
+        """None when `path` is this store's file, else what is wrong ("missing" when absent)."""
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                header = f.read(HEADER_BYTES)
+        except FileNotFoundError:
+            return "missing"
+        if header != self.header:
+            return "its header is not this cache's key" if header.startswith(MAGIC) \
+                else "not a teacher-output cache file"
+        if size != self.size:
+            return f"{size} bytes where its header says {self.size}"
+        return None
+
+    def _create(self, path: Path, *, replace: bool) -> None:
+        """Made whole under a temporary name, then linked in: never seen half-made. Without
+        `replace`, a file another process linked first is kept (it is as good as ours)."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(self.header)
+                f.truncate(self.size)   # sparse: empty rows take no disk
+            if replace:
+                os.replace(tmp, path)
+            else:
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    # --- rows ----------------------------------------------------------------------------------
+    def lookup(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 values [n, width], whether each row was stored and intact [n])."""
+        tags, stored = self.tags[rows], self.values[rows]
+        present = tags != 0
+        if bool(present.any()):
+            intact = row_checksums(stored, rows) == tags
+            self.rejected += int((present & ~intact).sum())
+            present &= intact
+        return stored.float(), present
+
+    def store(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        stored = values.detach().to("cpu", _torch_dtype(self.np_dtype)).contiguous()
+        self.values[rows] = stored
+        self.tags[rows] = row_checksums(stored, rows)   # after the values: a tag vouches for them
+
+    def filled(self) -> int:
+        """Rows stored (tags set; a damaged one counts until it is read)."""
+        return int((self.tags != 0).sum())
+
+    def flush(self) -> None:
+        for mapped in getattr(self, "_maps", ()):
+            mapped.flush()
+
+
+def header_bytes(key: dict) -> bytes:
+    text = MAGIC + json.dumps(key, sort_keys=True).encode() + b"\n"
+    if len(text) > HEADER_BYTES:
+        raise ValueError("cache key too long for the header")
+    return text.ljust(HEADER_BYTES, b" ")
+
+
+def _torch_dtype(np_dtype: np.dtype) -> torch.dtype:
+    return {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}[np_dtype]
+
+
+class CachedTeacher(nn.Module):
+    """A frozen part that answers a call on the batch being trained on (set by
+    `TeacherCache.serving`) from its store, computing only the rows not stored yet. Any other
+    call (evaluation, the dry forward, other images) runs the model itself."""
+
+    def __init__(self, model: nn.Module, store: OutputStore):
+        super().__init__()
+        self.model, self.store = model, store
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None   # (images, rows)
+        self.read = self.computed = 0
+
+    def compile(self, *args, **kwargs) -> None:   # trainer.compile=teacher: the model itself
+        self.model.compile(*args, **kwargs)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.batch is None or not _same_tensor(images, self.batch[0]):
+            return self.model(images)
+        rows = self.batch[1]
+        values, present = self.store.lookup(rows)
+        missing = (~present).nonzero().flatten()
+        self.read += len(rows) - len(missing)
+        self.computed += len(missing)
+        if len(missing) == len(rows):   # nothing stored: exactly the uncached call
+            outputs = self.model(images)
+            self.store.store(rows, outputs)
+            return outputs
+        dtype = _output_dtype(images.device)
+        if len(missing):
+            computed = self.model(images[missing.to(images.device)])
+            self.store.store(rows[missing], computed)
+            values[missing] = computed.float().cpu()
+            dtype = computed.dtype
+        return values.to(images.device, dtype, non_blocking=True)
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)
+
+
+def _output_dtype(device: torch.device) -> torch.dtype:
+    """What the teacher's logits would be: the autocast dtype under autocast, else float32."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return torch.float32
+
+
+@dataclass
+class TeacherCache:
+    """The cached frozen parts of a run, and how a batch's items and views become rows."""
+
+    parts: dict[str, CachedTeacher]
+    base_index: torch.Tensor   # training item -> index among the images the cache is keyed by
+    views: int                 # views per image
+
+    def rows(self, indices: torch.Tensor, augmentation: torch.Tensor) -> torch.Tensor:
+        return self.base_index[indices.cpu()] * self.views + augmentation.cpu()
+
+    @contextlib.contextmanager
+    def serving(self, images: torch.Tensor, indices: torch.Tensor,
+                augmentation: torch.Tensor) -> Iterator[None]:
+        """The parts answer calls on `images` (this step's batch) from the cache."""
+        rows = self.rows(indices, augmentation)
+        for part in self.parts.values():
+            part.batch = (images, rows)
+        try:
+            yield
+        finally:
+            for part in self.parts.values():
+                part.batch = None
+
+    def counts(self) -> tuple[int, int]:
+        """(rows read, rows computed) by this process so far, over every cached part."""
+        return (sum(p.read for p in self.parts.values()),
+                sum(p.computed for p in self.parts.values()))
+
+    def rejected(self) -> int:
+        return sum(p.store.rejected for p in self.parts.values())
+
+    def flush(self) -> None:
+        for part in self.parts.values():
+            part.store.flush()
+
+    def describe(self) -> dict:
+        """summary.json's `teacher_cache` entry."""
+        read, computed = self.counts()
+        return {"mode": "views", "views_per_image": self.views, "read": read,
+                "computed": computed, "rejected": self.rejected(),
+                "files": {role: str(p.store.path) if p.store.path else None
+                          for role, p in self.parts.items()}}
+
+
+# --- building it -------------------------------------------------------------------------------
+def uncacheable_pipeline(dataset) -> str | None:
+    """Why the views of `dataset`'s training pipeline cannot be enumerated, or None."""
+    from distill.data.batched import tensor_source
+
+    if tensor_source(dataset) is not None:
+        return None
+    inner = getattr(dataset, "dataset", dataset)   # a Subset's dataset
+    ops = getattr(getattr(inner, "transform", None), "transforms", [])
+    names = [type(op).__name__ for op in ops]
+    if "RandomResizedCrop" in names:
+        return ("its training pipeline draws a RandomResizedCrop (a continuous scale and aspect "
+                "ratio per image): too many views to enumerate and store")
+    return ("its training pipeline is not the pad-crop/flip recipe of in-memory datasets (the "
+            "one whose views the cache enumerates)"
+            + (f": {', '.join(names)}" if names else ""))
+
+
+def images_digest(images: torch.Tensor) -> str:
+    """sha256 of a uint8 image tensor's bytes (the training images the cache is keyed by)."""
+    return hashlib.sha256(memoryview(images.contiguous().numpy()).cast("B")).hexdigest()
+
+
+def cache_key(*, teacher_sha256: str, images_sha256: str, items: int, transform,
+              precision: str, device: torch.device) -> dict:
+    """What the teacher's outputs depend on, besides the row: its weights, the images, the
+    recipe that makes the views (and the normalisation before the teacher), the autocast
+    precision and the kind of device (GPU convolutions round otherwise than this CPU's)."""
+    return {"format": FORMAT, "teacher_sha256": teacher_sha256, "images_sha256": images_sha256,
+            "items": items, "views": transform.view_count, "padding": transform.padding,
+            "flip": transform.flip, "mean": list(transform.mean), "std": list(transform.std),
+            "precision": precision, "device": device.type}
+
+
+def cache_path(zoo_root: str | Path, dataset: str, arch: str, key: dict, dtype: str) -> Path:
+    digest = hashlib.sha256(json.dumps({**key, "dtype": dtype}, sort_keys=True).encode())
+    return (Path(zoo_root).expanduser() / dataset / arch / "outputs" / key["teacher_sha256"][:16]
+            / f"{digest.hexdigest()[:16]}-{dtype}.bin")
+
+
+def open_store(model: nn.Module, *, arch: str, teacher_sha256: str, train, zoo_root: str | Path,
+               dataset: str, precision: str, device: torch.device, dtype: str,
+               images_sha256: str | None = None) -> tuple[OutputStore, torch.Tensor, int]:
+    """The store of `model`'s outputs on the training set `train`; also the item -> base image
+    index map and the views per image. `images_sha256` saves hashing the images again."""
+    from distill.data.batched import tensor_origin, tensor_source
+
+    base, base_index = tensor_origin(train)
+    transform = tensor_source(train)[1]
+    key = cache_key(teacher_sha256=teacher_sha256,
+                    images_sha256=images_sha256 or images_digest(base.images),
+                    items=len(base), transform=transform, precision=precision, device=device)
+    width = output_width(model, tuple(base.images.shape[1:]), device)
+    rows = len(base) * transform.view_count
+    store = OutputStore(cache_path(zoo_root, dataset, arch, key, dtype), key, rows, width, dtype)
+    return store, base_index, transform.view_count
+
+
+def output_width(model: nn.Module, image_shape: tuple[int, ...], device: torch.device) -> int:
+    with torch.no_grad():
+        return int(model(torch.zeros(1, *image_shape, device=device)).shape[1])
+
+
+def attach_teacher_cache(distiller, teachers: list, data, *, zoo_root: str | Path, dataset: str,
+                         precision: str, device: torch.device, dtype: str) -> TeacherCache:
+    """Put a CachedTeacher in place of each frozen part of `distiller` (its `teachers`: the
+    resolved teachers, by role, for their weights' sha256 and architecture)."""
+    from distill.data.batched import tensor_origin
+
+    why = uncacheable_pipeline(data.train)
+    if why is not None:
+        raise ConfigError(f"dataset {data.name}: {why}", key="teacher.cache",
+                          allowed="none for this dataset")
+    digest = images_digest(tensor_origin(data.train)[0].images)
+    by_role = {t.role: t for t in teachers}
+    parts, base_index, views = {}, None, 0
+    for role, model in distiller.frozen_parts().items():
+        teacher = by_role[role]
+        store, base_index, views = open_store(
+            model, arch=teacher.name, teacher_sha256=teacher.sha256, train=data.train,
+            zoo_root=zoo_root, dataset=dataset, precision=precision, device=device, dtype=dtype,
+            images_sha256=digest)
+        parts[role] = CachedTeacher(model, store)
+        setattr(distiller, role, parts[role])
+        log.info("teacher.cache=views: %s's outputs for %d images x %d views in %s (%d of %d "
+                 "rows stored)", role, store.rows // views, views, store.path or "memory",
+                 store.filled(), store.rows)
+    return TeacherCache(parts, base_index, views)
+
+
+__all__ = ["CACHE_MODES", "STORAGE_DTYPES", "CachedTeacher", "OutputStore", "TeacherCache",
+           "attach_teacher_cache", "open_store", "row_checksums", "uncacheable_pipeline"]
+
+
+# --- filling it ahead of a sweep (tools/cache_teacher.py) --------------------------------------
+@dataclass
+class FillReport:
+    computed: int = 0            # rows computed and stored now
+    already: int = 0             # rows found stored
+    kd_loss_sum: float = 0.0     # float16 storage: KD loss (T=4) of exact vs stored, summed per row
+    kd_loss_max: float = 0.0     # ... its largest value over the batches
+    logit_error_max: float = 0.0  # ... the largest |stored - exact| logit
+
+    @property
+    def kd_loss_mean(self) -> float:
+        return self.kd_loss_sum / max(self.computed, 1)
+
+
+ROUNDING_TEMPERATURE = 4.0   # the KD temperature of the reference CIFAR recipes
+
+
+def fill_store(store: OutputStore, model: nn.Module, images: torch.Tensor, transform, *,
+               batch_size: int, device: torch.device, precision: str = "fp32",
+               memory_format: torch.memory_format = torch.channels_last,
+               on_batch=None) -> FillReport:
+    """Compute and store every row of `store` not stored yet: image `row // views` of the uint8
+    `images` seen in view `row % views` of `transform`, through `model` as a run does (eval
+    mode, no grad, the run's autocast precision). `on_batch(rows)` after each batch of rows.
+    With float16 storage, the report says what the rounding does to a KD loss at T=4."""
+    from distill.losses import kd_loss
+
+    views, report = transform.view_count, FillReport()
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    model.eval()
+    for start in range(0, store.rows, batch_size):
+        rows = torch.arange(start, min(start + batch_size, store.rows))
+        _, present = store.lookup(rows)
+        missing = rows[~present]
+        report.already += len(rows) - len(missing)
+        if len(missing):
+            items, view_ids = (missing // views).to(device), (missing % views).to(device)
+            batch = transform.normalize(transform.render(images[items.cpu()].to(device), view_ids))
+            batch = batch.contiguous(memory_format=memory_format)
+            with torch.no_grad(), torch.autocast(device.type, dtype=autocast,
+                                                 enabled=autocast is not None):
+                outputs = model(batch)
+            store.store(missing, outputs)
+            report.computed += len(missing)
+            if store.dtype != "float32":
+                exact = outputs.float()
+                stored = outputs.to(_torch_dtype(store.np_dtype)).float()
+                loss = float(kd_loss(exact, stored, ROUNDING_TEMPERATURE))
+                report.kd_loss_sum += loss * len(missing)
+                report.kd_loss_max = max(report.kd_loss_max, loss)
+                report.logit_error_max = max(report.logit_error_max,
+                                             float((stored - exact).abs().max()))
+        if on_batch is not None:
+            on_batch(len(rows))
+    store.flush()
+    return report
