@@ -28,7 +28,7 @@ from distill.engine.loaders import data_path_transforms, view_transforms
 from distill.engine.rundir import (check_run_dir, check_schedule_change, discard_if_unused,
                                    locked, note_new_folders, start_run_dir)
 from distill.engine.sampler import steps_per_epoch
-from distill.engine.teacher_cache import OutputStore, attach_teacher_cache
+from distill.engine.teacher_cache import OutputStore, attach_teacher_cache, check_cacheable
 from distill.engine.trainer import Trainer, TrainerOptions
 from distill.errors import ConfigError
 from distill.models import create_model, model_spec
@@ -161,6 +161,7 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
                           "training data to hold in memory", key="trainer.data_path",
                           allowed="auto or loader")
     data_path_transforms(data, cfg.trainer.data_path)   # trainer.data_path=memory must fit
+    check_cacheable(data, cfg.teacher.cache, key="teacher.cache")
     if data.data_digest is not None:
         # recorded with the config: a resume on other data is refused, the zoo and the report
         # keep runs on different data apart
@@ -288,7 +289,7 @@ def teacher_cache_jobs(cfg: DictConfig, overrides: list[str]) -> tuple[list[Cach
     with their teachers found or made as that run would: what tools/cache_teacher.py fills.
     Refuses methods and datasets the cache cannot serve, as the run would."""
     from distill.data.batched import tensor_origin, tensor_source
-    from distill.engine.teacher_cache import images_digest, open_store, uncacheable_pipeline
+    from distill.engine.teacher_cache import images_digest, open_store
     from distill.validation import check_teacher_cache
 
     resolved = validate(cfg)
@@ -297,11 +298,7 @@ def teacher_cache_jobs(cfg: DictConfig, overrides: list[str]) -> tuple[list[Cach
     check_teacher_cache(cfg.distiller.name, distiller_cls, "views")
     options = {k: v for k, v in resolved["distiller"].items() if k != "name"}
     data = build_data(resolved["dataset"])
-    why = uncacheable_pipeline(data.train)
-    if why is not None:
-        raise ConfigError(f"dataset {data.name}: {why}", key="dataset",
-                          allowed="a dataset held in memory: cifar10, cifar100, digits, mnist5k, "
-                                  "fake")
+    check_cacheable(data, "views", key="dataset")
     requests = distiller_cls.teacher_requests(options, resolved["teacher"])
     teachers, _, _ = find_teachers(cfg, resolved, options, data, device, overrides, {}, requests)
     base = tensor_origin(data.train)[0]

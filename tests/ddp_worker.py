@@ -2,15 +2,17 @@
 Trainer on fake data, no augmentation, with BN-free models (per-rank BatchNorm statistics would
 make 2 x B/2 differ from 1 x B by design; SyncBatchNorm is GPU-only). `kd` takes the default
 step (the distiller in DDP); `dml` the manual step (two peers, two optimizers, gradients
-averaged by the trainer); `crd` the default step with a memory bank the ranks keep equal.
+averaged by the trainer); `crd` the default step with a memory bank the ranks keep equal;
+`kd_cached` KD with teacher.cache=views, one store shared by both runs.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR [memory|loader] [kd|dml|crd]
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR [memory|loader] [kd|dml|crd|kd_cached]
 
 200 images in global batches of 32: six full batches, then one of 8 (4 per rank), all taken.
 """
 import dataclasses
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -19,6 +21,7 @@ from distill.data import TensorImageDataset
 from distill.data.fake import fake
 from distill.distillers import BuildInfo, build_distiller
 from distill.engine import distributed as dist_utils
+from distill.engine.teacher_cache import attach_teacher_cache
 from distill.engine.trainer import Trainer, TrainerOptions
 from distill.models import MODELS
 
@@ -50,14 +53,21 @@ def main(run_dir: Path, data_path: str, method: str) -> None:
     data = fake(train_size=200, val_size=64)
     plain = TensorImageDataset(data.train.images, data.train.labels, data.val.transform)
     data = dataclasses.replace(data, train=plain)
-    distiller = build(method, data.train.labels)
+    distiller = build(method.removesuffix("_cached"), data.train.labels)
+    cache = None
+    if method.endswith("_cached"):   # one store for the 1- and 2-process runs: the second reads
+        teacher = SimpleNamespace(role="teacher", name="tiny_net", sha256="0" * 64)
+        cache = attach_teacher_cache(distiller, [teacher], data, zoo_root=run_dir.parent / "zoo",
+                                     dataset="fake", precision="fp32",
+                                     device=torch.device("cpu"), dtype="float32")
     trainer = Trainer(
         distiller, data, options=TrainerOptions(epochs=2, batch_size=GLOBAL_BATCH,
                                                 max_steps=STEPS, progress=False,
                                                 data_path=data_path),
         optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
         scheduler={"name": "multistep", "milestones": []}, run_dir=run_dir,
-        device=torch.device("cpu"), loggers={}, config={}, run_name="ddp", seed=0)
+        device=torch.device("cpu"), loggers={}, config={}, run_name="ddp", seed=0,
+        teacher_cache=cache)
     trainer.fit()
 
 

@@ -27,14 +27,16 @@ def torchrun(nproc: int, *args: str, env: dict | None = None, cwd: Path | None =
 
 
 @pytest.mark.parametrize("method,data_path", [("kd", "memory"), ("kd", "loader"),
-                                              ("dml", "memory"), ("crd", "loader")])
+                                              ("dml", "memory"), ("crd", "loader"),
+                                              ("kd_cached", "loader")])
 def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(tmp_path, method,
                                                                          data_path):
     """2 x B/2 == 1 x B after k steps, a whole epoch with its partial last batch: same samples
     per step, gradients averaged over ranks, top-1 counted over the whole validation set
     (BN-free models: see tests/ddp_worker.py). KD on both data paths; DML's manual step with
     its two optimizers on one; CRD, whose memory bank and negatives must be the global
-    batch's on every rank, on the other (its banks are compared too)."""
+    batch's on every rank, on the other (its banks are compared too); KD with the teacher's
+    outputs cached, the 2-rank run reading what the 1-process run stored."""
     sys.path.insert(0, str(REPO / "tests"))
     from ddp_worker import GLOBAL_BATCH, STEPS, tiny_net
 
@@ -52,6 +54,9 @@ def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(tmp_pat
         assert banks[0].keys() == banks[1].keys() and "bank_student" in banks[0]
         for key in banks[0]:   # Z: the sum of a float32 score tensor, in another order
             torch.testing.assert_close(banks[0][key], banks[1][key], rtol=1e-5, atol=1e-5)
+    if method == "kd_cached":   # the 1-process run filled the store, the 2-rank run read it
+        assert s1["teacher_cache"]["computed"] == s2["teacher_cache"]["read"] == 200
+        assert s2["teacher_cache"]["computed"] == 0
     if method == "dml":   # the other peer too: its own optimizer, its gradients averaged
         assert s1["models"]["peer1"]["last_top1"] == pytest.approx(s2["models"]["peer1"]["last_top1"])
         assert set(s1["models"]) == {"peer0", "peer1"}

@@ -280,6 +280,16 @@ def uncacheable_pipeline(dataset) -> str | None:
             + (f": {', '.join(names)}" if names else ""))
 
 
+def check_cacheable(data, mode: str, *, key: str) -> None:
+    """A ConfigError naming `key` when teacher.cache `mode` cannot serve `data`'s training set."""
+    why = uncacheable_pipeline(data.train) if mode != "none" else None
+    if why is not None:
+        raise ConfigError(f"dataset {data.name}: {why}", key=key,
+                          allowed="teacher.cache=none for this dataset; views serves datasets "
+                                  "held in memory with the pad-crop/flip recipe (cifar10, "
+                                  "cifar100, digits, mnist5k, fake)")
+
+
 def images_digest(images: torch.Tensor) -> str:
     """sha256 of a uint8 image tensor's bytes (the training images the cache is keyed by)."""
     return hashlib.sha256(memoryview(images.contiguous().numpy()).cast("B")).hexdigest()
@@ -331,10 +341,7 @@ def attach_teacher_cache(distiller, teachers: list, data, *, zoo_root: str | Pat
     resolved teachers, by role, for their weights' sha256 and architecture)."""
     from distill.data.batched import tensor_origin
 
-    why = uncacheable_pipeline(data.train)
-    if why is not None:
-        raise ConfigError(f"dataset {data.name}: {why}", key="teacher.cache",
-                          allowed="none for this dataset")
+    check_cacheable(data, "views", key="teacher.cache")
     digest = images_digest(tensor_origin(data.train)[0].images)
     by_role = {t.role: t for t in teachers}
     parts, base_index, views = {}, None, 0
@@ -351,9 +358,6 @@ def attach_teacher_cache(distiller, teachers: list, data, *, zoo_root: str | Pat
                  store.filled(), store.rows)
     return TeacherCache(parts, base_index, views)
 
-
-__all__ = ["CACHE_MODES", "STORAGE_DTYPES", "CachedTeacher", "OutputStore", "TeacherCache",
-           "attach_teacher_cache", "open_store", "row_checksums", "uncacheable_pipeline"]
 
 
 # --- filling it ahead of a sweep (tools/cache_teacher.py) --------------------------------------
@@ -412,3 +416,8 @@ def fill_store(store: OutputStore, model: nn.Module, images: torch.Tensor, trans
             on_batch(len(rows))
     store.flush()
     return report
+
+
+__all__ = ["CACHE_MODES", "STORAGE_DTYPES", "CachedTeacher", "OutputStore", "TeacherCache",
+           "attach_teacher_cache", "check_cacheable", "fill_store", "open_store", "row_checksums",
+           "uncacheable_pipeline"]
