@@ -113,7 +113,9 @@ def test_damaged_rows_and_files_are_never_trusted(tmp_path, caplog):
     assert present.tolist() == [True, True, True, False, True, True]
     assert reopened.rejected == 1
     # a tag that vouches for other values (a row two writers wrote at once) is rejected too
-    reopened.values[4] = torch.randn(5)
+    with open(path, "r+b") as f:
+        f.seek(4096 + 8 * 12 + 4 * 4 * 5)
+        f.write(torch.randn(5).numpy().tobytes())
     assert reopened.lookup(torch.tensor([4]))[1].tolist() == [False]
     assert row_checksums(values[:1], torch.tensor([0])) != row_checksums(values[:1], torch.tensor([1]))
     # a damaged header, or a file of the wrong size: rebuilt empty, with a warning
@@ -218,3 +220,15 @@ def test_cache_teacher_tool_fills_ahead_and_reports_float16_rounding(tmp_path, c
     assert len(list((tmp_path / "zoo").rglob("*-float16.bin"))) == 1
     assert cache_teacher.main([*data, "distiller=fitnet"]) == 2
     assert "teacher.cache" in capsys.readouterr().err
+
+
+def test_a_store_that_cannot_be_written_keeps_rows_in_memory(tmp_path, caplog):
+    (tmp_path / "not-a-folder").write_text("")
+    with caplog.at_level("WARNING", logger="distill"):
+        store = _store(tmp_path / "not-a-folder" / "outputs.bin")
+    assert store.path is None and "in memory only" in caplog.text
+    values = torch.randn(3, 5)
+    store.store(torch.tensor([7, 1, 4]), values)
+    got, present = store.lookup(torch.tensor([1, 2, 4, 7]))
+    assert present.tolist() == [True, False, True, True]
+    assert torch.equal(got[[3, 0, 2]], values)

@@ -121,7 +121,8 @@ def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, st
 
 def trainer_images_per_sec(method: str, teacher: str, student: str, batch: int, steps: int,
                            warmup: int, workdir: Path, data_path: str, device: str,
-                           compile: str = "none") -> float:
+                           compile: str = "none", zoo: Path | None = None,
+                           extra: tuple[str, ...] = ()) -> float:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
@@ -144,9 +145,9 @@ def trainer_images_per_sec(method: str, teacher: str, student: str, batch: int, 
                  "dataset.val_size=100", f"trainer.batch_size={batch}", "trainer.epochs=1",
                  f"trainer.max_steps={steps + warmup}", f"trainer.log_every={warmup}",
                  "trainer.progress=false", f"trainer.data_path={data_path}", "logger=jsonl",
-                 f"teacher.checkpoint={weights}", f"zoo.root={workdir / 'zoo'}", f"device={device}",
-                 f"trainer.compile={compile}", f"optimizer.lr={BENCH_LR}", *main_stage_only(method),
-                 *made]
+                 f"teacher.checkpoint={weights}", f"zoo.root={zoo or workdir / 'zoo'}",
+                 f"device={device}", f"trainer.compile={compile}", f"optimizer.lr={BENCH_LR}",
+                 *main_stage_only(method), *made, *extra]
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     OmegaConf.set_struct(cfg, False)
@@ -299,16 +300,21 @@ def build_parser() -> cli_args.ArgumentParser:
                         help="write the markdown table here (.md, .markdown or .txt)")
     parser.add_argument("--against-torchdistill", action="store_true",
                         help="also time KD in torchdistill (pip install torchdistill==1.1.5)")
+    parser.add_argument("--teacher-cache", action="store_true",
+                        help="also time KD with teacher.cache=views, cold (an empty cache) and "
+                             "warm (every row the run reads stored), and the student alone "
+                             "(distiller=none)")
     return parser
 
 
 def validate(args: argparse.Namespace) -> None:
     if args.methods is None:
         args.methods = DISTILLERS.list()
+    for flag, on in (("--against-torchdistill", args.against_torchdistill),
+                     ("--teacher-cache", args.teacher_cache)):
+        if on and "kd" not in args.methods:
+            raise ConfigError("it times KD only; add kd to --methods", key=flag)
     if args.against_torchdistill:
-        if "kd" not in args.methods:
-            raise ConfigError("it times KD only; add kd to --methods",
-                              key="--against-torchdistill")
         try:
             import torchdistill  # noqa: F401
         except ImportError:
@@ -364,6 +370,18 @@ def measure_all(args: argparse.Namespace, argv: list[str]) -> str:
                         except FloatingPointError as exc:   # its advice names a temporary run
                             raise FloatingPointError(
                                 f"{method}, batch {batch}: {str(exc).split(';')[0]}") from None
+                    if args.teacher_cache and method == "kd":
+                        # a fresh store: the cold run fills the rows the warm run (same seed,
+                        # same views) then reads
+                        zoo = Path(tmp) / f"cache-{time.monotonic_ns()}"
+                        for column in ("cold cache", "warm cache"):
+                            trainers.setdefault(column, []).append(trainer_images_per_sec(
+                                method, args.teacher, args.student, batch, args.steps,
+                                args.warmup, Path(tmp), "memory", str(device), args.compile,
+                                zoo=zoo, extra=("teacher.cache=views",)))
+                        trainers.setdefault("student alone", []).append(trainer_images_per_sec(
+                            "none", args.teacher, args.student, batch, args.steps, args.warmup,
+                            Path(tmp), "memory", str(device), args.compile))
                     if args.against_torchdistill and method == "kd":
                         trainers.setdefault("torchdistill", []).append(torchdistill_images_per_sec(
                             args.teacher, args.student, batch, args.steps, args.warmup, device))
@@ -376,6 +394,8 @@ def measure_all(args: argparse.Namespace, argv: list[str]) -> str:
                                for k, v in row.items()), flush=True)
 
     paths = list(args.data_paths)
+    if args.teacher_cache:
+        paths += ["cold cache", "warm cache", "student alone"]
     if args.against_torchdistill:
         paths.append("torchdistill")
     header = ("| method | batch | floor img/s | "
@@ -391,7 +411,29 @@ def measure_all(args: argparse.Namespace, argv: list[str]) -> str:
         for p in paths:
             cells += [f"{row[p]:.0f}", f"{row[p] / row['floor']:.2f}"] if p in row else ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
+    if args.teacher_cache:
+        lines += cache_ratios(rows, args.against_torchdistill)
     return "\n".join(lines) + "\n"
+
+
+def cache_ratios(rows: list[dict], torchdistill: bool) -> list[str]:
+    """The teacher-output cache's table: warm-cache KD against the student alone, no cache
+    (the memory column) and torchdistill."""
+    header = ("| batch | warm cache / student alone | warm cache / no cache | cold cache / no cache"
+              + (" | warm cache / torchdistill" if torchdistill else "") + " |")
+    lines = ["", "Teacher-output cache (teacher.cache=views), KD:", "", header,
+             "|" + "---|" * (4 + torchdistill)]
+    for row in rows:
+        if "warm cache" not in row:
+            continue
+        uncached = row.get("memory")   # the cached runs take the in-memory path too
+        cells = [str(row["batch"]), f"{row['warm cache'] / row['student alone']:.2f}",
+                 f"{row['warm cache'] / uncached:.2f}" if uncached else "",
+                 f"{row['cold cache'] / uncached:.2f}" if uncached else ""]
+        if torchdistill:
+            cells.append(f"{row['warm cache'] / row['torchdistill']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

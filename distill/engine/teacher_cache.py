@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,11 +97,15 @@ class OutputStore:
             if problem != "missing":
                 log.warning("teacher.cache: %s is damaged (%s): rebuilt empty", path, problem)
             self._create(path, replace=problem != "missing")
-        tags = np.memmap(path, dtype=np.int64, mode="r+", offset=HEADER_BYTES, shape=(self.rows,))
-        values = np.memmap(path, dtype=self.np_dtype, mode="r+",
-                           offset=HEADER_BYTES + 8 * self.rows, shape=(self.rows, self.width))
-        self.tags, self.values = torch.from_numpy(tags), torch.from_numpy(values)
+        self._values_at = HEADER_BYTES + 8 * self.rows
+        tags = np.memmap(path, dtype=np.int64, mode="r", offset=HEADER_BYTES, shape=(self.rows,))
+        values = np.memmap(path, dtype=self.np_dtype, mode="r", offset=self._values_at,
+                           shape=(self.rows, self.width))
+        with warnings.catch_warnings():   # read-only maps: rows are written with pwrite
+            warnings.simplefilter("ignore", UserWarning)
+            self.tags, self.values = torch.from_numpy(tags), torch.from_numpy(values)
         self._maps = (tags, values)   # kept alive with the tensors that share their memory
+        self._fd = os.open(path, os.O_RDWR)
 
     def problem(self, path: Path) -> str | None:
         """None when `path` is this store's file, else what is wrong ("missing" when absent)."""
@@ -137,26 +142,60 @@ class OutputStore:
     # --- rows ----------------------------------------------------------------------------------
     def lookup(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(float32 values [n, width], whether each row was stored and intact [n])."""
-        tags, stored = self.tags[rows], self.values[rows]
+        # index_select: tensor[rows] on a tensor this large is 1000x slower (measured)
+        tags = self.tags.index_select(0, rows)
         present = tags != 0
+        values = torch.zeros(len(rows), self.width)
         if bool(present.any()):
-            intact = row_checksums(stored, rows) == tags
-            self.rejected += int((present & ~intact).sum())
-            present &= intact
-        return stored.float(), present
+            # only rows with a tag are read: reading an empty row of the sparse file costs a
+            # page fault into a hole (~0.2 ms each, measured), which a cold run would pay per row
+            where = present.nonzero().flatten()
+            stored = self.values.index_select(0, rows[where])
+            intact = row_checksums(stored, rows[where]) == tags[where]
+            self.rejected += int((~intact).sum())
+            present[where[~intact]] = False
+            values[where] = stored.float()
+        return values, present
 
     def store(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         stored = values.detach().to("cpu", _torch_dtype(self.np_dtype)).contiguous()
-        self.values[rows] = stored
-        self.tags[rows] = row_checksums(stored, rows)   # after the values: a tag vouches for them
+        tags = row_checksums(stored, rows)
+        if self.path is None:
+            self.values.index_copy_(0, rows, stored)
+            self.tags.index_copy_(0, rows, tags)
+            return
+        # Written with pwrite, not through the mapping: a store into a never-written page of
+        # the sparse file through the mapping allocates its disk block there and then (~0.7 ms
+        # per page here, measured: 80 ms a batch), pwrite leaves that to the page cache's
+        # writeback. The mapping reads the same page cache. Runs of consecutive rows are one
+        # write each; every value is written before any tag that vouches for it.
+        order = torch.argsort(rows)
+        rows, stored, tags = rows[order], stored[order], tags[order]
+        last = torch.ones(len(rows), dtype=torch.bool)
+        last[:-1] = rows[1:] != rows[:-1]   # a row twice in one batch: written once
+        rows, stored, tags = rows[last], stored[last].numpy(), tags[last].numpy()
+        cuts = [0, *((rows[1:] != rows[:-1] + 1).nonzero().flatten() + 1).tolist(), len(rows)]
+        runs = [(int(rows[a]), a, b) for a, b in zip(cuts, cuts[1:])]
+        row_bytes = self.width * self.np_dtype.itemsize
+        for first, a, b in runs:
+            os.pwrite(self._fd, stored[a:b].tobytes(), self._values_at + first * row_bytes)
+        for first, a, b in runs:
+            os.pwrite(self._fd, tags[a:b].tobytes(), HEADER_BYTES + 8 * first)
 
     def filled(self) -> int:
         """Rows stored (tags set; a damaged one counts until it is read)."""
         return int((self.tags != 0).sum())
 
     def flush(self) -> None:
-        for mapped in getattr(self, "_maps", ()):
-            mapped.flush()
+        """Hand what was written to the disk (a crash of the machine loses nothing since)."""
+        if self.path is not None:
+            os.fsync(self._fd)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def header_bytes(key: dict) -> bytes:
