@@ -282,6 +282,7 @@ class CacheJob:
     store: OutputStore
     images: torch.Tensor   # the uint8 training images the store is keyed by
     transform: Any         # their BatchTransform (its views)
+    items: torch.Tensor    # which of them the run trains on (dataset.train_fraction: a part)
 
 
 def teacher_cache_jobs(cfg: DictConfig, overrides: list[str]) -> tuple[list[CacheJob], torch.device]:
@@ -301,7 +302,7 @@ def teacher_cache_jobs(cfg: DictConfig, overrides: list[str]) -> tuple[list[Cach
     check_cacheable(data, "views", key="dataset")
     requests = distiller_cls.teacher_requests(options, resolved["teacher"])
     teachers, _, _ = find_teachers(cfg, resolved, options, data, device, overrides, {}, requests)
-    base = tensor_origin(data.train)[0]
+    base, items = tensor_origin(data.train)
     transform = tensor_source(base)[1]
     digest = images_digest(base.images)
     jobs = []
@@ -313,7 +314,7 @@ def teacher_cache_jobs(cfg: DictConfig, overrides: list[str]) -> tuple[list[Cach
                                  train=base, zoo_root=cfg.zoo.root, dataset=resolved["dataset"]["name"],
                                  precision=cfg.trainer.precision, device=device,
                                  dtype=cfg.teacher.cache_dtype, images_sha256=digest)
-        jobs.append(CacheJob(teacher, store, base.images, transform))
+        jobs.append(CacheJob(teacher, store, base.images, transform, items))
     return jobs, device
 
 

@@ -84,6 +84,30 @@ def test_cached_runs_train_the_uncached_student(tmp_path, method, data_path):
             torch.testing.assert_close(students[1][key], value, rtol=1e-4, atol=1e-5)
 
 
+def test_each_of_several_teachers_has_its_own_store(tmp_path):
+    """multi_teacher: each teacher answers from a store of its own weights; cold and warm runs
+    train the uncached student."""
+    from safetensors.torch import save_file
+
+    from distill.models import create_model
+
+    torch.manual_seed(77)
+    second = tmp_path / "resnet8.safetensors"
+    save_file(create_model("resnet8", num_classes=10).state_dict(), str(second))
+    args = [*FAKE_RUN, "distiller=multi_teacher", "distiller.teachers=[resnet14,resnet8]",
+            f"distiller.teacher_checkpoints=[{fixed_teacher(tmp_path)},{second}]"]
+    run(make_cfg(tmp_path, *args, run="plain"))
+    cold = run(make_cfg(tmp_path, *args, "teacher.cache=views", run="cold"))
+    warm = run(make_cfg(tmp_path, *args, "teacher.cache=views", run="warm"))
+    files = cold["teacher_cache"]["files"]
+    assert set(files) == {"teacher0", "teacher1"} and len(set(files.values())) == 2
+    assert "/resnet14/outputs/" in files["teacher0"] and "/resnet8/outputs/" in files["teacher1"]
+    assert (warm["teacher_cache"]["read"], warm["teacher_cache"]["computed"]) == (256, 0)
+    for name in ("cold", "warm"):
+        for got, want in zip(_losses(tmp_path / name), _losses(tmp_path / "plain")):
+            assert got == pytest.approx(want, rel=1e-5)
+
+
 def test_cached_run_resumes_bit_exactly(tmp_path):
     straight, resumed, _ = resumes_bit_exactly(tmp_path, "distiller=kd", "teacher.cache=views")
     assert straight["teacher_cache"]["computed"] > 0
@@ -199,24 +223,27 @@ def test_random_resized_crop_is_refused_before_anything_is_made(tmp_path):
 
 def test_cache_teacher_tool_fills_ahead_and_reports_float16_rounding(tmp_path, capsys):
     """tools/cache_teacher.py prints the size, fills every (image, view) row; a run then
-    computes no teacher output. float16 storage reports its effect on the KD loss. A method
-    the cache cannot serve exits 2 with nothing filled."""
+    computes no teacher output. A run on part of the data fills that part; float16 storage
+    reports its effect on the KD loss. A method the cache cannot serve exits 2."""
     sys.path.insert(0, str(REPO / "tools"))
     import cache_teacher
 
-    data = ["dataset=fake", "dataset.train_size=8", "dataset.val_size=16", "teacher=resnet14", "student=resnet8", "device=cpu",
+    data = ["dataset=fake", "dataset.train_size=20", "dataset.val_size=16", "teacher=resnet14", "student=resnet8", "device=cpu",
             f"teacher.checkpoint={fixed_teacher(tmp_path)}", f"zoo.root={tmp_path / 'zoo'}"]
     assert cache_teacher.main(["--batch-size", "256", *data]) == 0
     out = capsys.readouterr().out
-    assert "8 images x 162 views x 10 outputs, float32" in out and "1,296 rows computed" in out
+    assert "20 images x 162 views x 10 outputs, float32" in out and "3,240 rows computed" in out
     assert cache_teacher.main(data) == 0   # filled: nothing left to compute
     assert "0 rows computed" in capsys.readouterr().out
     summary = run(make_cfg(tmp_path, *data, "trainer.epochs=2", "trainer.batch_size=8",
                            "teacher.cache=views", run="warm"))
-    assert (summary["teacher_cache"]["read"], summary["teacher_cache"]["computed"]) == (16, 0)
-    assert cache_teacher.main([*data, "teacher.cache_dtype=float16"]) == 0
+    assert (summary["teacher_cache"]["read"], summary["teacher_cache"]["computed"]) == (40, 0)
+    # a run on a part of the training set (dataset.train_fraction) needs that part's rows only
+    assert cache_teacher.main([*data, "teacher.cache_dtype=float16",
+                               "dataset.train_fraction=0.5"]) == 0
     out = capsys.readouterr().out
     assert "float16 rounding" in out and "KD loss (T=4)" in out
+    assert "this run's 10 images: 1,620 rows" in out and "1,620 rows computed" in out
     assert len(list((tmp_path / "zoo").rglob("*-float16.bin"))) == 1
     assert cache_teacher.main([*data, "distiller=fitnet"]) == 2
     assert "teacher.cache" in capsys.readouterr().err

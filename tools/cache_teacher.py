@@ -7,7 +7,7 @@
 
 Takes the overrides of tools/train.py and fills the cache that command would read with
 teacher.cache=views: the outputs of each of its teachers (found or made as the run would) for
-every training image in every augmentation view. Prints each cache's size first, then a
+every image it trains on (dataset.train_fraction: its part) in every augmentation view. Prints each cache's size first, then a
 progress bar; a cut fill goes on where it stopped. float16 storage also reports what its
 rounding does to the KD loss. Exit status: 0 done, 2 bad input (nothing filled).
 """
@@ -74,17 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     for job in jobs:
         store, teacher = job.store, job.teacher
         filled = store.filled()
-        print(f"{teacher.role} {teacher.name} (sha256 {teacher.sha256[:16]}): "
-              f"{store.rows // job.transform.view_count:,} images x {job.transform.view_count} "
-              f"views x {store.width} outputs, {store.dtype}: {size_text(store.size)} "
-              f"at {store.path or 'memory (the zoo folder is not writable)'}; "
-              f"{filled:,} of {store.rows:,} rows stored", flush=True)
+        views, images = job.transform.view_count, store.rows // job.transform.view_count
+        part = (f"; this run's {len(job.items):,} images: {len(job.items) * views:,} rows"
+                if len(job.items) < images else "")
+        print(f"{teacher.role} {teacher.name} (sha256 {teacher.sha256[:16]}): {images:,} images "
+              f"x {views} views x {store.width} outputs, {store.dtype}: {size_text(store.size)} "
+              f"when full, at {store.path or 'memory (the zoo folder is not writable)'}; "
+              f"{filled:,} of {store.rows:,} rows stored{part}", flush=True)
         start = time.perf_counter()
         with Progress(TextColumn(f"[bold]{teacher.role}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                       console=console, disable=not console.is_terminal) as progress:
-            task = progress.add_task("fill", total=store.rows)
-            report = fill_store(store, teacher.model, job.images, job.transform,
+            task = progress.add_task("fill", total=len(job.items) * views)
+            report = fill_store(store, teacher.model, job.images, job.transform, job.items,
                                 batch_size=args.batch_size, device=device,
                                 precision=cfg.trainer.precision,
                                 memory_format=(torch.channels_last if cfg.trainer.channels_last
