@@ -310,10 +310,10 @@ def teacher_cache_jobs(cfg: DictConfig, overrides: list[str]) -> tuple[list[Cach
         model = teacher.model.to(device).eval()
         if cfg.trainer.channels_last:
             model.to(memory_format=torch.channels_last)
-        store, _, _ = open_store(model, arch=teacher.name, teacher_sha256=teacher.sha256,
-                                 train=base, zoo_root=cfg.zoo.root, dataset=resolved["dataset"]["name"],
-                                 precision=cfg.trainer.precision, device=device,
-                                 dtype=cfg.teacher.cache_dtype, images_sha256=digest)
+        store = open_store(model, arch=teacher.name, teacher_sha256=teacher.sha256, train=base,
+                           zoo_root=cfg.zoo.root, dataset=resolved["dataset"]["name"],
+                           precision=cfg.trainer.precision, device=device,
+                           dtype=cfg.teacher.cache_dtype, images_sha256=digest)
         jobs.append(CacheJob(teacher, store, base.images, transform, items))
     return jobs, device
 

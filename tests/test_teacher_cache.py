@@ -249,6 +249,19 @@ def test_cache_teacher_tool_fills_ahead_and_reports_float16_rounding(tmp_path, c
     assert "teacher.cache" in capsys.readouterr().err
 
 
+def test_a_write_that_fails_is_reported_once_and_the_run_goes_on(tmp_path, caplog):
+    import os
+
+    store = _store(tmp_path / "outputs.bin")
+    os.close(store._fd)   # as a full disk would: every write fails
+    store._fd = os.open(tmp_path / "outputs.bin", os.O_RDONLY)
+    with caplog.at_level("WARNING", logger="distill"):
+        store.store(torch.tensor([1]), torch.randn(1, 5))
+        store.store(torch.tensor([2]), torch.randn(1, 5))
+    assert caplog.text.count("cannot write") == 1 and store.write_failed
+    assert store.lookup(torch.tensor([1, 2]))[1].tolist() == [False, False]
+
+
 def test_a_store_that_cannot_be_written_keeps_rows_in_memory(tmp_path, caplog):
     (tmp_path / "not-a-folder").write_text("")
     with caplog.at_level("WARNING", logger="distill"):

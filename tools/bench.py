@@ -10,6 +10,9 @@
     the first window (warm-up) left out.
 The ratio (b)/(a) is what the framework costs. Each figure is the median of --repeats runs,
 interleaved (floor, trainer, floor, trainer, ...) so drifts of a noisy machine hit both.
+--teacher-cache adds KD with teacher.cache=views, cold (an empty store) and warm (the same run
+again: every row it reads is stored), and the student alone (distiller=none), with a table of
+their ratios; --against-torchdistill adds KD in torchdistill 1.1.5.
 """
 from __future__ import annotations
 

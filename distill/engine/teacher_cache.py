@@ -78,6 +78,7 @@ class OutputStore:
         self.header = header_bytes({**key, "rows": rows, "width": width, "dtype": dtype})
         self.size = HEADER_BYTES + 8 * rows + self.np_dtype.itemsize * rows * width
         self.rejected = 0   # rows whose checksum failed, read as empty (this process)
+        self.write_failed = False
         if path is not None:
             try:
                 self._open_file(path)
@@ -177,10 +178,17 @@ class OutputStore:
         cuts = [0, *((rows[1:] != rows[:-1] + 1).nonzero().flatten() + 1).tolist(), len(rows)]
         runs = [(int(rows[a]), a, b) for a, b in zip(cuts, cuts[1:])]
         row_bytes = self.width * self.np_dtype.itemsize
-        for first, a, b in runs:
-            os.pwrite(self._fd, stored[a:b].tobytes(), self._values_at + first * row_bytes)
-        for first, a, b in runs:
-            os.pwrite(self._fd, tags[a:b].tobytes(), HEADER_BYTES + 8 * first)
+        try:
+            for first, a, b in runs:
+                os.pwrite(self._fd, stored[a:b].tobytes(), self._values_at + first * row_bytes)
+            for first, a, b in runs:
+                os.pwrite(self._fd, tags[a:b].tobytes(), HEADER_BYTES + 8 * first)
+        except OSError as exc:   # e.g. a full disk: the run goes on, computing what is missing
+            if not self.write_failed:
+                log.warning("teacher.cache: cannot write to %s (%s); this run stores no more "
+                            "rows and computes the ones it does not find", self.path,
+                            exc.strerror or exc)
+            self.write_failed = True
 
     def filled(self) -> int:
         """Rows stored (tags set; a damaged one counts until it is read)."""
@@ -334,13 +342,13 @@ def images_digest(images: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(images.contiguous().numpy()).cast("B")).hexdigest()
 
 
-def cache_key(*, teacher_sha256: str, images_sha256: str, items: int, transform,
-              precision: str, device: torch.device) -> dict:
+def cache_key(*, teacher_sha256: str, images_sha256: str, image_shape: tuple[int, ...],
+              transform, precision: str, device: torch.device) -> dict:
     """What the teacher's outputs depend on, besides the row: its weights, the images, the
     recipe that makes the views (and the normalisation before the teacher), the autocast
     precision and the kind of device (GPU convolutions round otherwise than this CPU's)."""
     return {"format": FORMAT, "teacher_sha256": teacher_sha256, "images_sha256": images_sha256,
-            "items": items, "views": transform.view_count, "padding": transform.padding,
+            "images": list(image_shape), "views": transform.view_count, "padding": transform.padding,
             "flip": transform.flip, "mean": list(transform.mean), "std": list(transform.std),
             "precision": precision, "device": device.type}
 
@@ -353,20 +361,20 @@ def cache_path(zoo_root: str | Path, dataset: str, arch: str, key: dict, dtype: 
 
 def open_store(model: nn.Module, *, arch: str, teacher_sha256: str, train, zoo_root: str | Path,
                dataset: str, precision: str, device: torch.device, dtype: str,
-               images_sha256: str | None = None) -> tuple[OutputStore, torch.Tensor, int]:
-    """The store of `model`'s outputs on the training set `train`; also the item -> base image
-    index map and the views per image. `images_sha256` saves hashing the images again."""
+               images_sha256: str | None = None) -> OutputStore:
+    """The store of `model`'s outputs on the images behind the training set `train` (all of
+    them, a Subset's too). `images_sha256` saves hashing the images again."""
     from distill.data.batched import tensor_origin, tensor_source
 
-    base, base_index = tensor_origin(train)
+    base = tensor_origin(train)[0]
     transform = tensor_source(train)[1]
     key = cache_key(teacher_sha256=teacher_sha256,
                     images_sha256=images_sha256 or images_digest(base.images),
-                    items=len(base), transform=transform, precision=precision, device=device)
+                    image_shape=tuple(base.images.shape), transform=transform,
+                    precision=precision, device=device)
     width = output_width(model, tuple(base.images.shape[1:]), device)
     rows = len(base) * transform.view_count
-    store = OutputStore(cache_path(zoo_root, dataset, arch, key, dtype), key, rows, width, dtype)
-    return store, base_index, transform.view_count
+    return OutputStore(cache_path(zoo_root, dataset, arch, key, dtype), key, rows, width, dtype)
 
 
 def output_width(model: nn.Module, image_shape: tuple[int, ...], device: torch.device) -> int:
@@ -378,15 +386,20 @@ def attach_teacher_cache(distiller, teachers: list, data, *, zoo_root: str | Pat
                          precision: str, device: torch.device, dtype: str) -> TeacherCache:
     """Put a CachedTeacher in place of each frozen part of `distiller` (its `teachers`: the
     resolved teachers, by role, for their weights' sha256 and architecture)."""
-    from distill.data.batched import tensor_origin
+    from distill.data.batched import tensor_origin, tensor_source
 
     check_cacheable(data, "views", key="teacher.cache")
-    digest = images_digest(tensor_origin(data.train)[0].images)
+    base, base_index = tensor_origin(data.train)
+    views = tensor_source(data.train)[1].view_count
+    digest = images_digest(base.images)
     by_role = {t.role: t for t in teachers}
-    parts, base_index, views = {}, None, 0
+    parts = {}
     for role, model in distiller.frozen_parts().items():
-        teacher = by_role[role]
-        store, base_index, views = open_store(
+        teacher = by_role.get(role)
+        if teacher is None:   # a frozen part the method made itself: no weights digest to key by
+            log.info("teacher.cache=views: %s is not a resolved teacher; it runs uncached", role)
+            continue
+        store = open_store(
             model, arch=teacher.name, teacher_sha256=teacher.sha256, train=data.train,
             zoo_root=zoo_root, dataset=dataset, precision=precision, device=device, dtype=dtype,
             images_sha256=digest)
