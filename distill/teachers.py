@@ -144,6 +144,7 @@ def zoo_run_config(cfg: DictConfig, *, student: str, distiller: dict | DictConfi
     zcfg.trainer.quantize = "none"   # a zoo model is a float model, whatever its user trains
     if teacher_cache_refusal(DISTILLERS.get(distiller["name"])) is not None:
         zcfg.teacher.cache = "none"   # e.g. a teacher's own vanilla run: nothing to cache
+    zcfg.teacher.cache_dtype = "float32"   # a zoo model learns from exact targets (or none)
     zcfg.dataset.pop("train_fraction", None)
     zcfg.dataset.pop("student_view", None)   # zoo models see the image (cross-modal KD's teacher)
     zcfg.tuned = {}

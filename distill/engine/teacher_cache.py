@@ -29,6 +29,7 @@ import functools
 import hashlib
 import json
 import logging
+import mmap
 import os
 import uuid
 import warnings
@@ -70,55 +71,68 @@ def row_checksums(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 class OutputStore:
     """`rows` rows of `width` outputs in `dtype` ("float32" exact, "float16" half the size), in
-    the memory-mapped file `path` (None: in this process's memory only)."""
+    the memory-mapped file `path` (None: in this process's memory only, row by row)."""
 
     def __init__(self, path: Path | None, key: dict, rows: int, width: int, dtype: str):
         self.path, self.rows, self.width, self.dtype = path, rows, width, dtype
         self.np_dtype = np.dtype(STORAGE_DTYPES[dtype])
         self.header = header_bytes({**key, "rows": rows, "width": width, "dtype": dtype})
         self.size = HEADER_BYTES + 8 * rows + self.np_dtype.itemsize * rows * width
+        self._values_at = HEADER_BYTES + 8 * rows
         self.rejected = 0   # rows whose checksum failed, read as empty (this process)
         self.write_failed = False
+        self._fd: int | None = None
+        self._memory: dict[int, tuple[int, torch.Tensor]] = {}   # path None: row -> (tag, values)
         if path is not None:
             try:
                 self._open_file(path)
-                return
             except OSError as exc:
                 log.warning("teacher.cache: cannot use %s (%s); this run keeps the teacher's "
-                            "outputs in memory only", path, exc)
+                            "outputs in memory only", path, exc.strerror or exc)
                 self.path = None
-        self.tags = torch.zeros(rows, dtype=torch.int64)
-        self.values = torch.zeros(rows, width, dtype=_torch_dtype(self.np_dtype))
 
     # --- the file ------------------------------------------------------------------------------
     def _open_file(self, path: Path) -> None:
+        """One descriptor for everything: checked, mapped and written through the same open
+        file, so a rebuild by another process between two opens cannot mix two files."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        problem = self.problem(path)
-        if problem is not None:
-            if problem != "missing":
-                log.warning("teacher.cache: %s is damaged (%s): rebuilt empty", path, problem)
-            self._create(path, replace=problem != "missing")
-        self._values_at = HEADER_BYTES + 8 * self.rows
-        tags = np.memmap(path, dtype=np.int64, mode="r", offset=HEADER_BYTES, shape=(self.rows,))
-        values = np.memmap(path, dtype=self.np_dtype, mode="r", offset=self._values_at,
-                           shape=(self.rows, self.width))
+        for attempt in range(3):
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                self._create(path, replace=False)
+                continue
+            except PermissionError:   # a read-only zoo: read what is there, store nothing
+                fd = os.open(path, os.O_RDONLY)
+                self.write_failed = True
+                log.warning("teacher.cache: %s is read-only: this run reads it and stores no "
+                            "rows", path)
+            problem = self._problem(fd)
+            if problem is None:
+                break
+            os.close(fd)
+            if self.write_failed:
+                raise OSError(f"it is damaged ({problem}) and read-only")
+            log.warning("teacher.cache: %s is damaged (%s): rebuilt empty", path, problem)
+            self._create(path, replace=True)
+        else:
+            raise OSError("another process keeps replacing it")
+        self._fd = fd
+        self._map = mmap.mmap(fd, self.size, access=mmap.ACCESS_READ)
+        tags = np.frombuffer(self._map, dtype=np.int64, count=self.rows, offset=HEADER_BYTES)
+        values = np.frombuffer(self._map, dtype=self.np_dtype, count=self.rows * self.width,
+                               offset=self._values_at).reshape(self.rows, self.width)
         with warnings.catch_warnings():   # read-only maps: rows are written with pwrite
             warnings.simplefilter("ignore", UserWarning)
             self.tags, self.values = torch.from_numpy(tags), torch.from_numpy(values)
-        self._maps = (tags, values)   # kept alive with the tensors that share their memory
-        self._fd = os.open(path, os.O_RDWR)
 
-    def problem(self, path: Path) -> str | None:
-        """None when `path` is this store's file, else what is wrong ("missing" when absent)."""
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                header = f.read(HEADER_BYTES)
-        except FileNotFoundError:
-            return "missing"
+    def _problem(self, fd: int) -> str | None:
+        """None when the open file `fd` is this store's, else what is wrong with it."""
+        header = os.pread(fd, HEADER_BYTES, 0)
         if header != self.header:
             return "its header is not this cache's key" if header.startswith(MAGIC) \
                 else "not a teacher-output cache file"
+        size = os.fstat(fd).st_size
         if size != self.size:
             return f"{size} bytes where its header says {self.size}"
         return None
@@ -143,6 +157,14 @@ class OutputStore:
     # --- rows ----------------------------------------------------------------------------------
     def lookup(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(float32 values [n, width], whether each row was stored and intact [n])."""
+        if self.path is None:
+            found = [self._memory.get(int(r)) for r in rows]
+            present = torch.tensor([f is not None for f in found], dtype=torch.bool)
+            values = torch.zeros(len(rows), self.width)
+            for i, f in enumerate(found):
+                if f is not None:
+                    values[i] = f[1].float()
+            return values, present
         # index_select: tensor[rows] on a tensor this large is 1000x slower (measured)
         tags = self.tags.index_select(0, rows)
         present = tags != 0
@@ -162,8 +184,10 @@ class OutputStore:
         stored = values.detach().to("cpu", _torch_dtype(self.np_dtype)).contiguous()
         tags = row_checksums(stored, rows)
         if self.path is None:
-            self.values.index_copy_(0, rows, stored)
-            self.tags.index_copy_(0, rows, tags)
+            for row, tag, value in zip(rows.tolist(), tags.tolist(), stored):
+                self._memory[row] = (tag, value.clone())
+            return
+        if self.write_failed:
             return
         # Written with pwrite, not through the mapping: a store into a never-written page of
         # the sparse file through the mapping allocates its disk block there and then (~0.7 ms
@@ -184,26 +208,35 @@ class OutputStore:
             for first, a, b in runs:
                 os.pwrite(self._fd, tags[a:b].tobytes(), HEADER_BYTES + 8 * first)
         except OSError as exc:   # e.g. a full disk: the run goes on, computing what is missing
-            if not self.write_failed:
-                log.warning("teacher.cache: cannot write to %s (%s); this run stores no more "
-                            "rows and computes the ones it does not find", self.path,
-                            exc.strerror or exc)
-            self.write_failed = True
+            self._write_failed(exc)
+
+    def _write_failed(self, exc: OSError) -> None:
+        if not self.write_failed:
+            log.warning("teacher.cache: cannot write to %s (%s); this run stores no more rows "
+                        "and computes the ones it does not find", self.path,
+                        exc.strerror or exc)
+        self.write_failed = True
 
     def filled(self) -> int:
         """Rows stored (tags set; a damaged one counts until it is read)."""
+        if self.path is None:
+            return len(self._memory)
         return int((self.tags != 0).sum())
 
     def flush(self) -> None:
-        """Hand what was written to the disk (a crash of the machine loses nothing since)."""
-        if self.path is not None:
-            os.fsync(self._fd)
+        """Hand what was written to the disk (a crash of the machine loses nothing since). A
+        failure here (a network file system reports a full disk late) is a warning: the run's
+        own results come after it."""
+        if self._fd is not None and not self.write_failed:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._write_failed(exc)
 
     def __del__(self) -> None:
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
+        if getattr(self, "_fd", None) is not None:
             with contextlib.suppress(OSError):
-                os.close(fd)
+                os.close(self._fd)
 
 
 def header_bytes(key: dict) -> bytes:
@@ -314,7 +347,13 @@ def uncacheable_pipeline(dataset) -> str | None:
     """Why the views of `dataset`'s training pipeline cannot be enumerated, or None."""
     from distill.data.batched import tensor_source
 
-    if tensor_source(dataset) is not None:
+    source = tensor_source(dataset)
+    if source is not None:
+        images, transform = source
+        if transform.crop_size not in (None, tuple(images.shape[-2:])):
+            return (f"its random crop ({transform.crop_size}) is smaller than the images "
+                    f"({tuple(images.shape[-2:])}): the cache enumerates only crops of the "
+                    "image's own size from its zero padding")
         return None
     inner = getattr(dataset, "dataset", dataset)   # a Subset's dataset
     ops = getattr(getattr(inner, "transform", None), "transforms", [])
