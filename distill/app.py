@@ -75,6 +75,22 @@ def dry_forward(distiller: Distiller, checks: list[tuple[str, torch.nn.Module]],
                               f"has {data.num_classes} classes", key=key)
 
 
+def check_input_size(arch: str, image_size: int, *, key: str) -> None:
+    """The dataset's images against what the model `arch` takes (its ModelSpec): one size only
+    (a timm model with a fixed input size), or at least its total stride."""
+    spec = model_spec(arch)
+    if spec.fixed_input and spec.input_size != image_size:
+        raise ConfigError(f"{arch} takes {spec.input_size}x{spec.input_size} images only; the "
+                          f"dataset gives {image_size}x{image_size}", key=key,
+                          allowed=f"a model for {image_size}x{image_size} images, or "
+                                  f"dataset.image_size={spec.input_size} where the dataset has it")
+    if spec.min_input_size is not None and image_size < spec.min_input_size:
+        raise ConfigError(f"{arch} downsamples its input {spec.min_input_size}x: "
+                          f"{image_size}x{image_size} images leave its last stage no pixel",
+                          key=key, allowed=f"images of at least {spec.min_input_size}x"
+                                           f"{spec.min_input_size} (dataset.image_size)")
+
+
 def check_distiller_fits(name: str, student: str, requests: list[TeacherRequest], options: dict,
                          info: BuildInfo, data: DatasetBundle | None = None) -> None:
     """Methods that take `info` (feature layers, connectors, more models) or train on extra views
@@ -183,6 +199,8 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
                               follows_run_length=distiller_cls.follows_run_length)
 
     requests = distiller_cls.teacher_requests(options, resolved["teacher"])
+    for key, arch in (("student", cfg.student.name), *((r.key, r.arch) for r in requests)):
+        check_input_size(arch, data.image_size, key=key)
     info = BuildInfo(student_spec=model_spec(cfg.student.name),
                      teacher_spec=model_spec(requests[0].arch) if requests else None,
                      input_shape=tuple(data.val[0][0].shape), num_classes=data.num_classes,

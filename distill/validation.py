@@ -27,6 +27,7 @@ from distill.models import list_models, model_spec
 from distill.preflight import check_tag
 from distill.registry import check_options
 
+PRETRAINED = ("torchvision", "timm")   # model families with pretrained weights to load
 # numpy's seeds are 32-bit, and ranks above 0 add 7919 x rank to the seed
 MAX_SEED = 2**31 - 1
 
@@ -149,9 +150,10 @@ def validate(cfg: DictConfig) -> dict:
     for group in ("teacher", "student"):
         if cfg[group].name not in list_models():
             raise unknown_name_error("model", cfg[group].name, list_models(), key=group)
-        if cfg[group].pretrained and model_spec(cfg[group].name).family != "torchvision":
-            raise ConfigError(f"{cfg[group].name} has no pretrained weights", key=f"{group}.pretrained",
-                              allowed="true only for torchvision models (tv_*)")
+        if cfg[group].pretrained and model_spec(cfg[group].name).family not in PRETRAINED:
+            raise ConfigError(f"{cfg[group].name} has no pretrained weights",
+                              key=f"{group}.pretrained",
+                              allowed="true only for torchvision (tv_*) and timm (timm_*) models")
     world = dist_utils.launch_world_size()
     check_run_features(cfg.distiller.name, distiller_cls, resolved["trainer"], world)
     if trainer.batch_size % world:

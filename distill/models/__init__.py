@@ -4,6 +4,7 @@
 
     net = create_model("resnet32x4", num_classes=100)   # CIFAR zoo (faithful to CRD/mdistiller)
     net = create_model("tv_resnet18", num_classes=10)   # any torchvision classifier, prefix tv_
+    net = create_model("timm_vit_tiny_patch16_224", num_classes=10)   # any timm model, prefix timm_
     list_models("wrn_*")                                # fnmatch wildcards
     model_spec("resnet20")  # ModelSpec(stages=('layer1', 'layer2', 'layer3'), classifier='fc', ...)
 
@@ -38,6 +39,10 @@ class ModelSpec:
     family:     architecture family, e.g. "resnet", "wrn", "torchvision"
     stem:       where the stem's output is read (default: the first stage's input)
     preact:     the stage outputs before their final ReLU (None where not declared)
+    min_input_size: the smallest input that still leaves the deepest stage one pixel (its total
+                stride; None where not declared)
+    fixed_input: the model takes `input_size` images only (checked before a run builds anything;
+                the CIFAR zoo's 32 is what it is built for, and several of it take other sizes)
     """
 
     stages: tuple[str, ...]
@@ -46,6 +51,8 @@ class ModelSpec:
     family: str
     stem: str | None = None                 # the stem's output (feat[0] of the reference code)
     preact: tuple[str, ...] | None = None   # the stages' pre-activation outputs (`name:preact`)
+    min_input_size: int | None = None
+    fixed_input: bool = False
 
 
 def cifar_model(name: str, *, family: str, stages: tuple[str, ...], classifier: str,
@@ -81,7 +88,9 @@ def model_spec(name: str) -> ModelSpec:
         meta.update(meta["resolve"]())
     return ModelSpec(stages=tuple(meta.get("stages", ())), classifier=meta.get("classifier"),
                      input_size=meta.get("input_size"), family=meta.get("family", "unknown"),
-                     stem=meta.get("stem"), preact=meta.get("preact"))
+                     stem=meta.get("stem"), preact=meta.get("preact"),
+                     min_input_size=meta.get("min_input_size"),
+                     fixed_input=bool(meta.get("fixed_input", False)))
 
 
 # Importing the modules registers their models (order = nothing depends on it).
@@ -91,6 +100,7 @@ from distill.models import (  # noqa: E402,F401
     resnetv2,
     shufflenetv1,
     shufflenetv2,
+    timm_models,
     torchvision_models,
     vgg,
     wrn,
