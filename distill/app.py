@@ -193,9 +193,10 @@ def prepare(cfg: DictConfig, resolved: dict, overrides: list[str], run_dir: Path
     if checkpoint is not None:
         check_schedule_change(checkpoint["config"], resolved,
                               steps_taken=checkpoint["state"]["global_step"],
-                              steps_per_epoch=steps_per_epoch(len(data.train),
-                                                              cfg.trainer.batch_size,
-                                                              resolved["world_size"]),
+                              steps_per_epoch=-(-steps_per_epoch(len(data.train),
+                                                                 cfg.trainer.batch_size,
+                                                                 resolved["world_size"])
+                                                // cfg.trainer.accumulate),
                               follows_run_length=distiller_cls.follows_run_length)
 
     requests = distiller_cls.teacher_requests(options, resolved["teacher"])

@@ -43,6 +43,7 @@ class OptimizerConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
+    decay_norm_and_bias: bool = True   # false: no weight decay on norm layers and biases (timm)
 
 
 @dataclass
@@ -72,6 +73,10 @@ class TrainerConfig:
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager, eager: to debug)
     on_nonfinite: str = "stop"        # stop | skip: a NaN/inf loss ends the run, or its step is skipped
     quantize: str = "none"            # none | int8: quantisation-aware training of the student
+    accumulate: int = 1               # gradient accumulation: an optimizer step every N batches
+    clip_grad_norm: Optional[float] = None   # clip each optimizer's gradients to this L2 norm
+    ema_decay: Optional[float] = None  # e.g. 0.9998: an EMA of the student, evaluated and exported
+    label_smoothing: float = 0.0      # of the CE term against the labels (every method's)
 
 
 @dataclass

@@ -41,7 +41,9 @@ Train = Callable[..., dict[str, Any]]   # distill.app.run
 # and early-stop keys do not: a teacher is trained to the end with its dataset's recipe.
 TEACHER_RUN_KEYS = ("dataset", "trainer", "seed", "zoo", "device")
 NOT_FOR_TEACHERS = ("trainer.epochs", "trainer.batch_size", "trainer.max_steps",
-                    "trainer.quantize")   # zoo models are float: only a run's student is int8
+                    "trainer.quantize",   # zoo models are float: only a run's student is int8
+                    "trainer.accumulate", "trainer.clip_grad_norm", "trainer.ema_decay",
+                    "trainer.label_smoothing")   # the student's recipe, not the teacher's
 # How often rank 0 of a DDP job asks again for a zoo claim another job holds.
 CLAIM_POLL_SECONDS = 5.0
 # Dataset options that do not change which images are in which split.
@@ -142,6 +144,9 @@ def zoo_run_config(cfg: DictConfig, *, student: str, distiller: dict | DictConfi
     zcfg.trainer.batch_size = "${dataset.recipe.batch_size}"
     zcfg.trainer.max_steps = None
     zcfg.trainer.quantize = "none"   # a zoo model is a float model, whatever its user trains
+    # and is trained with its dataset's recipe, not the options of the run that needs it
+    zcfg.trainer.accumulate, zcfg.trainer.clip_grad_norm = 1, None
+    zcfg.trainer.ema_decay, zcfg.trainer.label_smoothing = None, 0.0
     if teacher_cache_refusal(DISTILLERS.get(distiller["name"])) is not None:
         zcfg.teacher.cache = "none"   # e.g. a teacher's own vanilla run: nothing to cache
     zcfg.teacher.cache_dtype = "float32"   # a zoo model learns from exact targets (or none)

@@ -123,6 +123,15 @@ def validate(cfg: DictConfig) -> dict:
          or cfg.teacher.auto_train_epochs >= 1, "null (the dataset recipe's epochs) or at least 1"),
         ("teacher.checkpoint", lambda: cfg.teacher.checkpoint is None
          or cfg.teacher.checkpoint.strip() != "", "null (the zoo) or the path of a weights file"),
+        ("trainer.accumulate", lambda: trainer.accumulate >= 1,
+         "at least 1 (batches per optimizer step)"),
+        ("trainer.clip_grad_norm", lambda: trainer.clip_grad_norm is None
+         or trainer.clip_grad_norm > 0, "null (no clipping) or a positive norm"),
+        ("trainer.ema_decay", lambda: trainer.ema_decay is None or 0 < trainer.ema_decay < 1,
+         "null (no EMA) or a decay in (0, 1), e.g. 0.9998"),
+        ("trainer.ema_decay", lambda: trainer.ema_decay is None or trainer.quantize == "none",
+         "null with trainer.quantize=int8 (the int8 export is the trained student's)"),
+        ("trainer.label_smoothing", lambda: 0 <= trainer.label_smoothing < 1, "in [0, 1)"),
         ("teacher.cache", lambda: cfg.teacher.cache in CACHE_MODES, ", ".join(CACHE_MODES)),
         ("teacher.cache_dtype", lambda: cfg.teacher.cache_dtype in STORAGE_DTYPES,
          ", ".join(STORAGE_DTYPES)),

@@ -3,9 +3,10 @@ Trainer on fake data, no augmentation, with BN-free models (per-rank BatchNorm s
 make 2 x B/2 differ from 1 x B by design; SyncBatchNorm is GPU-only). `kd` takes the default
 step (the distiller in DDP); `dml` the manual step (two peers, two optimizers, gradients
 averaged by the trainer); `crd` the default step with a memory bank the ranks keep equal;
-`kd_cached` KD with teacher.cache=views, one store shared by both runs.
+`kd_cached` KD with teacher.cache=views, one store shared by both runs; `<method>_accumulate`
+half batches, two per optimizer step (trainer.accumulate=2).
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR [memory|loader] [kd|dml|crd|kd_cached]
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR [memory|loader] [kd|dml|crd|kd_cached|kd_accumulate]
 
 200 images in global batches of 32: six full batches, then one of 8 (4 per rank), all taken.
 """
@@ -53,6 +54,8 @@ def main(run_dir: Path, data_path: str, method: str) -> None:
     data = fake(train_size=200, val_size=64)
     plain = TensorImageDataset(data.train.images, data.train.labels, data.val.transform)
     data = dataclasses.replace(data, train=plain)
+    accumulate = 2 if method.endswith("_accumulate") else 1   # half batches, two per step
+    method = method.removesuffix("_accumulate")
     distiller = build(method.removesuffix("_cached"), data.train.labels)
     cache = None
     if method.endswith("_cached"):   # one store for the 1- and 2-process runs: the second reads
@@ -61,9 +64,9 @@ def main(run_dir: Path, data_path: str, method: str) -> None:
                                      dataset="fake", precision="fp32",
                                      device=torch.device("cpu"), dtype="float32")
     trainer = Trainer(
-        distiller, data, options=TrainerOptions(epochs=2, batch_size=GLOBAL_BATCH,
-                                                max_steps=STEPS, progress=False,
-                                                data_path=data_path),
+        distiller, data, options=TrainerOptions(epochs=2, batch_size=GLOBAL_BATCH // accumulate,
+                                                accumulate=accumulate, max_steps=STEPS,
+                                                progress=False, data_path=data_path),
         optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
         scheduler={"name": "multistep", "milestones": []}, run_dir=run_dir,
         device=torch.device("cpu"), loggers={}, config={}, run_name="ddp", seed=0,

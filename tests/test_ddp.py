@@ -28,7 +28,8 @@ def torchrun(nproc: int, *args: str, env: dict | None = None, cwd: Path | None =
 
 @pytest.mark.parametrize("method,data_path", [("kd", "memory"), ("kd", "loader"),
                                               ("dml", "memory"), ("crd", "loader"),
-                                              ("kd_cached", "loader")])
+                                              ("kd_cached", "loader"),
+                                              ("kd_accumulate", "memory")])
 def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(tmp_path, method,
                                                                          data_path):
     """2 x B/2 == 1 x B after k steps, a whole epoch with its partial last batch: same samples
@@ -36,7 +37,8 @@ def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(tmp_pat
     (BN-free models: see tests/ddp_worker.py). KD on both data paths; DML's manual step with
     its two optimizers on one; CRD, whose memory bank and negatives must be the global
     batch's on every rank, on the other (its banks are compared too); KD with the teacher's
-    outputs cached, the 2-rank run reading what the 1-process run stored."""
+    outputs cached, the 2-rank run reading what the 1-process run stored; KD with half batches
+    accumulated two to an optimizer step (trainer.accumulate=2)."""
     sys.path.insert(0, str(REPO / "tests"))
     from ddp_worker import GLOBAL_BATCH, STEPS, tiny_net
 
@@ -62,8 +64,10 @@ def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(tmp_pat
         assert set(s1["models"]) == {"peer0", "peer1"}
     assert (s1["world_size"], s2["world_size"]) == (1, 2)
     assert s1["steps"] == s2["steps"] == STEPS
-    assert s1["global_batch_size"] == s2["global_batch_size"] == GLOBAL_BATCH
-    assert (s1["per_rank_batch_size"], s2["per_rank_batch_size"]) == (GLOBAL_BATCH, GLOBAL_BATCH // 2)
+    batch = GLOBAL_BATCH // 2 if method.endswith("_accumulate") else GLOBAL_BATCH
+    assert s1["global_batch_size"] == s2["global_batch_size"] == batch
+    assert s1["images_per_step"] == s2["images_per_step"] == GLOBAL_BATCH
+    assert (s1["per_rank_batch_size"], s2["per_rank_batch_size"]) == (batch, batch // 2)
     assert s1["teacher_top1"] == s2["teacher_top1"]
     assert s1["last_top1"] == pytest.approx(s2["last_top1"])
 

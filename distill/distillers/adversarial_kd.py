@@ -111,7 +111,7 @@ class AdversarialKD(Distiller):
         # (2) the student, against the updated discriminator (which takes no gradient here)
         with frozen(disc):
             score, _ = disc(logits, targets)
-        student_terms = {"ce": self.ce_weight * F.cross_entropy(logits.float(), targets),
+        student_terms = {"ce": self.ce_weight * self.cross_entropy(logits.float(), targets),
                          "kd": self.kd_weight * kd_loss(logits, logits_teacher, self.temperature),
                          "adv": self.adv_weight * generator_loss(score)}
         if self.l1_weight:

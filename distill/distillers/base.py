@@ -326,6 +326,12 @@ class Distiller(nn.Module):
         return self
 
     # --- what methods call -------------------------------------------------------------------
+    label_smoothing: float = 0.0   # the run's trainer.label_smoothing (the trainer sets it)
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The CE term against the labels, with the run's label smoothing (batch mean)."""
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+
     @classmethod
     def check_values(cls, options: dict) -> None:
         """Range checks on config options, run before anything is built. Override per method."""
@@ -596,7 +602,7 @@ class InitStageDistiller(FeatureDistiller):
             step.backward(sum(terms.values()))
             step.step("init")
             return terms
-        terms = {"ce": self.ce_weight * F.cross_entropy(self.student(images), targets)}
+        terms = {"ce": self.ce_weight * self.cross_entropy(self.student(images), targets)}
         step.backward(terms["ce"])
         step.step("main")
         return terms

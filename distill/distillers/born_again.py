@@ -17,7 +17,6 @@ import inspect
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from distill.distillers.base import (DISTILLERS, BuildInfo, Distiller, TeacherRequest, require,
                                      require_models)
@@ -79,6 +78,6 @@ class BornAgain(Distiller):
             teachers = [self.part(role)(images) for role in self.teacher_roles]
             target = ensemble_log_probs(teachers, self.temperature)
         return logits, {
-            "ce": self.ce_weight * F.cross_entropy(logits, targets),
+            "ce": self.ce_weight * self.cross_entropy(logits, targets),
             "kd": self.kd_weight * soft_target_loss(logits, target, self.temperature),
         }

@@ -15,7 +15,6 @@ sample qualifies) on every step, so every rank logs the same terms.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from distill.distillers.base import DISTILLERS, BuildInfo, Distiller, require
 from distill.losses import soft_cross_entropy
@@ -62,7 +61,7 @@ class BSS(Distiller):
         kd_weight, bss_weight = bss_schedule(ctx.epoch, ctx.epochs, **self.schedule)
         logits = self.student(images)
         logits_teacher = self.teacher_logits(images)
-        terms = {"ce": self.ce_weight * F.cross_entropy(logits, targets),
+        terms = {"ce": self.ce_weight * self.cross_entropy(logits, targets),
                  "kd": kd_weight * soft_cross_entropy(logits, logits_teacher, self.temperature)}
         attacked = torch.zeros(0, dtype=torch.long, device=images.device)
         if bss_weight > 0:

@@ -278,11 +278,11 @@ class BYOT(Distiller):
         exit_ce, exit_kd, exit_feat = [], [], []
         for i, (stage, head) in enumerate(zip(self.stage_layers, self.exits)):
             out, feature = head(self.hooks.features[stage])
-            exit_ce.append(F.cross_entropy(out, targets))
+            exit_ce.append(self.cross_entropy(out, targets))
             exit_kd.append(byot_soft_ce(out, deep_logits, self.temperature))
             if i < len(self.adapters):
                 exit_feat.append(byot_feature_loss(self.adapters[i](feature), deep_feature))
-        terms = {"ce": F.cross_entropy(logits, targets),
+        terms = {"ce": self.cross_entropy(logits, targets),
                  "exit_ce": (1 - self.alpha) * sum(exit_ce),
                  "exit_kd": self.alpha * sum(exit_kd)}
         if exit_feat:

@@ -5,7 +5,6 @@ trained linear head, the teacher's included, as the reference trains both.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import nn
 
 from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, layer_shapes, require)
@@ -43,5 +42,5 @@ class CC(FeatureDistiller):
             congruence = (embed_s.sum() + embed_t.sum()) * 0.0
         else:
             congruence = cc_loss(embed_s, embed_t)
-        return logits, {"ce": self.ce_weight * F.cross_entropy(logits, targets),
+        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets),
                         "cc": self.feat_weight * congruence}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, StepContext,
@@ -204,7 +203,7 @@ class CRD(FeatureDistiller):
         logits, logits_teacher, (feat_s,), (feat_t,) = self.forward_features(images)
         out_s, out_t = self.memory(self.embed_student(feat_s), self.embed_teacher(feat_t),
                                    ctx.indices, ctx.step)
-        terms = {"ce": self.ce_weight * F.cross_entropy(logits, targets)}
+        terms = {"ce": self.ce_weight * self.cross_entropy(logits, targets)}
         if self.kd_weight:
             terms["kd"] = self.kd_weight * kd_loss(logits, logits_teacher, self.temperature)
         terms["crd"] = self.crd_weight * (crd_nce_loss(out_s, self.memory.size)

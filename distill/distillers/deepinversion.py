@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -102,7 +101,7 @@ class DeepInversion(Distiller):
         logits_teacher = self.teacher_logits(images)
         terms = {"kd": self.kd_weight * kd_loss(logits, logits_teacher, self.temperature)}
         if self.ce_weight:
-            terms["ce"] = self.ce_weight * F.cross_entropy(logits, targets)
+            terms["ce"] = self.ce_weight * self.cross_entropy(logits, targets)
         return logits, terms
 
     # --- synthesis ---------------------------------------------------------------------------

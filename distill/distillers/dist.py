@@ -3,7 +3,6 @@
 beta = gamma = 1 inside it, i.e. the paper's beta = gamma = 2."""
 from __future__ import annotations
 
-import torch.nn.functional as F
 
 from distill.distillers.base import DISTILLERS, Distiller, require
 from distill.losses import dist_loss
@@ -35,7 +34,7 @@ class DIST(Distiller):
         logits = self.student(images)
         logits_teacher = self.teacher_logits(images)
         return logits, {
-            "ce": self.ce_weight * F.cross_entropy(logits, targets),
+            "ce": self.ce_weight * self.cross_entropy(logits, targets),
             "dist": self.dist_weight * dist_loss(logits, logits_teacher, self.beta, self.gamma,
                                                  self.temperature),
         }

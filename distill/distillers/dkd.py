@@ -7,7 +7,6 @@ reference settings (alpha and beta times the KD weight, base temperature) are in
 configs/experiment/cifar100_ls/; the warm-up is unchanged, as there."""
 from __future__ import annotations
 
-import torch.nn.functional as F
 
 from distill.distillers.base import DISTILLERS, Distiller, require, warmup_ramp
 from distill.losses import dkd_loss, standardize_logits
@@ -44,6 +43,6 @@ class DKD(Distiller):
         s, t = ((standardize_logits(logits), standardize_logits(logits_teacher))
                 if self.standardize else (logits, logits_teacher))
         return logits, {
-            "ce": self.ce_weight * F.cross_entropy(logits, targets),
+            "ce": self.ce_weight * self.cross_entropy(logits, targets),
             "dkd": ramp * dkd_loss(s, t, targets, self.alpha, self.beta, self.temperature),
         }

@@ -13,7 +13,6 @@ peer's BatchNorm buffers put back, so each peer's running statistics see each ba
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from distill.distillers.base import DISTILLERS, BuildInfo, Distiller, require, require_models
 from distill.errors import ConfigError
@@ -55,7 +54,7 @@ class DML(Distiller):
         logits = [peer(images) for peer in peers]   # each peer's graph, kept until its turn
         count, terms = len(peers), {}
         for k, (role, peer) in enumerate(zip(self.peer_roles, peers)):
-            ce = F.cross_entropy(logits[k], targets)
+            ce = self.cross_entropy(logits[k], targets)
             kl = sum(kd_loss(logits[k], logits[other].detach(), 1.0)
                      for other in range(count) if other != k) / (count - 1)
             step.backward(self.ce_weight * ce + self.kl_weight * kl)

@@ -8,7 +8,6 @@ regressor get gradients), then the whole student trains with CE + KD and no hint
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 
 from distill.distillers.base import (
     DISTILLERS, BuildInfo, FeatureDistiller, layer_shapes, require)
@@ -60,7 +59,7 @@ class FitNet(FeatureDistiller):
         hint = self.feat_weight * fitnet_loss(self.connector(feat_s), feat_t)
         if ctx.epoch < self.hint_epochs:        # stage 1 of 2: hints only
             return logits, {"hint": hint}
-        terms = {"ce": self.ce_weight * F.cross_entropy(logits, targets)}
+        terms = {"ce": self.ce_weight * self.cross_entropy(logits, targets)}
         if self.hint_epochs == 0:               # single stage (the reference recipe)
             terms["hint"] = hint
         if self.kd_weight > 0:

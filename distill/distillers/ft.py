@@ -88,7 +88,7 @@ class FT(FeatureDistiller):
         logits, _, (feat_s,), (feat_t,) = self.forward_features(images)
         with torch.no_grad():   # fixed in the main stage (the reference never steps it)
             factor_t = self.paraphraser.encoder(feat_t)
-        terms = {"ce": self.ce_weight * F.cross_entropy(logits, targets),
+        terms = {"ce": self.ce_weight * self.cross_entropy(logits, targets),
                  "ft": self.feat_weight * ft_loss(self.translator(feat_s), factor_t, self.p)}
         step.backward(sum(terms.values()))
         step.step("main")

@@ -4,7 +4,6 @@ per sample before the KD term (`kd_loss(..., standardize=True)`); its reference 
 temperature 2, KD weight 9 on CIFAR-100, per pair) are in configs/experiment/cifar100_ls/."""
 from __future__ import annotations
 
-import torch.nn.functional as F
 
 from distill.distillers.base import DISTILLERS, Distiller, require
 from distill.losses import kd_loss
@@ -30,7 +29,7 @@ class KD(Distiller):
         logits = self.student(images)
         logits_teacher = self.teacher_logits(images)
         return logits, {
-            "ce": self.ce_weight * F.cross_entropy(logits, targets),
+            "ce": self.ce_weight * self.cross_entropy(logits, targets),
             "kd": self.kd_weight * kd_loss(logits, logits_teacher, self.temperature,
                                            standardize=self.standardize),
         }

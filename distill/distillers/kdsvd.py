@@ -4,7 +4,6 @@ teacher stages are compared channel by channel, so their channel counts must agr
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 
 from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, layer_shapes,
                                      require, stage_pairs)
@@ -44,6 +43,6 @@ class KDSVD(FeatureDistiller):
     def forward(self, images, targets, ctx):
         logits, _, feats_s, feats_t = self.forward_features(images)
         return logits, {
-            "ce": self.ce_weight * F.cross_entropy(logits, targets),
+            "ce": self.ce_weight * self.cross_entropy(logits, targets),
             "kdsvd": self.feat_weight * kdsvd_loss(feats_s, feats_t, k=self.k),
         }

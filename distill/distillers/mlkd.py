@@ -10,7 +10,6 @@ default of this method.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 
 from distill.data.augment import AUGMENTATIONS
 from distill.distillers.base import DISTILLERS, Distiller, StepContext, require
@@ -48,8 +47,8 @@ class MLKD(Distiller):
         strong = ctx.views[STRONG_VIEW]
         logits_weak, logits_strong = self.student(images), self.student(strong)
         teacher_weak, teacher_strong = self.teacher_logits(images), self.teacher_logits(strong)
-        terms = {"ce": self.ce_weight * (F.cross_entropy(logits_weak, targets)
-                                         + F.cross_entropy(logits_strong, targets))}
+        terms = {"ce": self.ce_weight * (self.cross_entropy(logits_weak, targets)
+                                         + self.cross_entropy(logits_strong, targets))}
         for name, value in mlkd_losses(logits_weak, logits_strong, teacher_weak, teacher_strong,
                                        self.temperature, self.standardize).items():
             terms[name] = self.kd_weight * value

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from distill.distillers.base import (
     DISTILLERS, Distiller, TeacherRequest, require, require_models)
@@ -84,6 +83,6 @@ class MultiTeacher(Distiller):
             teacher_logits = [self.part(role)(images) for role in self.teacher_roles]
             target = ensemble_log_probs(teacher_logits, self.temperature, self.mode, self.weights)
         return logits, {
-            "ce": self.ce_weight * F.cross_entropy(logits, targets),
+            "ce": self.ce_weight * self.cross_entropy(logits, targets),
             "kd": self.kd_weight * soft_target_loss(logits, target, self.temperature),
         }

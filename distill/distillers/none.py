@@ -1,7 +1,6 @@
 """Vanilla training: cross-entropy on the labels, no teacher. This is how teachers are made."""
 from __future__ import annotations
 
-import torch.nn.functional as F
 
 from distill.distillers.base import DISTILLERS, Distiller, require
 
@@ -20,4 +19,4 @@ class Vanilla(Distiller):
 
     def forward(self, images, targets, ctx):
         logits = self.student(images)
-        return logits, {"ce": self.ce_weight * F.cross_entropy(logits, targets)}
+        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets)}

@@ -4,7 +4,6 @@ of `nst_loss` (polynomial-kernel MMD) over the stage outputs (the reference's fe
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 
 from distill.distillers.base import DISTILLERS, BuildInfo, FeatureDistiller, require, stage_pairs
 from distill.losses import nst_loss
@@ -29,6 +28,6 @@ class NST(FeatureDistiller):
     def forward(self, images, targets, ctx):
         logits, _, feats_s, feats_t = self.forward_features(images)
         return logits, {
-            "ce": self.ce_weight * F.cross_entropy(logits, targets),
+            "ce": self.ce_weight * self.cross_entropy(logits, targets),
             "nst": self.feat_weight * sum(nst_loss(s, t) for s, t in zip(feats_s, feats_t)),
         }

@@ -25,7 +25,6 @@ import math
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -170,5 +169,5 @@ class OFD(FeatureDistiller):
         feats_t = self.teacher_features(images)
         total = sum(w * ofd_loss(c(s), t, c.margin) for w, c, s, t in
                     zip(self.layer_weights, self.connectors, feats_s, feats_t))
-        return logits, {"ce": self.ce_weight * F.cross_entropy(logits, targets),
+        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets),
                         "ofd": self.feat_weight * total}

@@ -5,7 +5,6 @@ reference's feat[-1]). The kernels are within each batch, so the widths may diff
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 
 from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, require)
 from distill.losses import pkt_loss
@@ -27,5 +26,5 @@ class PKT(FeatureDistiller):
 
     def forward(self, images, targets, ctx):
         logits, _, (embed_s,), (embed_t,) = self.forward_features(images)
-        return logits, {"ce": self.ce_weight * F.cross_entropy(logits, targets),
+        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets),
                         "pkt": self.feat_weight * pkt_loss(embed_s, embed_t)}

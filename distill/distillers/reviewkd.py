@@ -197,7 +197,7 @@ class ReviewKD(FeatureDistiller):
     def forward(self, images, targets, ctx):
         logits, _, feats_s, feats_t = self.forward_features(images)
         outputs, feats_t = self.fuse(feats_s, feats_t)
-        return logits, {"ce": self.ce_weight * F.cross_entropy(logits, targets),
+        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets),
                         "reviewkd": self.feat_weight * self.ramp(ctx.epoch)
                         * hcl_loss(outputs, feats_t)}
 

@@ -5,7 +5,6 @@ relations within each batch, never the vectors themselves.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 
 from distill.distillers.base import DISTILLERS, BuildInfo, FeatureDistiller, require
 from distill.losses import rkd_loss
@@ -42,5 +41,5 @@ class RKD(FeatureDistiller):
             relational = embed_s.sum() * 0.0
         else:
             relational = rkd_loss(embed_s, embed_t, self.distance_weight, self.angle_weight)
-        return logits, {"ce": self.ce_weight * F.cross_entropy(logits, targets),
+        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets),
                         "rkd": self.feat_weight * relational}

@@ -10,7 +10,6 @@ weight for this setting: the default weight is ours.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from distill.distillers.base import DISTILLERS, BuildInfo, Distiller, require
 from distill.losses import kd_loss
@@ -39,7 +38,7 @@ class Sobolev(Distiller):
     def forward(self, images, targets, ctx):
         x_student = images.detach().requires_grad_(True)
         logits = self.student(x_student)
-        terms = {"ce": self.ce_weight * F.cross_entropy(logits, targets)}
+        terms = {"ce": self.ce_weight * self.cross_entropy(logits, targets)}
         if self.sobolev_weight:
             x_teacher = images.detach().requires_grad_(True)
             logits_teacher = self.frozen_forward("teacher", x_teacher, input_grad=True)

@@ -5,7 +5,6 @@ matrices are compared, so the two maps may have any channel counts and sizes.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 
 from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, require)
 from distill.losses import sp_loss
@@ -27,5 +26,5 @@ class SP(FeatureDistiller):
 
     def forward(self, images, targets, ctx):
         logits, _, (feat_s,), (feat_t,) = self.forward_features(images)
-        return logits, {"ce": self.ce_weight * F.cross_entropy(logits, targets),
+        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets),
                         "sp": self.feat_weight * sp_loss(feat_s, feat_t)}

@@ -144,7 +144,7 @@ class Specialists(Distiller):
                                               specialists, self.subsets, active,
                                               self.solver_steps)
         return logits, {
-            "ce": self.ce_weight * F.cross_entropy(logits, targets),
+            "ce": self.ce_weight * self.cross_entropy(logits, targets),
             "kd": self.kd_weight * soft_target_loss(logits, target, self.temperature),
         }
 

@@ -53,5 +53,5 @@ class VID(FeatureDistiller):
             elif f_s.shape[2] < f_t.shape[2]:
                 f_t = F.adaptive_avg_pool2d(f_t, f_s.shape[2:])
             total = total + vid_loss(head(f_s), f_t, head.log_scale, eps=self.eps)
-        return logits, {"ce": self.ce_weight * F.cross_entropy(logits, targets),
+        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets),
                         "vid": self.feat_weight * total}

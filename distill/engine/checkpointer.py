@@ -29,7 +29,7 @@ class Checkpointer:
 
     def save(self, distiller: Distiller, optimizers: dict, schedulers: dict,
              scaler: torch.amp.GradScaler, *, state: dict, trackers: dict, config: dict,
-             teachers: list[dict], step: int) -> None:
+             teachers: list[dict], step: int, averages: dict | None = None) -> None:
         """On every rank (their weights are the same): the weights are checked finite first;
         rank 0 writes."""
         named = [(f"{role}.{n}", p) for role, module in distiller.trained_parts().items()
@@ -49,6 +49,7 @@ class Checkpointer:
             "trackers": trackers,
             "config": config,
             "teachers": teachers,
+            **({"averages": averages} if averages else {}),   # trainer.ema_decay's model
         }, self.path)
 
     def restore(self, ckpt: dict[str, Any], distiller: Distiller, optimizers: dict,

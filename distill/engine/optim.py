@@ -20,13 +20,30 @@ SCHEDULES = ("multistep", "cosine", "constant")
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], *, name: str = "sgd", lr: float,
                     momentum: float = 0.9, weight_decay: float = 5e-4,
-                    nesterov: bool = False) -> torch.optim.Optimizer:
+                    nesterov: bool = False, decay_norm_and_bias: bool = True
+                    ) -> torch.optim.Optimizer:
+    """`decay_norm_and_bias=False`: no weight decay on parameters of one dimension or none
+    (normalisation layers' scales and shifts, every bias), as timm's recipes; the CIFAR
+    reference recipes decay every parameter (the default)."""
+    if not decay_norm_and_bias:
+        params = weight_decay_groups(params, weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                nesterov=nesterov)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise ConfigError(f"unknown optimizer '{name}'", key="optimizer.name", allowed=", ".join(OPTIMIZERS))
+
+
+def weight_decay_groups(params: Iterable[torch.nn.Parameter], weight_decay: float
+                        ) -> list[dict]:
+    """Two parameter groups: matrices and kernels with `weight_decay`, the rest (norm scales and
+    shifts, biases: ndim <= 1) without. Empty groups are left out."""
+    params = list(params)
+    decayed = [p for p in params if p.ndim > 1]
+    plain = [p for p in params if p.ndim <= 1]
+    return [g for g in ({"params": decayed, "weight_decay": weight_decay},
+                        {"params": plain, "weight_decay": 0.0}) if g["params"]]
 
 
 def lr_factor_fn(*, name: str, epochs: int, steps_per_epoch: int, milestones: Sequence[int] = (),

@@ -86,6 +86,10 @@ class TrainerOptions:
     compile_backend: str = "inductor"
     on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss does (NONFINITE_POLICIES)
     quantize: str = "none"     # int8: the exported student trains on int8 weights (quantize.py)
+    accumulate: int = 1        # an optimizer step every N batches, their gradients summed (/N)
+    clip_grad_norm: float | None = None   # each optimizer's gradients clipped to this L2 norm
+    ema_decay: float | None = None        # an EMA of the student: evaluated, checkpointed, exported
+    label_smoothing: float = 0.0          # of the CE term against the labels
 
 
 @dataclass
@@ -113,27 +117,40 @@ class ManualStepper:
 
     def __init__(self, optimizers: dict[str, torch.optim.Optimizer],
                  scaler: torch.amp.GradScaler, *, skip_nonfinite: bool,
-                 group_buffers: dict[str, list[torch.Tensor]]):
+                 group_buffers: dict[str, list[torch.Tensor]],
+                 clip_grad_norm: float | None = None):
         self.optimizers = optimizers
         self._scaler, self._skip_nonfinite = scaler, skip_nonfinite
         self._group_buffers = group_buffers
+        self._clip = clip_grad_norm
         self._saved: dict[str, list[torch.Tensor]] = {}
-        self._loss: torch.Tensor | None = None
+        self._loss: torch.Tensor | None = None   # the group's losses summed (non-finite check)
+        self._first, self._last, self._scale = True, True, 1.0
         self.skipped = False
         self.stepped = False   # GradScaler.update() needs a scaler.step() before it
 
-    def begin(self) -> None:
-        self.skipped, self.stepped, self._loss = False, False, None
-        if self._skip_nonfinite:
-            self._saved = {g: [b.clone() for b in bufs] for g, bufs in self._group_buffers.items()}
+    def begin(self, *, first: bool = True, last: bool = True, scale: float = 1.0) -> None:
+        """A batch; under trainer.accumulate, the `first` and `last` of a group of batches whose
+        gradients one optimizer step takes, each loss times `scale` (1 / the group's size)."""
+        self._first, self._last, self._scale = first, last, scale
+        self.skipped, self.stepped = False, False
+        if first:
+            self._loss = None
+            if self._skip_nonfinite:
+                self._saved = {g: [b.clone() for b in bufs]
+                               for g, bufs in self._group_buffers.items()}
 
     def backward(self, loss: torch.Tensor) -> None:
-        self._loss = loss
+        self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
         with torch.autocast(loss.device.type, enabled=False):
-            self._scaler.scale(loss).backward()
+            self._scaler.scale(loss * self._scale if self._scale != 1.0 else loss).backward()
 
     def step(self, name: str) -> bool:
-        """Step optimizer `name` on the gradients of the last backward; returns whether it did."""
+        """Step optimizer `name` on the gradients of the backward calls so far (of the whole
+        group of batches under trainer.accumulate: before its last batch nothing is stepped);
+        returns whether it did."""
+        if not self._last:
+            return False
         optimizer = self.optimizers[name]
         if self._skip_nonfinite and self._loss is not None and nonfinite_on_any_rank(self._loss):
             for buffer, value in zip(self._group_buffers[name], self._saved[name]):
@@ -142,10 +159,23 @@ class ManualStepper:
             self.skipped = True
             return False
         average_gradients(optimizer)
+        clip_gradients(optimizer, self._scaler, self._clip)
         self._scaler.step(optimizer)
         self.stepped = True
         optimizer.zero_grad(set_to_none=True)
         return True
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   max_norm: float | None) -> None:
+    """Clip the optimizer's gradients to `max_norm` (their joint L2 norm), unscaled first under
+    fp16 (GradScaler.step then does not unscale them twice)."""
+    if max_norm is None:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if params:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def average_gradients(optimizer: torch.optim.Optimizer) -> None:
@@ -201,7 +231,11 @@ class Trainer:
             device=device, seed=seed, rank=dist_utils.rank(), world_size=self.world_size,
             views=distiller.views(), sample_weights=distiller.sample_weights(),
             augmentation_ids=teacher_cache is not None)
-        self.steps_per_epoch = self.loaders.steps_per_epoch
+        # an optimizer step is trainer.accumulate batches: position and schedules count steps
+        self.accumulate = options.accumulate
+        self.batches_per_epoch = self.loaders.steps_per_epoch
+        self.steps_per_epoch = -(-self.batches_per_epoch // self.accumulate)
+        distiller.label_smoothing = options.label_smoothing   # its CE term (Distiller.cross_entropy)
         self.input_shape = tuple(data.val[0][0].shape)   # FLOPs of derived models (summary)
         if options.quantize == "int8":   # before the optimizers: they take the shadow weights
             count = quantize_weights(distiller.exported)
@@ -248,7 +282,14 @@ class Trainer:
                       for name in self.optimizers}
             self.stepper = ManualStepper(self.optimizers, self.scaler,
                                          skip_nonfinite=options.on_nonfinite == "skip",
-                                         group_buffers=groups)
+                                         group_buffers=groups,
+                                         clip_grad_norm=options.clip_grad_norm)
+        # trainer.ema_decay: an exponential moving average of the exported part's weights and
+        # buffers, updated after every optimizer step; evaluated as `ema` and exported
+        self.ema = (torch.optim.swa_utils.AveragedModel(
+            distiller.exported, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
+                options.ema_decay), use_buffers=True)
+            if options.ema_decay is not None else None)
         self.state = RunState()
         self.checkpointer = Checkpointer(self.run_dir, main=self.main)
         self.stop_signal = 0                      # set when a signal asks the run to stop
@@ -290,6 +331,8 @@ class Trainer:
         state = self.checkpointer.restore(ckpt, self.distiller, self.optimizers, self.schedulers,
                                           self.scaler)
         self.state = RunState(**state)
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["averages"]["ema"])
         if dist_utils.rank() > 0:   # the checkpoint holds rank 0's stream; others get their own
             torch.manual_seed(epoch_seed(self.seed + 7919 * dist_utils.rank(), self.state.global_step))
         # TensorBoard drops events past the checkpoint, so resumed curves are not duplicated
@@ -301,7 +344,8 @@ class Trainer:
         self.checkpointer.save(
             self.distiller, self.optimizers, self.schedulers, self.scaler,
             state=asdict(self.state), trackers=self.trackers.resume_states(),
-            config=self.config, teachers=self.teachers, step=self.state.global_step)
+            config=self.config, teachers=self.teachers, step=self.state.global_step,
+            averages={"ema": self.ema.state_dict()} if self.ema is not None else None)
 
     # --- the loop ---------------------------------------------------------------------------
     def stage_of(self, epoch: int) -> tuple[str, int]:
@@ -348,8 +392,8 @@ class Trainer:
             with ProgressDisplay(enabled=self.opt.progress and self.main,
                                  total=self.total_steps(), completed=self.state.global_step) as bar:
                 while not self._done():
-                    epoch, first_batch = divmod(self.state.global_step, self.steps_per_epoch)
-                    self.loaders.start_epoch(epoch, first_batch)
+                    epoch, first_step = divmod(self.state.global_step, self.steps_per_epoch)
+                    self.loaders.start_epoch(epoch, first_step * self.accumulate)
                     epoch_terms = self._train_epoch(epoch, bar, guard)
                     if self.stop_signal and self.state.global_step % self.steps_per_epoch:
                         # mid-epoch: save the step, no evaluation (it may not fit the grace
@@ -419,7 +463,14 @@ class Trainer:
                      epoch + (self.opt.epochs if stage == MAIN_STAGE else
                               next(s.epochs for s in self.stages if s.name == stage)),
                      self.epochs)
+        batch = (self.state.global_step % self.steps_per_epoch) * self.accumulate
+        group: dict[str, torch.Tensor] = {}   # the loss terms of this step's batches, summed
         for images, targets, extras in self.loaders.train:
+            # trainer.accumulate: batches [start, start + size) make one optimizer step
+            start = batch - batch % self.accumulate
+            size = min(self.accumulate, self.batches_per_epoch - start)
+            first, last = batch == start, batch == start + size - 1
+            batch += 1
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
             ctx = StepContext(epoch=epoch, step=self.state.global_step, epochs=self.epochs,
@@ -435,10 +486,21 @@ class Trainer:
                       if self.teacher_cache is not None else contextlib.nullcontext())
             with cached:
                 if self.stepper is not None:
-                    losses, skipped = self._manual_step(images, targets, ctx)
+                    losses, skipped = self._manual_step(images, targets, ctx, first=first,
+                                                        last=last, scale=1.0 / size)
                 else:
                     losses, skipped = self._default_step(images, targets, ctx, skip_nonfinite,
-                                                         buffers)
+                                                         buffers, first=first, last=last,
+                                                         scale=1.0 / size)
+            images_seen += images.shape[0]
+            window_images += images.shape[0]
+            for name, value in losses.items():
+                group[name] = group.get(name, 0) + value.detach() / size
+            if not last:
+                continue
+            losses, group = group, {}   # what the step's batches gave, on average
+            if self.ema is not None and not skipped:
+                self.ema.update_parameters(self.distiller.exported)
             loss = sum(losses.values())
             if skipped:
                 self.state.skipped_steps += 1
@@ -456,8 +518,6 @@ class Trainer:
             for scheduler in self.schedulers.values():
                 scheduler.step()
             self.state.global_step += 1
-            images_seen += images.shape[0]
-            window_images += images.shape[0]
 
             end_of_epoch = self.state.global_step % self.steps_per_epoch == 0 or self._done()
             log_step = self.state.global_step % self.opt.log_every == 0 or end_of_epoch
@@ -492,30 +552,43 @@ class Trainer:
         return _mean_over_ranks(sums, max(applied, 1))
 
     def _default_step(self, images: torch.Tensor, targets: torch.Tensor, ctx: StepContext,
-                      skip_nonfinite: bool, buffers: list[torch.Tensor]
+                      skip_nonfinite: bool, buffers: list[torch.Tensor], *, first: bool = True,
+                      last: bool = True, scale: float = 1.0
                       ) -> tuple[dict[str, torch.Tensor], bool]:
         """One forward, the sum of the weighted terms, one backward, every optimizer stepped
-        once. Returns the terms and whether the step was skipped (non-finite, policy skip)."""
-        saved = [b.clone() for b in buffers]
-        with self.autocast() if self.autocast else contextlib.nullcontext():
-            _, losses = self.model(images, targets, ctx)
-        loss = sum(losses.values())
-        for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        # backward even for a step about to be skipped: DDP expects every forward's backward
-        self.scaler.scale(loss).backward()
-        if skip_nonfinite and nonfinite_on_any_rank(loss):
-            for buffer, value in zip(buffers, saved):
+        once. Under trainer.accumulate a step is a group of batches: the gradients of each
+        (its loss times `scale`) add up from the `first` to the `last`, whose backward alone
+        DDP all-reduces, and which steps. Returns the terms and whether the step was skipped
+        (non-finite, policy skip)."""
+        if first:
+            self._saved_buffers = [b.clone() for b in buffers]
+            self._group_loss = None
+            for optimizer in self.optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+        no_sync = getattr(self.model, "no_sync", None)   # DDP: all-reduce on the last only
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            with self.autocast() if self.autocast else contextlib.nullcontext():
+                _, losses = self.model(images, targets, ctx)
+            loss = sum(losses.values())
+            # backward even for a step about to be skipped: DDP expects every forward's backward
+            self.scaler.scale(loss * scale if scale != 1.0 else loss).backward()
+        self._group_loss = loss.detach() if first else self._group_loss + loss.detach()
+        if not last:
+            return losses, False
+        if skip_nonfinite and nonfinite_on_any_rank(self._group_loss):
+            for buffer, value in zip(buffers, self._saved_buffers):
                 buffer.copy_(value)
             return losses, True
         for optimizer in self.optimizers.values():
+            clip_gradients(optimizer, self.scaler, self.opt.clip_grad_norm)
             self.scaler.step(optimizer)   # fp16: GradScaler still skips inf gradients
         self.scaler.update()
         return losses, False
 
-    def _manual_step(self, images: torch.Tensor, targets: torch.Tensor, ctx: StepContext
+    def _manual_step(self, images: torch.Tensor, targets: torch.Tensor, ctx: StepContext,
+                     *, first: bool = True, last: bool = True, scale: float = 1.0
                      ) -> tuple[dict[str, torch.Tensor], bool]:
-        self.stepper.begin()
+        self.stepper.begin(first=first, last=last, scale=scale)
         with self.autocast() if self.autocast else contextlib.nullcontext():
             losses = self.distiller.training_step(images, targets, ctx, self.stepper)
         if self.stepper.stepped:
@@ -525,9 +598,8 @@ class Trainer:
     def _end_epoch(self, epoch: int, epoch_terms: dict[str, float]) -> None:
         self._sync_buffers()
         completed = _whole_or_fraction(self.state.global_step / self.steps_per_epoch)
-        results = {role: self._evaluate(model) for role, model in
-                   {**self.distiller.evaluated_parts(), **self.distiller.derived_models()}.items()}
-        exported = self.distiller.exported_role
+        results = {role: self._evaluate(model) for role, model in self._evaluated().items()}
+        exported = self.exported_name
         metrics = results[exported]
         # a run stopped by max_steps mid-epoch still ends with an evaluated, checkpointed model
         for role, result in results.items():
@@ -568,6 +640,18 @@ class Trainer:
         self._tick_wall_clock()
         self.save_checkpoint()
 
+    @property
+    def exported_name(self) -> str:
+        """What student.safetensors holds and best/last top-1 measure: the EMA when there is
+        one (trainer.ema_decay), else the method's exported part."""
+        return "ema" if self.ema is not None else self.distiller.exported_role
+
+    def _evaluated(self) -> dict[str, nn.Module]:
+        models = {**self.distiller.evaluated_parts(), **self.distiller.derived_models()}
+        if self.ema is not None:
+            models["ema"] = self.ema.module
+        return models
+
     def _teacher_cache_counts(self) -> dict[str, int]:
         """Teacher outputs read from the cache and computed, by this run's processes since they
         started (summed over ranks); {} without the cache."""
@@ -579,6 +663,15 @@ class Trainer:
         read, computed, rejected = (int(v) for v in counts.tolist())
         return {"teacher_cache/read": read, "teacher_cache/computed": computed,
                 "teacher_cache/rejected": rejected}
+
+    def _ema_summary(self) -> dict[str, dict]:
+        """summary.json's entry of the EMA (trainer.ema_decay), the student's architecture."""
+        if self.ema is None:
+            return {}
+        arch = self.distiller.parts[self.distiller.exported_role].arch
+        return {"ema": {"arch": arch, "decay": self.opt.ema_decay,
+                        **self.state.models.get("ema", {"best_top1": 0.0, "last_top1": 0.0}),
+                        "params": sum(p.numel() for p in self.ema.module.parameters())}}
 
     def _derived_summaries(self) -> dict[str, dict]:
         """summary.json's entries of the derived models (BYOT's exits): top-1, params, FLOPs."""
@@ -611,6 +704,8 @@ class Trainer:
             "world_size": self.world_size,
             "global_batch_size": self.opt.batch_size,   # trainer.batch_size is global
             "per_rank_batch_size": self.opt.batch_size // self.world_size,
+            # trainer.accumulate batches per optimizer step
+            "images_per_step": self.opt.batch_size * self.accumulate,
             "epochs": _whole_or_fraction(self.state.global_step / self.steps_per_epoch),
             "steps": self.state.global_step,
             "stopped_early": not completed_all,   # trainer.max_steps ended it
@@ -623,7 +718,8 @@ class Trainer:
                                                                 "last_top1": 0.0}),
                                  "params": sum(p.numel() for p in model.parameters())}
                           for role, model in self.distiller.evaluated_parts().items()},
-                       **self._derived_summaries()},
+                       **self._derived_summaries(), **self._ema_summary()},
+            "exported": self.exported_name,   # the model student.safetensors holds
             "teachers": [{**t, "top1": self.state.teachers_top1.get(t["role"])}
                          for t in self.teachers],
             "history": self.state.history,
@@ -635,7 +731,8 @@ class Trainer:
                                         **{k.split("/")[1]: v for k, v in cache.items()}}
         if self.main:
             self.save_checkpoint()   # records `finished`, so re-running the command is a no-op
-            save_weights(plain_state_dict(exported), self.run_dir / "student.safetensors",
+            weights = self.ema.module if self.ema is not None else exported
+            save_weights(plain_state_dict(weights), self.run_dir / "student.safetensors",
                          metadata={"top1": self.state.last_top1})
             write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             hparams = {k: v for k, v in flatten(self.config).items()
