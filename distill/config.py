@@ -173,11 +173,30 @@ def registered_methods() -> str:
     return ",".join(DISTILLERS.list())
 
 
+def digest(text: Any) -> str:
+    """12 hex digits naming `text` (`${distill_digest:...}`: a search trial's folder, from its
+    parameters, so a continued search never reuses an earlier trial's folder)."""
+    import hashlib
+
+    return hashlib.sha256(str(text).encode()).hexdigest()[:12]
+
+
+def sqlite_url(path: str) -> str:
+    """`${distill_sqlite:<file>}`: an SQLite URL for an Optuna study file, its folder made
+    first (the study is opened before Hydra makes the sweep folder)."""
+    file = Path(path).expanduser().resolve()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{file}"
+
+
 def register_configs() -> None:
     if not OmegaConf.has_resolver("distill_run"):
         OmegaConf.register_new_resolver("distill_run", run_path)
     if not OmegaConf.has_resolver("distill_methods"):
         OmegaConf.register_new_resolver("distill_methods", registered_methods)
+    for name, resolver in (("distill_digest", digest), ("distill_sqlite", sqlite_url)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     # plain dicts: the schema (train_schema, first in the defaults) types them and fills the

@@ -126,7 +126,7 @@ def validate(cfg: DictConfig) -> dict:
         ("trainer.accumulate", lambda: trainer.accumulate >= 1,
          "at least 1 (batches per optimizer step)"),
         ("trainer.clip_grad_norm", lambda: trainer.clip_grad_norm is None
-         or trainer.clip_grad_norm > 0, "null (no clipping) or a positive norm"),
+         or 0 < trainer.clip_grad_norm < math.inf, "null (no clipping) or a positive norm"),
         ("trainer.ema_decay", lambda: trainer.ema_decay is None or 0 < trainer.ema_decay < 1,
          "null (no EMA) or a decay in (0, 1), e.g. 0.9998"),
         ("trainer.ema_decay", lambda: trainer.ema_decay is None or trainer.quantize == "none",

@@ -43,7 +43,7 @@ STRINGS = {"abc", "ü", "a/b", "../x", "empty"}
 NUMBERS = {"0", "-1", "nan", "inf", "huge"}
 BOOLEANS = ("teacher.pretrained", "student.pretrained", "teacher.auto_train",
             "optimizer.nesterov", "trainer.resume", "trainer.progress", "trainer.sync_bn",
-            "trainer.channels_last", "zoo.publish")
+            "trainer.channels_last", "zoo.publish", "optimizer.decay_norm_and_bias")
 OFFLINE_DATASETS = ("fake", "digits", "mnist5k")
 
 # (key patterns, boundary labels, what the accepted value means)
@@ -93,6 +93,8 @@ ACCEPTED = [
     (("distiller.sigma",), {"0"}, "noisy_kd without noise: plain KD"),
     (("distiller.fraction",), {"0"}, "noisy_kd noises no example: plain KD"),
     (("distiller.nce_m",), {"0"}, "CRD's memory bank takes each new embedding as it is"),
+    (("trainer.clip_grad_norm",), {"huge"}, "a norm no gradient reaches: nothing is clipped"),
+    (("trainer.label_smoothing",), {"0"}, "no label smoothing"),
 ]
 
 
