@@ -199,11 +199,26 @@ def register_configs() -> None:
             OmegaConf.register_new_resolver(name, resolver)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    # plain dicts: the schema (train_schema, first in the defaults) types them and fills the
-    # other keys; a dataclass node per model costs 9x more, and there are ~1,500 models
-    for name in list_models():
-        cs.store(group="teacher", name=name, node={"name": name})
-        cs.store(group="student", name=name, node={"name": name})
+    register_model_options(n for n in list_models() if not n.startswith(ON_DEMAND_MODELS))
+
+
+# Model families whose names become `teacher=` / `student=` options when a command names them
+# (distill.preflight.register_models_named_in), not all at import: Hydra deep-copies every
+# stored option on every compose, and timm's 1,371 would make each compose 3x slower.
+ON_DEMAND_MODELS = ("timm_",)
+
+
+def register_model_options(names: Any) -> None:
+    """Make registered models `teacher=NAME` / `student=NAME` options. Plain dicts: the schema
+    (train_schema, first in the defaults) types them and fills the other keys (a dataclass
+    node per model costs 9x more)."""
+    cs = ConfigStore.instance()
+    stored = cs.repo.get("teacher", {})
+    models = set(list_models())
+    for name in names:
+        if name in models and f"{name}.yaml" not in stored:
+            cs.store(group="teacher", name=name, node={"name": name})
+            cs.store(group="student", name=name, node={"name": name})
 
 
 register_configs()

@@ -38,7 +38,30 @@ def group_options(group: str, config_dir: Path) -> set[str]:
     options = {str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml")}
     stored = ConfigStore.instance().repo.get(group, {})
     options |= {name.removesuffix(".yaml") for name in stored}
+    if group in MODEL_GROUPS:   # every registered model, those stored on demand too
+        from distill.models import list_models
+
+        options |= set(list_models())
     return options
+
+
+MODEL_GROUPS = ("teacher", "student")
+
+
+def register_models_named_in(overrides: list[str]) -> None:
+    """Make the models that `teacher=` / `student=` overrides name (sweep lists too) Hydra
+    options before a compose: timm's are stored on demand (distill.config.ON_DEMAND_MODELS)."""
+    from distill.config import register_model_options
+
+    names = []
+    for arg in overrides:
+        match = _CHOICE.match(arg)
+        if match and match["group"] in MODEL_GROUPS:
+            raw = match["value"].strip()
+            if raw.startswith("choice(") and raw.endswith(")"):
+                raw = raw[len("choice("):-1]
+            names += _values(raw)
+    register_model_options(names)
 
 
 def _values(raw: str) -> list[str]:
@@ -94,3 +117,4 @@ def check_overrides(argv: list[str], config_dir: Path) -> None:
                 continue
             if value not in options:
                 raise unknown_name_error(group, value, options, key=group)
+    register_models_named_in(argv)

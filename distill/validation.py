@@ -65,6 +65,9 @@ def method_options(method: str, teacher: str, student: str, *overrides: str) -> 
     tests build a distiller with outside a run."""
     from hydra import compose, initialize_config_dir
 
+    from distill.config import register_model_options
+
+    register_model_options([teacher, student])
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"distiller={method}", f"teacher={teacher}",
                                           f"student={student}", *overrides])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from _compose import make_cfg
+from _compose import make_cfg, write_class_folders
 from _golden import fixed_teacher
 from distill.app import run
 from distill.data.fake import fake
@@ -215,16 +215,9 @@ def test_standardize_and_kd_weight_change_exactly_the_terms_they_name():
 def test_mlkd_on_data_it_cannot_view_is_refused_before_anything_is_written(tmp_path):
     """MLKD's strong view is made from uint8 image tensors; a folder dataset (read as files) is
     refused by name before a teacher is trained for it: no run directory, no zoo entry."""
-    from PIL import Image
-
     from distill.errors import ConfigError
 
-    for split in ("train", "val"):
-        for cls in ("a", "b"):
-            (tmp_path / "data" / split / cls).mkdir(parents=True)
-            for i in range(3):
-                Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(
-                    tmp_path / "data" / split / cls / f"{i}.png")
+    write_class_folders(tmp_path / "data", size=32, per_class=3)
     cfg = make_cfg(tmp_path, "dataset=folder", f"dataset.root={tmp_path / 'data'}",
                    "dataset.image_size=32", "distiller=mlkd", "teacher=resnet8",
                    "student=resnet8", "teacher.auto_train=true", "device=cpu", run="refused")

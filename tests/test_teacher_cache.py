@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _compose import make_cfg
+from _compose import make_cfg, write_class_folders
 from _golden import fixed_teacher
 from _resume import FAKE_RUN, resumes_bit_exactly
 from distill.app import run
@@ -250,14 +250,7 @@ def test_methods_the_cache_cannot_serve_are_refused(tmp_path, method, reason):
 
 
 def test_random_resized_crop_is_refused_before_anything_is_made(tmp_path):
-    from PIL import Image
-
-    for split in ("train", "val"):
-        for cls in ("a", "b"):
-            (tmp_path / "data" / split / cls).mkdir(parents=True)
-            for i in range(2):
-                Image.new("RGB", (40, 40), (60 * i, 90, 200)).save(
-                    tmp_path / "data" / split / cls / f"{i}.png")
+    write_class_folders(tmp_path / "data", size=40, per_class=2)
     cfg = make_cfg(tmp_path, "dataset=imagenet", f"dataset.root={tmp_path / 'data'}",
                    "dataset.image_size=32", "teacher=resnet8", "student=resnet8",
                    "teacher.auto_train=true", "teacher.cache=views", "device=cpu", run="refused")

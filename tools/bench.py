@@ -131,6 +131,7 @@ def trainer_images_per_sec(method: str, teacher: str, student: str, batch: int, 
     from safetensors.torch import save_file
 
     from distill.app import run
+    from distill.preflight import register_models_named_in
 
     def weights_of(arch: str) -> Path:
         path = workdir / f"{arch}.safetensors"
@@ -151,6 +152,7 @@ def trainer_images_per_sec(method: str, teacher: str, student: str, batch: int, 
                  f"teacher.checkpoint={weights}", f"zoo.root={zoo or workdir / 'zoo'}",
                  f"device={device}", f"trainer.compile={compile}", f"optimizer.lr={BENCH_LR}",
                  *main_stage_only(method), *made, *extra]
+    register_models_named_in(overrides)
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     OmegaConf.set_struct(cfg, False)
