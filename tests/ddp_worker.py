@@ -3,10 +3,10 @@ Trainer on fake data, no augmentation, with BN-free models (per-rank BatchNorm s
 make 2 x B/2 differ from 1 x B by design; SyncBatchNorm is GPU-only). `kd` takes the default
 step (the distiller in DDP); `dml` the manual step (two peers, two optimizers, gradients
 averaged by the trainer); `crd` the default step with a memory bank the ranks keep equal;
-`kd_cached` KD with teacher.cache=views, one store shared by both runs; `<method>_accumulate`
-half batches, two per optimizer step (trainer.accumulate=2).
+`..._cached` KD with teacher.cache=views, one store shared by both runs; `..._accumulate` half
+batches, two per optimizer step (trainer.accumulate=2).
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR [memory|loader] [kd|dml|crd|kd_cached|kd_accumulate]
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR [memory|loader] [kd|dml|crd|kd_cached_accumulate]
 
 200 images in global batches of 32: six full batches, then one of 8 (4 per rank), all taken.
 """
