@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from distill.config import run_path
 from distill.data import (DATASETS, DatasetBundle, TensorImageDataset, build_datasets,
                           dataset_labels)
+from distill.data.batched import tensor_origin, tensor_source
 from distill.data.views import apply_student_view
 from distill.distillers import DISTILLERS, BuildInfo, Distiller, TeacherRequest, build_distiller
 from distill.engine import distributed as dist_utils
@@ -28,12 +29,13 @@ from distill.engine.loaders import data_path_transforms, view_transforms
 from distill.engine.rundir import (check_run_dir, check_schedule_change, discard_if_unused,
                                    locked, note_new_folders, start_run_dir)
 from distill.engine.sampler import steps_per_epoch
-from distill.engine.teacher_cache import OutputStore, attach_teacher_cache, check_cacheable
+from distill.engine.teacher_cache import (OutputStore, attach_teacher_cache, check_cacheable,
+                                          images_digest, open_store)
 from distill.engine.trainer import Trainer, TrainerOptions
 from distill.errors import ConfigError
 from distill.models import create_model, model_spec
 from distill.teachers import ResolvedTeacher, TeacherResolver, split_identity
-from distill.validation import resolve_device, validate
+from distill.validation import check_teacher_cache, resolve_device, validate
 from distill.zoo import TeacherZoo
 
 log = logging.getLogger("distill")
@@ -308,10 +310,6 @@ def teacher_cache_jobs(cfg: DictConfig, overrides: list[str]) -> tuple[list[Cach
     """The caches a run of `cfg` with teacher.cache=views reads, opened (found, or made empty),
     with their teachers found or made as that run would: what tools/cache_teacher.py fills.
     Refuses methods and datasets the cache cannot serve, as the run would."""
-    from distill.data.batched import tensor_origin, tensor_source
-    from distill.engine.teacher_cache import images_digest, open_store
-    from distill.validation import check_teacher_cache
-
     resolved = validate(cfg)
     device = resolve_device(cfg.device)
     distiller_cls = DISTILLERS.get(cfg.distiller.name)

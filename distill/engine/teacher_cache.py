@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distill.data.batched import tensor_origin, tensor_source
 from distill.errors import ConfigError
 
 log = logging.getLogger("distill")
@@ -334,10 +335,9 @@ class TeacherCache:
             part.store.flush()
 
     def describe(self) -> dict:
-        """summary.json's `teacher_cache` entry."""
-        read, computed = self.counts()
-        return {"mode": "views", "views_per_image": self.views, "read": read,
-                "computed": computed, "rejected": self.rejected(),
+        """summary.json's `teacher_cache` entry, but the counts (summed over ranks by the
+        trainer)."""
+        return {"mode": "views", "views_per_image": self.views,
                 "files": {role: str(p.store.path) if p.store.path else None
                           for role, p in self.parts.items()}}
 
@@ -345,8 +345,6 @@ class TeacherCache:
 # --- building it -------------------------------------------------------------------------------
 def uncacheable_pipeline(dataset) -> str | None:
     """Why the views of `dataset`'s training pipeline cannot be enumerated, or None."""
-    from distill.data.batched import tensor_source
-
     source = tensor_source(dataset)
     if source is not None:
         images, transform = source
@@ -403,8 +401,6 @@ def open_store(model: nn.Module, *, arch: str, teacher_sha256: str, train, zoo_r
                images_sha256: str | None = None) -> OutputStore:
     """The store of `model`'s outputs on the images behind the training set `train` (all of
     them, a Subset's too). `images_sha256` saves hashing the images again."""
-    from distill.data.batched import tensor_origin, tensor_source
-
     base = tensor_origin(train)[0]
     transform = tensor_source(train)[1]
     key = cache_key(teacher_sha256=teacher_sha256,
@@ -425,8 +421,6 @@ def attach_teacher_cache(distiller, teachers: list, data, *, zoo_root: str | Pat
                          precision: str, device: torch.device, dtype: str) -> TeacherCache:
     """Put a CachedTeacher in place of each frozen part of `distiller` (its `teachers`: the
     resolved teachers, by role, for their weights' sha256 and architecture)."""
-    from distill.data.batched import tensor_origin, tensor_source
-
     check_cacheable(data, "views", key="teacher.cache")
     base, base_index = tensor_origin(data.train)
     views = tensor_source(data.train)[1].view_count
