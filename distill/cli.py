@@ -15,12 +15,14 @@ import sys
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from distill.app import resolve_device, run
+from distill.app import run
+from distill.validation import resolve_device
 from distill.config import CONFIG_DIR
-from distill.engine import distributed as dist_utils
+from distill import distributed as dist_utils
 from distill.engine.preemption import EXIT_INTERRUPTED, Preempted, exit_on_stop
 from distill.engine.rundir import note_new_folders
 from distill.errors import ConfigError
+from distill.preflight import check_overrides
 
 
 def print_error(exc: BaseException) -> None:
@@ -79,8 +81,6 @@ class NoteNewFolders(Callback):
 def main() -> None:
     """Entry point of tools/train.py and the `distill-train` console script."""
     import hydra
-
-    from distill.preflight import check_overrides
 
     try:
         check_overrides(sys.argv[1:], CONFIG_DIR)

@@ -164,9 +164,9 @@ def registered_list(kind: str, choices: Callable[[], Iterable[str]],
 def device(text: str) -> Any:
     """`auto` (the GPU when there is one), `cpu`, `cuda` or `cuda:N`: a torch.device this
     machine has."""
-    import torch
+    import torch  # a tool's flag parser stays light until a device is asked for
 
-    from distill.validation import resolve_device
+    from distill.validation import resolve_device  # imports torch and every method
 
     try:
         found = resolve_device(non_empty(text))

@@ -1,14 +1,26 @@
-"""Structured configs: the schema Hydra checks types against at compose time.
+"""The config schema, and the one declaration of every teacher, optimizer, scheduler, trainer
+and zoo option.
+
+Each option is declared once, here, with `option(default, help, ...)`: its type (the
+annotation, which Hydra checks at compose time), its default, what it allows (`choices`, or a
+`rule` and the `allowed` text errors show), whether a resumed run may change it, whether a run
+that trains a zoo teacher keeps it or takes its default, and what an accepted edge value means.
+Validation (distill.validation), the teacher runs (distill.teachers), resume (engine/rundir), the
+property walk of the tests and the option reference (docs/options.md, `python tools/options.py`)
+all read these declarations.
 
 The groups that differ per choice (dataset, distiller, logger) stay free-form here; their keys
-are checked against the builder's signature before anything is built (Registry.build_from_config).
-Every registered model becomes an entry of the `teacher` and `student` groups, so
-`teacher=NAME` works for every model without a YAML file per model.
+are checked against the builder's signature (Registry.build_from_config). Every registered model
+is an entry of the `teacher` and `student` groups (`teacher=NAME` without a YAML file each).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import math
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -16,73 +28,194 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from distill.errors import ConfigError, close_matches
 from distill.models import list_models
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"   # the checkout's Hydra configs
 
 
+@dataclass(frozen=True)
+class Option:
+    """What one option is besides its type and default."""
+
+    help: str
+    choices: tuple[Any, ...] | None = None
+    rule: Callable[[Any, Any], bool] | None = None   # (value, whole config) -> acceptable
+    allowed: str | Callable[[], str] | None = None    # what `rule` accepts, as errors say it
+    resumable: bool = False    # may differ when a run resumes (a setting, not the experiment)
+    for_teachers: bool = True  # False: a run that trains a zoo teacher takes the default
+    accepts: dict[str, str] = field(default_factory=dict)   # edge value -> what it means
+
+    def allowed_text(self) -> str:
+        if self.choices is not None:
+            return ", ".join(map(str, self.choices))
+        return self.allowed() if callable(self.allowed) else (self.allowed or "")
+
+
+def option(default: Any, help: str, **meta: Any) -> Any:
+    """A schema field declared once: `epochs: int = option(240, "...", rule=...)`."""
+    meta = {"option": Option(help=help, **meta)}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _at_least(low: int) -> Callable[[Any, Any], bool]:
+    return lambda v, cfg: v >= low
+
+
+def _optional_at_least(low: int) -> Callable[[Any, Any], bool]:
+    return lambda v, cfg: v is None or v >= low
+
+
+def compile_backends() -> list[str]:
+    import torch._dynamo   # only when compiling: importing dynamo costs a second
+
+    return torch._dynamo.list_backends(exclude_tags=())
+
+
+# numpy's seeds are 32-bit, and ranks above 0 add 7919 x rank to the seed
+MAX_SEED = 2**31 - 1
+
+
 @dataclass
 class StudentConfig:
     name: str = MISSING
-    pretrained: bool = False   # torchvision weights (needs network or a filled torch hub cache)
+    pretrained: bool = option(False, "start from the model family's pretrained weights "
+                              "(torchvision, timm: needs the network or a filled hub cache)")
 
 
 @dataclass
 class TeacherConfig(StudentConfig):
-    checkpoint: Optional[str] = None       # weights file; default: the zoo entry for (dataset, name)
-    auto_train: bool = False               # no weights anywhere: train the teacher first
-    auto_train_epochs: Optional[int] = None  # epochs for that run (default: the dataset recipe's)
-    cache: str = "none"                    # views: its outputs per (image, augmentation view), kept
-    cache_dtype: str = "float32"           # float32 (exact) | float16 (half the disk, rounded)
+    checkpoint: Optional[str] = option(
+        None, "the teacher's weights file; null: the zoo's entry for (dataset, name)",
+        rule=lambda v, cfg: v is None or v.strip() != "",
+        allowed="null (the zoo) or the path of a weights file")
+    auto_train: bool = option(False, "no weights anywhere: train the teacher first (and keep "
+                              "it in the zoo)", resumable=True)
+    auto_train_epochs: Optional[int] = option(
+        None, "epochs of that run; null: the dataset recipe's", rule=_optional_at_least(1),
+        allowed="null (the dataset recipe's epochs) or at least 1", resumable=True)
+    cache: str = option("none", "views: keep the teacher's outputs per (image, augmentation "
+                        "view) and read them back (exact)", choices=("none", "views"),
+                        resumable=True)
+    cache_dtype: str = option("float32", "float32 (exact) or float16 (half the disk, rounded) "
+                              "storage of the teacher cache", choices=("float32", "float16"))
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    decay_norm_and_bias: bool = True   # false: no weight decay on norm layers and biases (timm)
+    name: str = option("sgd", "the optimizer", choices=("sgd", "adamw"))
+    lr: float = option("${dataset.recipe.lr}", "base learning rate",
+                       rule=lambda v, cfg: v > 0, allowed="a positive number",
+                       accepts={"huge": "as given: a diverging run stops with a non-finite loss "
+                                        "error (trainer.on_nonfinite)"})
+    momentum: float = option(0.9, "SGD momentum", rule=lambda v, cfg: 0 <= v < 1,
+                             allowed="in [0, 1)", accepts={"0": "SGD without momentum"})
+    weight_decay: float = option(
+        "${dataset.recipe.weight_decay}", "L2 weight decay", rule=lambda v, cfg: v >= 0,
+        allowed="zero or positive",
+        accepts={"0": "no weight decay", "huge": "as given: a diverging run stops with a "
+                 "non-finite loss error (trainer.on_nonfinite)"})
+    nesterov: bool = option(False, "Nesterov momentum (SGD)",
+                            rule=lambda v, cfg: not (v and cfg.optimizer.momentum == 0),
+                            allowed="false when momentum is 0 (Nesterov needs momentum)")
+    decay_norm_and_bias: bool = option(True, "false: no weight decay on norm layers and biases "
+                                       "(timm's recipes)")
 
 
 @dataclass
 class SchedulerConfig:
-    name: str = "multistep"
-    milestones: list[int] = field(default_factory=list)   # epochs at which lr *= gamma
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    min_lr_ratio: float = 0.0   # cosine floor, as a fraction of the base lr
+    name: str = option("multistep", "the learning-rate schedule",
+                       choices=("multistep", "cosine", "constant"))
+    milestones: list[int] = option(
+        "${dataset.recipe.milestones}", "epochs at which lr *= gamma (multistep)",
+        rule=lambda v, cfg: all(m >= 1 for m in v) and all(a < b for a, b in zip(v, v[1:])),
+        allowed="epochs (at least 1) in increasing order, e.g. [150,180,210]; [] for none",
+        accepts={"[]": "the lr never decays"})
+    gamma: float = option(0.1, "the multistep decay factor", rule=lambda v, cfg: 0 < v <= 1,
+                          allowed="a decay factor in (0, 1]")
+    warmup_epochs: float = option(
+        0.0, "linear warm-up from 0, in epochs (fractions allowed)",
+        rule=lambda v, cfg: 0 <= v <= cfg.trainer.epochs,
+        allowed="zero or positive, at most trainer.epochs (a longer ramp never reaches the "
+                "base lr)", accepts={"0": "no warm-up"})
+    min_lr_ratio: float = option(0.0, "the cosine floor, as a fraction of the base lr",
+                                 rule=lambda v, cfg: 0 <= v <= 1,
+                                 allowed="in [0, 1]: the cosine floor as a fraction of the base lr",
+                                 accepts={"0": "cosine decays to zero"})
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 240
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    max_steps: Optional[int] = None   # stop after this many optimizer steps (smoke runs)
-    num_workers: int = 0
-    log_every: int = 20
-    precision: str = "fp32"           # fp32 | bf16 | fp16
-    resume: bool = True               # re-running in the same run_dir continues from its checkpoint
-    progress: bool = True
-    sync_bn: bool = False             # DDP on GPUs: BN statistics over all ranks
-    data_path: str = "auto"           # auto | memory (batched on the device) | loader
-    channels_last: bool = True        # NHWC convolutions (measured faster: docs/bench-cpu.md)
-    compile: str = "none"             # none | teacher | student | both (torch.compile)
-    compile_backend: str = "inductor"  # torch.compile backend (aot_eager, eager: to debug)
-    on_nonfinite: str = "stop"        # stop | skip: a NaN/inf loss ends the run, or its step is skipped
-    quantize: str = "none"            # none | int8: quantisation-aware training of the student
-    accumulate: int = 1               # gradient accumulation: an optimizer step every N batches
-    clip_grad_norm: Optional[float] = None   # clip each optimizer's gradients to this L2 norm
-    ema_decay: Optional[float] = None  # e.g. 0.9998: an EMA of the student, evaluated and exported
-    label_smoothing: float = 0.0      # of the CE term against the labels (every method's)
+    epochs: int = option("${dataset.recipe.epochs}", "epochs of the main stage (a method's "
+                         "stages come first); may grow when a run resumes",
+                         rule=_at_least(1), allowed="at least 1", resumable=True,
+                         for_teachers=False)
+    batch_size: int = option("${dataset.recipe.batch_size}", "the global batch: under torchrun "
+                             "each of N ranks takes 1/N", rule=_at_least(1), allowed="at least 1",
+                             for_teachers=False)
+    eval_batch_size: int = option(256, "batch of the evaluation", rule=_at_least(1),
+                                  allowed="at least 1", resumable=True)
+    max_steps: Optional[int] = option(None, "stop after this many optimizer steps (smoke runs)",
+                                      rule=_optional_at_least(1), allowed="null or at least 1",
+                                      resumable=True, for_teachers=False)
+    num_workers: int = option(0, "DataLoader worker processes (in-memory datasets need none)",
+                              rule=_at_least(0), allowed="zero or positive", resumable=True,
+                              accepts={"0": "data loaded in the training process"})
+    log_every: int = option(20, "steps between logged loss terms", rule=_at_least(1),
+                            allowed="at least 1", resumable=True)
+    precision: str = option("fp32", "autocast precision", choices=("fp32", "bf16", "fp16"))
+    resume: bool = option(True, "re-running in the same run directory continues from its "
+                          "checkpoint", resumable=True)
+    progress: bool = option(True, "a live progress bar", resumable=True)
+    sync_bn: bool = option(False, "torchrun on GPUs: BatchNorm statistics over all ranks "
+                           "(SyncBatchNorm)")
+    data_path: str = option("auto", "memory: in-memory image datasets batched and augmented "
+                            "on the device; loader: DataLoaders; auto: memory where it can",
+                            choices=("auto", "memory", "loader"), resumable=True)
+    channels_last: Optional[bool] = option(
+        None, "NHWC convolutions; null: on for image inputs (measured faster, "
+        "docs/bench-cpu.md), off for others", resumable=True)
+    compile: str = option("none", "torch.compile the teachers, the evaluated parts, or both",
+                          choices=("none", "teacher", "student", "both"))
+    compile_backend: str = option(
+        "inductor", "torch.compile backend (aot_eager, eager: to debug)",
+        rule=lambda v, cfg: cfg.trainer.compile == "none" or v in compile_backends(),
+        allowed=lambda: ", ".join(compile_backends()),
+        accepts={"any": "read only with trainer.compile != none, and then checked against "
+                        "torch's backends"})
+    on_nonfinite: str = option("stop", "a NaN/inf loss stops the run (last good checkpoint "
+                               "kept), or its step is skipped and counted",
+                               choices=("stop", "skip"), resumable=True)
+    quantize: str = option("none", "int8: the student trains on int8 weights and exports an "
+                           "int8 ONNX", choices=("none", "int8"), for_teachers=False)
+    accumulate: int = option(1, "gradient accumulation: an optimizer step every N batches",
+                             rule=_at_least(1), allowed="at least 1 (batches per optimizer step)",
+                             for_teachers=False)
+    clip_grad_norm: Optional[float] = option(
+        None, "clip each optimizer's gradients to this L2 norm",
+        rule=lambda v, cfg: v is None or 0 < v < math.inf,
+        allowed="null (no clipping) or a positive norm", for_teachers=False,
+        accepts={"huge": "a norm no gradient reaches: nothing is clipped"})
+    ema_decay: Optional[float] = option(
+        None, "e.g. 0.9998: an EMA of the student, evaluated and exported",
+        rule=lambda v, cfg: v is None or (0 < v < 1 and cfg.trainer.quantize == "none"),
+        allowed="null (no EMA) or a decay in (0, 1), e.g. 0.9998; null with "
+                "trainer.quantize=int8 (the int8 export is the trained student's)",
+        for_teachers=False)
+    label_smoothing: float = option(0.0, "label smoothing of every method's CE term",
+                                    rule=lambda v, cfg: 0 <= v < 1, allowed="in [0, 1)",
+                                    for_teachers=False, accepts={"0": "no label smoothing"})
 
 
 @dataclass
 class ZooConfig:
-    root: str = "zoo"
-    publish: bool = True   # `distiller=none` runs publish their weights for (dataset, model)
+    root: str = option("zoo", "the teacher zoo's folder ($DISTILL_ZOO)",
+                       rule=lambda v, cfg: v.strip() != "", resumable=True,
+                       allowed="a folder (default: zoo, or $DISTILL_ZOO)")
+    publish: bool = option(True, "`distiller=none` runs publish their weights for (dataset, "
+                           "model)", resumable=True)
 
 
 @dataclass
@@ -96,21 +229,86 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: Any = field(default_factory=dict)
     zoo: ZooConfig = field(default_factory=ZooConfig)
-    seed: int = 0
-    device: str = "auto"      # auto | cpu | cuda | cuda:N
-    tag: str = ""             # appended to the run directory name, to keep variants apart
+    seed: int = option(0, "seeds the models, the data order and the augmentation",
+                       rule=lambda v, cfg: 0 <= v <= MAX_SEED,
+                       allowed=f"an integer in [0, {MAX_SEED}]", accepts={"0": "seed 0"})
+    device: str = option("auto", "auto | cpu | cuda | cuda:N", resumable=True)
+    tag: str = option("", "appended to the run directory name, to keep variants apart")
     # Per-pair hyperparameters of the reference configs, by method (experiment files set them,
     # e.g. tuned.dkd.beta); a method's YAML reads its entry, and the command line still wins.
     tuned: Any = field(default_factory=dict)
     run_dir: str = MISSING
 
 
+GROUPS = {"teacher": TeacherConfig, "optimizer": OptimizerConfig,
+          "scheduler": SchedulerConfig, "trainer": TrainerConfig, "zoo": ZooConfig}
+
+
+@functools.cache
+def declared() -> dict[str, tuple[Option, type]]:
+    """Every declared option by dotted key -> (its declaration, its type annotation)."""
+    options = {}
+    for prefix, schema in (("", TrainConfig), *((f"{g}.", s) for g, s in GROUPS.items())):
+        hints = typing.get_type_hints(schema)
+        for f in fields(schema):
+            if "option" in f.metadata:
+                options[prefix + f.name] = (f.metadata["option"], hints[f.name])
+    return options
+
+
+def choices_of(key: str) -> tuple[Any, ...]:
+    """The declared choices of option `key` (e.g. trainer.data_path)."""
+    return declared()[key][0].choices
+
+
+def resumable_keys() -> tuple[str, ...]:
+    return tuple(k for k, (o, _) in declared().items() if o.resumable)
+
+
+def teacher_run_defaults() -> dict[str, Any]:
+    """The options a run that trains a zoo teacher does not take from the command that needs
+    it, with the schema's defaults (the recipe's epochs and batch, no early stop, ...)."""
+    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False))
+    return {k: defaults[k] for k, (o, _) in declared().items() if not o.for_teachers}
+
+
+def is_float_option(key: str) -> bool:
+    """Whether `key` is declared a float (null allowed): what must be finite."""
+    entry = declared().get(key)
+    return entry is not None and float in (typing.get_args(entry[1]) or (entry[1],))
+
+
+def option_reference() -> str:
+    """docs/options.md: every declared option with its type, default, what it allows and its
+    help, generated from the declarations (tools/options.py writes it)."""
+    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False))
+    lines = ["# Options", "",
+             "Generated from the declarations in `distill/config.py` by `python tools/options.py`;",
+             "do not edit. Dataset, distiller and logger options are each choice's YAML file",
+             "(`configs/<group>/<name>.yaml`); a method's options are its class's keyword",
+             "arguments.", ""]
+    group = None
+    for key, (opt, kind) in declared().items():
+        head = key.split(".")[0] if "." in key else "top level"
+        if head != group:
+            group = head
+            lines += ["", f"## {group}", "", "| key | type | default | allowed | |",
+                      "|---|---|---|---|---|"]
+        type_name = str(kind).replace("typing.", "").replace("Optional[", "").rstrip("]")
+        type_name = getattr(kind, "__name__", type_name) + (" or null" if "Optional" in str(kind)
+                                                             else "")
+        allowed = opt.allowed_text() if not callable(opt.allowed) else "a backend torch lists"
+        notes = [opt.help] + (["resumable"] if opt.resumable else []) + \
+                ([] if opt.for_teachers else ["a zoo teacher's run takes the default"])
+        lines.append(f"| `{key}` | {type_name} | `{defaults.get(key)!s}` | {allowed} | "
+                     f"{'; '.join(notes)} |")
+    return "\n".join(lines) + "\n"
+
+
 def check_known_keys(cfg: Any) -> None:
     """Keys added with `+key=value` that the schema does not know (`+trainer.epoch=3`, `+foo=1`)
     get past Hydra; stop them here, naming the key and its close matches, instead of training
     with a typo or failing deep inside a builder."""
-    from distill.errors import ConfigError, close_matches
-
     def walk(node: Any, schema: type, prefix: str) -> None:
         known = {f.name: f for f in fields(schema)}
         for key in node:
@@ -152,32 +350,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
-def run_path(distiller: Any, teacher: str, student: str, tag: str = "") -> str:
-    """`resnet56-resnet20/kd` for distillation, `resnet20/none` for vanilla training (and any
-    method without a teacher, e.g. dml), `resnet56+resnet110-resnet20/multi_teacher`: the
-    method's `teacher_label`. `distiller` is the method's name or its whole config group."""
-    from distill.distillers import DISTILLERS   # resolvers run after everything is imported
-
-    name = distiller if isinstance(distiller, str) else distiller["name"]
-    options = {} if isinstance(distiller, str) else {k: distiller[k] for k in distiller}
-    label = DISTILLERS.get(name).teacher_label(options, teacher) if name in DISTILLERS else teacher
-    pair = student if label is None else f"{label}-{student}"
-    return f"{pair}/{name}" + (f"-{tag}" if tag else "")
-
-
-def registered_methods() -> str:
-    """Every registered method, comma-separated: the `distiller` axis of the benchmark sweeps
-    (`${distill_methods:}`), so a new method joins them without editing a list."""
-    from distill.distillers import DISTILLERS
-
-    return ",".join(DISTILLERS.list())
-
-
 def digest(text: Any) -> str:
     """12 hex digits naming `text` (`${distill_digest:...}`: a search trial's folder, from its
     parameters, so a continued search never reuses an earlier trial's folder)."""
-    import hashlib
-
     return hashlib.sha256(str(text).encode()).hexdigest()[:12]
 
 
@@ -190,10 +365,8 @@ def sqlite_url(path: str) -> str:
 
 
 def register_configs() -> None:
-    if not OmegaConf.has_resolver("distill_run"):
-        OmegaConf.register_new_resolver("distill_run", run_path)
-    if not OmegaConf.has_resolver("distill_methods"):
-        OmegaConf.register_new_resolver("distill_methods", registered_methods)
+    """The schema, the model options and the resolvers that need no method (the run-directory
+    and method-list resolvers are distill.catalog's: they know the methods)."""
     for name, resolver in (("distill_digest", digest), ("distill_sqlite", sqlite_url)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)

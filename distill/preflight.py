@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 
 from distill.errors import ConfigError, unknown_name_error
 
-GROUPS = ("dataset", "teacher", "student", "distiller", "optimizer", "scheduler", "trainer",
+GROUPS = ("dataset", "teacher", "student", "distiller", "optimizer", "scheduler",
           "logger", "experiment", "benchmark")
 # Hydra creates these folders before distill runs, so a bad one must be caught here
 _OUTPUT_DIR = re.compile(r"^\+{0,2}(?P<key>run_dir|hydra\.(?:run|sweep)\.dir)=(?P<value>.*)$")
@@ -39,7 +39,7 @@ def group_options(group: str, config_dir: Path) -> set[str]:
     stored = ConfigStore.instance().repo.get(group, {})
     options |= {name.removesuffix(".yaml") for name in stored}
     if group in MODEL_GROUPS:   # every registered model, those stored on demand too
-        from distill.models import list_models
+        from distill.models import list_models  # imports torch: only for a model group
 
         options |= set(list_models())
     return options
@@ -51,7 +51,7 @@ MODEL_GROUPS = ("teacher", "student")
 def register_models_named_in(overrides: list[str]) -> None:
     """Make the models that `teacher=` / `student=` overrides name (sweep lists too) Hydra
     options before a compose: timm's are stored on demand (distill.config.ON_DEMAND_MODELS)."""
-    from distill.config import register_model_options
+    from distill.config import register_model_options  # imports torch: models are named
 
     names = []
     for arg in overrides:

@@ -2,7 +2,7 @@
 now, torchvision, or, for a teacher that is itself distilled (TAKD's assistants), a KD run from
 its own teacher, kept in the zoo.
 
-A method states what it needs as `TeacherRequest`s (distill.distillers.base); `TeacherResolver`
+A method states what it needs as `TeacherRequest`s (distill.method); `TeacherResolver`
 turns each into a `ResolvedTeacher`: the model, its weights' sha256, and where it came from.
 Runs that make zoo models are ordinary runs of `distill.app.run`, passed in as `train` (this
 module does not import the app), each its own job: they use the dataset's own recipe and the
@@ -25,10 +25,12 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distill.config import CONFIG_DIR, OptimizerConfig, SchedulerConfig
-from distill.distillers.base import DISTILLERS, TeacherRequest, teacher_cache_refusal
-from distill.engine import distributed as dist_utils
-from distill.engine.checkpoint import load_weights, preserved_rng
+from distill.catalog import DISTILLERS
+from distill.config import CONFIG_DIR, OptimizerConfig, SchedulerConfig, teacher_run_defaults
+from distill.method import TeacherRequest
+from distill.method.checks import cache_refusal
+from distill import distributed as dist_utils
+from distill.checkpoint import load_weights, preserved_rng
 from distill.errors import ConfigError
 from distill.locks import Locked
 from distill.models import create_model
@@ -37,13 +39,10 @@ from distill.zoo import TeacherZoo, ZooEntry, file_sha256, split_key
 log = logging.getLogger("distill")
 
 Train = Callable[..., dict[str, Any]]   # distill.app.run
-# Command-line overrides that carry over to the run that trains a missing teacher; the recipe
-# and early-stop keys do not: a teacher is trained to the end with its dataset's recipe.
+# Command-line overrides that carry over to the run that trains a missing teacher; the keys
+# declared `for_teachers=False` (distill.config: the recipe, early stops, the student's own
+# recipe options) do not: a teacher is trained to the end with its dataset's recipe.
 TEACHER_RUN_KEYS = ("dataset", "trainer", "seed", "zoo", "device")
-NOT_FOR_TEACHERS = ("trainer.epochs", "trainer.batch_size", "trainer.max_steps",
-                    "trainer.quantize",   # zoo models are float: only a run's student is int8
-                    "trainer.accumulate", "trainer.clip_grad_norm", "trainer.ema_decay",
-                    "trainer.label_smoothing")   # the student's recipe, not the teacher's
 # How often rank 0 of a DDP job asks again for a zoo claim another job holds.
 CLAIM_POLL_SECONDS = 5.0
 # Dataset options that do not change which images are in which split.
@@ -72,8 +71,9 @@ def load_state_into(model: torch.nn.Module, state: dict, *, source: str, key: st
                           f"{num_classes} classes):\n  " + "\n  ".join(detail), key=key) from None
 
 
-def load_model(name: str, source: str, *, key: str, num_classes: int) -> torch.nn.Module:
-    model = create_model(name, num_classes=num_classes)
+def load_model(name: str, source: str, *, key: str, num_classes: int,
+               model_options: dict | None = None) -> torch.nn.Module:
+    model = create_model(name, num_classes=num_classes, **(model_options or {}))
     load_state_into(model, load_weights(source, key=key), source=source, key=key,
                     num_classes=num_classes)
     return model
@@ -112,7 +112,7 @@ def teacher_training_command(cfg: DictConfig, overrides: list[str], arch: str | 
     def keep(override: str) -> bool:
         key = override.split("=", 1)[0].lstrip("+~")
         if key in ("dataset", "dataset.train_fraction", "dataset.student_view") \
-                or key.startswith(NOT_FOR_TEACHERS):
+                or key.startswith(tuple(teacher_run_defaults())):
             return False
         return key.split(".")[0] in TEACHER_RUN_KEYS
 
@@ -140,14 +140,13 @@ def zoo_run_config(cfg: DictConfig, *, student: str, distiller: dict | DictConfi
                                   ("scheduler", "multistep", SchedulerConfig)):
         zcfg[group] = OmegaConf.merge(OmegaConf.structured(schema),
                                       OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"))
-    zcfg.trainer.epochs = cfg.teacher.auto_train_epochs or "${dataset.recipe.epochs}"
-    zcfg.trainer.batch_size = "${dataset.recipe.batch_size}"
-    zcfg.trainer.max_steps = None
-    zcfg.trainer.quantize = "none"   # a zoo model is a float model, whatever its user trains
-    # and is trained with its dataset's recipe, not the options of the run that needs it
-    zcfg.trainer.accumulate, zcfg.trainer.clip_grad_norm = 1, None
-    zcfg.trainer.ema_decay, zcfg.trainer.label_smoothing = None, 0.0
-    if teacher_cache_refusal(DISTILLERS.get(distiller["name"])) is not None:
+    # the dataset's recipe, to the end, a float model (whatever its user trains), none of the
+    # student's recipe options: the declared defaults of the options not for teachers
+    for key, default in teacher_run_defaults().items():
+        OmegaConf.update(zcfg, key, default, merge=False)
+    if cfg.teacher.auto_train_epochs:
+        zcfg.trainer.epochs = cfg.teacher.auto_train_epochs
+    if cache_refusal(DISTILLERS.get(distiller["name"])) is not None:
         zcfg.teacher.cache = "none"   # e.g. a teacher's own vanilla run: nothing to cache
     zcfg.teacher.cache_dtype = "float32"   # a zoo model learns from exact targets (or none)
     zcfg.dataset.pop("train_fraction", None)
@@ -193,9 +192,12 @@ class TeacherResolver:
     them take part in any run that trains a missing model."""
 
     def __init__(self, cfg: DictConfig, dataset: dict, num_classes: int, zoo: TeacherZoo,
-                 overrides: list[str], train: Train | None, data_digest: str | None = None):
-        """`data_digest`: the run's DatasetBundle.data_digest (user-supplied data)."""
+                 overrides: list[str], train: Train | None, data_digest: str | None = None,
+                 model_options: dict | None = None):
+        """`data_digest`: the run's DatasetBundle.data_digest (user-supplied data);
+        `model_options`: what models of the data are built with (DatasetBundle)."""
         self.cfg, self.dataset, self.num_classes = cfg, dataset, num_classes
+        self.model_options = dict(model_options or {})
         self.split = split_identity(dataset, data_digest)
         self.zoo, self.overrides, self.train = zoo, overrides, train
 
@@ -368,7 +370,8 @@ class TeacherResolver:
                 hint="put the original weights back, or start over with trainer.resume=false "
                      "(the old files go under previous/), or use another run directory")
         if source is not None:
-            model = load_model(request.arch, source, key=key, num_classes=self.num_classes)
+            model = load_model(request.arch, source, key=key, num_classes=self.num_classes,
+                               model_options=self.model_options)
         return ResolvedTeacher(request.role, request.arch, model, digest,
                                None if source is None else Path(source), where)
 
@@ -389,7 +392,7 @@ class TeacherResolver:
             log.info("%s %s: the weights this run started with (sha256 %s): %s",
                      request.role, request.arch, pinned[:16], entry.weights)
             model = load_model(request.arch, str(entry.weights), key=request.key,
-                               num_classes=self.num_classes)
+                               num_classes=self.num_classes, model_options=self.model_options)
             return ResolvedTeacher(request.role, request.arch, model, pinned, entry.weights,
                                    str(entry.weights))
         if request.pretrained:
@@ -403,7 +406,8 @@ class TeacherResolver:
         return None
 
     def _pretrained(self, request: TeacherRequest) -> torch.nn.Module:
-        teacher = create_model(request.arch, num_classes=self.num_classes, pretrained=True)
+        teacher = create_model(request.arch, num_classes=self.num_classes, pretrained=True,
+                               **self.model_options)
         if getattr(teacher, "head_replaced", False):
             raise ConfigError(
                 f"{request.arch}'s pretrained head has a different number of classes than the "

@@ -1,6 +1,7 @@
-"""Every check that needs no data and no model, run before any file is read or written: ranges
-that types cannot express, names, each part's options, and what the chosen method cannot run
-with. (Types were checked when Hydra composed the config against the schema in distill.config.)
+"""Every check that needs no data and no model, run before any file is read or written: the
+declared options (distill.config), names, each method's options and per-pair `tuned` values,
+and what the chosen method cannot run with. (Types were checked when Hydra composed the config
+against the schema.)
 """
 from __future__ import annotations
 
@@ -8,28 +9,23 @@ import math
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from distill.config import CONFIG_DIR, check_known_keys, flatten, schema_defaults
-from distill.distillers import DISTILLERS
-from distill.distillers.base import (FIXED_ARGUMENTS, RUN_FEATURES, check_common,
-                                     refused_features, teacher_cache_refusal)
-from distill.engine import distributed as dist_utils
-from distill.engine.loaders import DATA_PATHS
-from distill.engine.nonfinite import NONFINITE_POLICIES
-from distill.engine.optim import OPTIMIZERS, SCHEDULES
-from distill.engine.quantize import QUANTIZE_CHOICES
-from distill.engine.teacher_cache import CACHE_MODES, STORAGE_DTYPES
-from distill.engine.trainer import COMPILE_CHOICES, PRECISIONS
+from distill import distributed as dist_utils
+from distill.catalog import DISTILLERS
+from distill.config import (CONFIG_DIR, check_known_keys, declared, flatten, is_float_option,
+                            register_model_options)
+from distill.data import DATASETS
 from distill.errors import ConfigError, unknown_name_error
+from distill.method import FIXED_ARGUMENTS, Distiller
+from distill.method.checks import RUN_FEATURES, cache_refusal, check_common, refused_features
 from distill.models import list_models, model_spec
 from distill.preflight import check_tag
 from distill.registry import check_options
 
 PRETRAINED = ("torchvision", "timm")   # model families with pretrained weights to load
-# numpy's seeds are 32-bit, and ranks above 0 add 7919 x rank to the seed
-MAX_SEED = 2**31 - 1
 
 
 def resolve_config(cfg: DictConfig) -> dict:
@@ -63,10 +59,6 @@ def method_options(method: str, teacher: str, student: str, *overrides: str) -> 
     """A method's options as a run of this pair gets them: its YAML composed with Hydra (no
     experiment file, so no per-pair `tuned` values) and resolved, without `name`. What tools and
     tests build a distiller with outside a run."""
-    from hydra import compose, initialize_config_dir
-
-    from distill.config import register_model_options
-
     register_model_options([teacher, student])
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"distiller={method}", f"teacher={teacher}",
@@ -76,87 +68,25 @@ def method_options(method: str, teacher: str, student: str, *overrides: str) -> 
     return options
 
 
-def compile_backends() -> list[str]:
-    import torch._dynamo   # only when compiling: importing dynamo costs a second
-
-    return torch._dynamo.list_backends(exclude_tags=())
-
-
 def validate(cfg: DictConfig) -> dict:
     """All the checks; returns the resolved config."""
     check_known_keys(cfg)
     resolved = resolve_config(cfg)
     check_recipe(resolved["dataset"].get("recipe"))
-    opt, sched, trainer = cfg.optimizer, cfg.scheduler, cfg.trainer
-    checks = [
-        ("optimizer.name", lambda: opt.name in OPTIMIZERS, lambda: ", ".join(OPTIMIZERS)),
-        ("optimizer.lr", lambda: opt.lr > 0, "a positive number"),
-        ("optimizer.momentum", lambda: 0 <= opt.momentum < 1, "in [0, 1)"),
-        ("optimizer.nesterov", lambda: not (opt.nesterov and opt.momentum == 0),
-         "false when momentum is 0 (Nesterov needs momentum)"),
-        ("optimizer.weight_decay", lambda: opt.weight_decay >= 0, "zero or positive"),
-        ("scheduler.name", lambda: sched.name in SCHEDULES, lambda: ", ".join(SCHEDULES)),
-        ("scheduler.gamma", lambda: 0 < sched.gamma <= 1, "a decay factor in (0, 1]"),
-        ("scheduler.milestones", lambda: all(m >= 1 for m in sched.milestones) and all(
-            a < b for a, b in zip(sched.milestones, sched.milestones[1:])),
-         "epochs (at least 1) in increasing order, e.g. [150,180,210]; [] for none"),
-        ("scheduler.min_lr_ratio", lambda: 0 <= sched.min_lr_ratio <= 1,
-         "in [0, 1]: the cosine floor as a fraction of the base lr"),
-        ("trainer.epochs", lambda: trainer.epochs >= 1, "at least 1"),
-        ("scheduler.warmup_epochs", lambda: 0 <= sched.warmup_epochs <= trainer.epochs,
-         "zero or positive, at most trainer.epochs (a longer ramp never reaches the base lr)"),
-        ("trainer.batch_size", lambda: trainer.batch_size >= 1, "at least 1"),
-        ("trainer.eval_batch_size", lambda: trainer.eval_batch_size >= 1, "at least 1"),
-        ("trainer.max_steps", lambda: trainer.max_steps is None or trainer.max_steps >= 1,
-         "null or at least 1"),
-        ("trainer.num_workers", lambda: trainer.num_workers >= 0, "zero or positive"),
-        ("trainer.log_every", lambda: trainer.log_every >= 1, "at least 1"),
-        ("trainer.precision", lambda: trainer.precision in PRECISIONS,
-         lambda: ", ".join(PRECISIONS)),
-        ("trainer.data_path", lambda: trainer.data_path in DATA_PATHS, lambda: ", ".join(DATA_PATHS)),
-        ("trainer.compile", lambda: trainer.compile in COMPILE_CHOICES,
-         lambda: ", ".join(COMPILE_CHOICES)),
-        ("trainer.compile_backend", lambda: trainer.compile == "none"
-         or trainer.compile_backend in compile_backends(), lambda: ", ".join(compile_backends())),
-        ("trainer.quantize", lambda: trainer.quantize in QUANTIZE_CHOICES,
-         lambda: ", ".join(QUANTIZE_CHOICES)),
-        ("trainer.on_nonfinite", lambda: trainer.on_nonfinite in NONFINITE_POLICIES,
-         lambda: ", ".join(NONFINITE_POLICIES)),
-        ("teacher.auto_train_epochs", lambda: cfg.teacher.auto_train_epochs is None
-         or cfg.teacher.auto_train_epochs >= 1, "null (the dataset recipe's epochs) or at least 1"),
-        ("teacher.checkpoint", lambda: cfg.teacher.checkpoint is None
-         or cfg.teacher.checkpoint.strip() != "", "null (the zoo) or the path of a weights file"),
-        ("trainer.accumulate", lambda: trainer.accumulate >= 1,
-         "at least 1 (batches per optimizer step)"),
-        ("trainer.clip_grad_norm", lambda: trainer.clip_grad_norm is None
-         or 0 < trainer.clip_grad_norm < math.inf, "null (no clipping) or a positive norm"),
-        ("trainer.ema_decay", lambda: trainer.ema_decay is None or 0 < trainer.ema_decay < 1,
-         "null (no EMA) or a decay in (0, 1), e.g. 0.9998"),
-        ("trainer.ema_decay", lambda: trainer.ema_decay is None or trainer.quantize == "none",
-         "null with trainer.quantize=int8 (the int8 export is the trained student's)"),
-        ("trainer.label_smoothing", lambda: 0 <= trainer.label_smoothing < 1, "in [0, 1)"),
-        ("teacher.cache", lambda: cfg.teacher.cache in CACHE_MODES, ", ".join(CACHE_MODES)),
-        ("teacher.cache_dtype", lambda: cfg.teacher.cache_dtype in STORAGE_DTYPES,
-         ", ".join(STORAGE_DTYPES)),
-        ("seed", lambda: 0 <= cfg.seed <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
-        ("zoo.root", lambda: cfg.zoo.root.strip() != "", "a folder (default: zoo, or $DISTILL_ZOO)"),
-    ]
     check_finite(resolved)
     check_run_dir_value(cfg.run_dir)
-    for key, ok, allowed in checks:
-        if not ok():
-            raise ConfigError(f"invalid value {OmegaConf.select(cfg, key)!r}", key=key,
-                              allowed=allowed() if callable(allowed) else allowed)
+    check_declared_options(cfg)
     distiller_cls = DISTILLERS.get(cfg.distiller.name, key="distiller")
     checkpoint = cfg.teacher.checkpoint
-    if distiller_cls.requires_teacher and checkpoint is not None \
+    if distiller_cls.traits.needs_teacher and checkpoint is not None \
             and not Path(checkpoint).expanduser().is_file():
         raise ConfigError(f"no such file: {checkpoint}", key="teacher.checkpoint",
                           allowed="null (the teacher zoo) or the path of a weights file")
     options = {k: v for k, v in resolved["distiller"].items() if k != "name"}
     check_options(distiller_cls, options, key="distiller", skip=FIXED_ARGUMENTS)
     distiller_cls.check_values(options)
-    check_common(distiller_cls, options, trainer.epochs)
+    check_common(distiller_cls, options, cfg.trainer.epochs)
+    check_tuned(resolved.get("tuned") or {})
     check_teacher_cache(cfg.distiller.name, distiller_cls, cfg.teacher.cache)
     check_tag(cfg.tag)
     for group in ("teacher", "student"):
@@ -166,8 +96,10 @@ def validate(cfg: DictConfig) -> dict:
             raise ConfigError(f"{cfg[group].name} has no pretrained weights",
                               key=f"{group}.pretrained",
                               allowed="true only for torchvision (tv_*) and timm (timm_*) models")
+    check_inputs(cfg, distiller_cls)
     world = dist_utils.launch_world_size()
     check_run_features(cfg.distiller.name, distiller_cls, resolved["trainer"], world)
+    trainer = cfg.trainer
     if trainer.batch_size % world:
         raise ConfigError(f"invalid value {trainer.batch_size} for {world} processes",
                           key="trainer.batch_size",
@@ -180,6 +112,72 @@ def validate(cfg: DictConfig) -> dict:
         raise ConfigError("SyncBatchNorm runs on GPUs only", key="trainer.sync_bn",
                           allowed="false on CPU")
     return resolved
+
+
+def check_declared_options(cfg: DictConfig) -> None:
+    """Every declared option against its choices or rule (distill.config.option)."""
+    for key, (opt, _) in declared().items():
+        value = OmegaConf.select(cfg, key)
+        if opt.choices is not None:
+            ok = value in opt.choices
+        elif opt.rule is not None:
+            try:
+                ok = bool(opt.rule(value, cfg))
+            except TypeError:   # e.g. a comparison with a value of another type
+                ok = False
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"invalid value {value!r}", key=key, allowed=opt.allowed_text())
+
+
+def dataset_inputs(name: str) -> str:
+    """What a registered dataset's items hold: "images" or "tokens" (its registry entry)."""
+    return DATASETS.meta(name).get("inputs", "images") if name in DATASETS else "images"
+
+
+def check_inputs(cfg: DictConfig, distiller_cls: type[Distiller]) -> None:
+    """The models and the method take what the dataset gives: an image-only method or model
+    on token inputs (or a text model on images) is refused by name."""
+    inputs = dataset_inputs(cfg.dataset.name)
+    for group in ("student", "teacher"):
+        if not distiller_cls.traits.needs_teacher and group == "teacher":
+            continue
+        takes = model_spec(cfg[group].name).inputs
+        if takes != inputs:
+            fitting = [n for n in list_models() if not n.startswith(("tv_", "timm_"))
+                       and model_spec(n).inputs == inputs]
+            raise ConfigError(f"{cfg[group].name} takes {takes}, and dataset {cfg.dataset.name} "
+                              f"gives {inputs}", key=group,
+                              allowed=f"a model for {inputs}, e.g. {', '.join(fitting[:12])}")
+    if inputs != "images" and distiller_cls.traits.needs_images:
+        images = [n for n in DISTILLERS.list() if not DISTILLERS.get(n).traits.needs_images]
+        raise ConfigError(f"{cfg.distiller.name} works on images (feature maps, pixels or image "
+                          f"views); dataset {cfg.dataset.name} gives {inputs}", key="distiller",
+                          allowed=f"a method for any inputs: {', '.join(images)}")
+    if inputs != "images":
+        for key in ("dataset.student_view",):
+            if OmegaConf.select(cfg, key) is not None:
+                raise ConfigError(f"a view of the image for the student; dataset "
+                                  f"{cfg.dataset.name} gives {inputs}", key=key,
+                                  allowed="null for this dataset")
+        if cfg.trainer.channels_last:
+            raise ConfigError(f"channels_last is a memory layout of image batches; dataset "
+                              f"{cfg.dataset.name} gives {inputs}", key="trainer.channels_last",
+                              allowed="null (the default: on for images) or false")
+
+
+def check_tuned(tuned: dict) -> None:
+    """`tuned.<method>.<key>` (per-pair values the methods' YAMLs read) must name a registered
+    method and one of its options: a typo would otherwise be read by nothing."""
+    for method, values in tuned.items():
+        if method not in DISTILLERS:
+            raise unknown_name_error("distiller", method, DISTILLERS.list(), key=f"tuned.{method}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"invalid value {values!r}", key=f"tuned.{method}",
+                              allowed=f"a mapping of {method}'s options to values")
+        check_options(DISTILLERS.get(method), values, key=f"tuned.{method}",
+                      skip=FIXED_ARGUMENTS)
 
 
 # The dataset's recipe: what its keys feed, and the rule of each. Checked whether or not this run
@@ -222,30 +220,29 @@ def check_run_dir_value(run_dir: str) -> None:
 
 
 def check_finite(resolved: dict) -> None:
-    """A float key of the schema holding nan or inf is refused by name (inf passes `> 0`)."""
-    defaults = schema_defaults()
+    """A declared float option holding nan or inf is refused by name (inf passes `> 0`)."""
     for key, value in flatten(resolved).items():
-        if isinstance(defaults.get(key), float) and isinstance(value, float) \
-                and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value) and is_float_option(key):
             raise ConfigError(f"invalid value {value!r}", key=key, allowed="a finite number")
 
 
-def check_teacher_cache(name: str, distiller_cls: type, mode: str) -> None:
+def check_teacher_cache(name: str, distiller_cls: type[Distiller], mode: str) -> None:
     """`teacher.cache=views` serves only methods that read nothing but their teachers' outputs
     on the training batch; any other is refused, saying why and which methods it serves."""
-    why = teacher_cache_refusal(distiller_cls) if mode != "none" else None
+    why = cache_refusal(distiller_cls) if mode != "none" else None
     if why is not None:
-        served = [n for n in DISTILLERS.list() if teacher_cache_refusal(DISTILLERS.get(n)) is None]
+        served = [n for n in DISTILLERS.list() if cache_refusal(DISTILLERS.get(n)) is None]
         raise ConfigError(f"{name} {why}", key="teacher.cache",
                           allowed=f"none for {name}; views serves {', '.join(served)}")
 
 
-def check_run_features(name: str, distiller_cls: type, trainer: dict, world_size: int) -> None:
+def check_run_features(name: str, distiller_cls: type[Distiller], trainer: dict,
+                       world_size: int) -> None:
     """A method that cannot run with a feature this run turns on is refused now, naming the
     key to change, not mid-run."""
     on = {"compile": trainer["compile"] != "none", "fp16": trainer["precision"] == "fp16",
           "bf16": trainer["precision"] == "bf16", "ddp": world_size > 1,
-          "channels_last": trainer["channels_last"],
+          "channels_last": trainer["channels_last"] is not False,
           "sync_bn": bool(trainer.get("sync_bn")) and world_size > 1}
     for feature, why in refused_features(distiller_cls).items():
         if on[feature]:

@@ -5,7 +5,9 @@ Layout (root is `zoo.root`, default ./zoo, or $DISTILL_ZOO):
     <root>/<dataset>/<name>/<sha256[:16]>/model.safetensors   one folder per published version,
     <root>/<dataset>/<name>/<sha256[:16]>/meta.json            never changed once written
     <root>/<dataset>/<name>/current.json                       the version new runs take, per split
-    <root>/<dataset>/<name>/model.safetensors, meta.json       an entry published before versions
+
+An entry of the pre-release layout (model.safetensors and meta.json directly in <name>/,
+before versions) is refused by name, with the two commands that make it a version.
 
 `<name>` is an architecture (`resnet56`) or a distilled model (`resnet32@kd-resnet56.1a2b3c4d`).
 A version's meta.json records the split it was trained on (`split`: the dataset options that
@@ -106,6 +108,20 @@ def read_meta(path: Path) -> dict:
                            "then gone) and run again")
 
 
+def refuse_unversioned(folder: Path) -> None:
+    """A ConfigError for an entry of the pre-release layout in `folder`, naming the commands
+    that make it a version (its folder is named by the weights' digest)."""
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        return
+    version = folder / file_sha256(weights)[:16]
+    raise ConfigError(f"{folder} holds a teacher in the zoo layout of a pre-release version "
+                      f"(model.safetensors directly in it, no version folder)", key="zoo.root",
+                      hint=f"make it a version:\n  mkdir {version}\n  mv {weights} "
+                           f"{folder / META} {version}/\nor delete both files and train the "
+                           "teacher again (teacher.auto_train=true)")
+
+
 def _write_json_atomic(path: Path, value: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(value, indent=2) + "\n")
@@ -120,12 +136,11 @@ class TeacherZoo:
         return self.root / dataset / name
 
     def versions(self, dataset: str, name: str) -> list[ZooEntry]:
-        """Every published version, pre-version entries included, in publication order."""
+        """Every published version, in publication order."""
         folder = self.entry_dir(dataset, name)
+        refuse_unversioned(folder)
         found = [ZooEntry(p, read_meta(p.parent / META))
                  for p in folder.glob(f"*/{WEIGHTS}") if not p.parent.name.startswith(".")]
-        if (folder / WEIGHTS).is_file():
-            found.append(ZooEntry(folder / WEIGHTS, read_meta(folder / META)))
         return sorted(found, key=lambda e: str(e.meta.get("published", "")))
 
     def _pointers(self, dataset: str, name: str, versions: list[ZooEntry]) -> dict[str, str]:
@@ -160,8 +175,8 @@ class TeacherZoo:
         current = (pointers.get(split_key(split)) if split is not None
                    else next(iter(pointers.values()), None))
         chosen = next((e for e in versions if current and e.meta.get("sha256") == current), None)
-        # no (valid) pointer: a crash between a version's rename and the pointer's update, or
-        # an entry from before versions: the best top-1, the newest among equals
+        # no (valid) pointer: a crash between a version's rename and the pointer's update: the
+        # best top-1, the newest among equals
         return chosen or max(reversed(versions), key=lambda e: e.meta.get("top1", -1))
 
     def other_splits(self, dataset: str, name: str, split: dict) -> list[dict]:
@@ -180,10 +195,8 @@ class TeacherZoo:
             entry = ZooEntry(candidate, read_meta(candidate.parent / META))
             if entry.sha256 == sha256:
                 return entry
-        for legacy in folder.glob(f"*/{WEIGHTS}"):
-            entry = ZooEntry(legacy, read_meta(legacy.parent / META))
-            if entry.sha256 == sha256:
-                return entry
+        for unversioned in folder.glob(f"*/{WEIGHTS}"):
+            refuse_unversioned(unversioned.parent)
         return None
 
     def publish(self, dataset: str, name: str, weights: Path, meta: dict[str, Any]) -> bool:

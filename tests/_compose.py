@@ -6,7 +6,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import distill.config  # noqa: F401 - registers schema, model groups, resolvers
+import distill.catalog  # noqa: F401 - registers the schema, model groups, methods, resolvers
 from distill.preflight import register_models_named_in
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,11 @@
 the run-directory contract (metrics.jsonl, student.safetensors, summary.json), so the same code
 recorded the trace before the roles redesign and checks it after.
 
-    python tests/_golden.py    # re-record tests/data/methods_golden.json (only on purpose)
+Float kernels differ between CPUs (MKL's and oneDNN's paths per instruction set and vendor), so
+a trace is exact only on the kind of machine that recorded it: tests/data/methods_golden.json
+holds one per machine kind (`machine()`), each recorded by the code before the redesign.
+
+    python tests/_golden.py    # add this machine's traces (only on purpose, with that code)
 """
 from __future__ import annotations
 
@@ -26,6 +30,15 @@ COMMAND = ["dataset=fake", "dataset.train_size=64", "dataset.val_size=32", "stud
            "trainer.log_every=1", "device=cpu", "zoo.publish=false", "seed=0",
            "teacher.auto_train_epochs=1", "distiller.warmup_epochs=2"]
 OPTION_ONLY = {"dkd": ["distiller.warmup_epochs=2"]}   # other methods have no warm-up option
+
+
+def machine() -> str:
+    """The kind of CPU a trace is exact on: torch's CPU capability and the vendor."""
+    vendor = next((line.split(":", 1)[1].strip() for line in
+                   Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("vendor_id")), "unknown") \
+        if Path("/proc/cpuinfo").exists() else "unknown"
+    return f"{torch.backends.cpu.get_cpu_capability()} {vendor}"
 
 
 def fixed_teacher(home: Path) -> Path:
@@ -60,5 +73,6 @@ def method_trace(method: str, home: Path) -> dict:
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         traces = {m: method_trace(m, Path(tmp)) for m in ORIGINAL_METHODS}
-    GOLDEN.write_text(json.dumps(traces, indent=1) + "\n")
+    recorded = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+    GOLDEN.write_text(json.dumps({**recorded, machine(): traces}, indent=1) + "\n")
     print(f"wrote {GOLDEN}")

@@ -10,7 +10,7 @@ import torch
 from _compose import make_cfg
 from _golden import fixed_teacher
 from distill.app import run
-from distill.engine.checkpoint import read_checkpoint
+from distill.checkpoint import read_checkpoint
 
 FAKE_RUN = ["dataset=fake", "dataset.train_size=64", "dataset.val_size=32", "student=resnet8",
             "teacher=resnet14", "trainer.batch_size=16", "trainer.log_every=1", "device=cpu",

@@ -20,10 +20,11 @@ from torch import nn
 
 from distill.data import TensorImageDataset
 from distill.data.fake import fake
-from distill.distillers import BuildInfo, build_distiller
-from distill.engine import distributed as dist_utils
+from distill.method import BuildInfo, build_distiller
+from distill import distributed as dist_utils
 from distill.engine.teacher_cache import attach_teacher_cache
-from distill.engine.trainer import Trainer, TrainerOptions
+from distill.config import TrainerConfig
+from distill.engine.trainer import Trainer
 from distill.models import MODELS
 
 GLOBAL_BATCH, STEPS = 32, 7
@@ -64,7 +65,7 @@ def main(run_dir: Path, data_path: str, method: str) -> None:
                                      dataset="fake", precision="fp32",
                                      device=torch.device("cpu"), dtype="float32")
     trainer = Trainer(
-        distiller, data, options=TrainerOptions(epochs=2, batch_size=GLOBAL_BATCH // accumulate,
+        distiller, data, options=TrainerConfig(epochs=2, batch_size=GLOBAL_BATCH // accumulate,
                                                 accumulate=accumulate, max_steps=STEPS,
                                                 progress=False, data_path=data_path),
         optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},

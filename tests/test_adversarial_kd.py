@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from _resume import resumes_bit_exactly
-from distill.distillers import BuildInfo, StepContext, build_distiller
+from distill.method import BuildInfo, StepContext, build_distiller
 from distill.losses.adversarial import discriminator_loss, generator_loss, logits_l1_loss
 from distill.models import create_model
 

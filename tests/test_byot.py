@@ -22,9 +22,9 @@ from torch import nn
 
 from _compose import make_cfg
 from distill.app import run
-from distill.distillers import BuildInfo, StepContext, build_distiller
+from distill.method import BuildInfo, StepContext, build_distiller, teacher_label
 from distill.distillers.byot import BYOT, ExitAttention, ExitHead, SepConv
-from distill.engine.checkpoint import read_checkpoint
+from distill.checkpoint import read_checkpoint
 from distill.errors import ConfigError
 from distill.export import cpu_threads, flops_per_image, load_exit, read_run, reload_exported
 from distill.losses import kd_loss
@@ -247,7 +247,7 @@ def test_options_are_checked_and_no_weight_can_leave_nothing_to_train():
         assert err.value.key == f"distiller.{next(iter(bad))}"
     weights = BYOT.loss_term_weights({"alpha": 0.0, "feature_weight": 0.0})
     assert weights["ce_weight"] == 1.0   # the deepest CE: fixed, so every run trains
-    assert BYOT.teacher_label({}, "resnet56") is None
+    assert teacher_label(BYOT, {}, "resnet56") is None
 
 
 # --- (c) a run from the config ------------------------------------------------------------------

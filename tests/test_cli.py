@@ -191,7 +191,7 @@ def good_args(name: str, home: Path) -> list[str]:
                 "student=resnet8", "teacher=resnet8", "logger=jsonl", "trainer.progress=false",
                 f"hydra.sweep.dir={home}/sweep"]
     if name == "every-method":   # every registered method; several teachers: two of them
-        from distill.distillers import DISTILLERS
+        from distill.method import DISTILLERS
 
         return ["-m", f"distiller={','.join(DISTILLERS.list())}", "dataset=fake",
                 "student=resnet8", "teacher=resnet14", "teacher.auto_train=true",
@@ -491,7 +491,7 @@ def test_every_method_trains_from_the_command_line(results):
     logs loss terms and writes its summary with every teacher it used; TAKD first distils its
     assistant (resnet32, the default chain) into the zoo, multi_teacher trains its second
     teacher (resnet8) first."""
-    from distill.distillers import DISTILLERS
+    from distill.method import DISTILLERS
     from distill.zoo import TeacherZoo
 
     r = results["every-method"]

@@ -23,7 +23,7 @@ from distill.preflight import register_models_named_in
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 
-FILE_GROUPS = ("benchmark", "dataset", "distiller", "experiment", "logger", "optimizer", "scheduler", "trainer")
+FILE_GROUPS = ("benchmark", "dataset", "distiller", "experiment", "logger", "optimizer", "scheduler")
 # teacher/student options come from the model registry; a sample keeps this fast
 MODEL_SAMPLE = ("resnet8", "resnet20", "resnet56", "resnet110", "resnet32x4", "wrn_40_2", "vgg13",
                 "mobilenetv2", "shufflenetv1", "shufflenetv2", "tv_resnet18")
@@ -111,8 +111,8 @@ def test_every_registered_model_is_a_teacher_and_student_option():
 @pytest.mark.parametrize("option", file_options("distiller"))
 def test_distiller_file_matches_registry(option):
     from _compose import method_options
-    from distill.distillers import DISTILLERS
-    from distill.distillers.base import FIXED_ARGUMENTS
+    from distill.method import DISTILLERS
+    from distill.method import FIXED_ARGUMENTS
     from distill.registry import check_options
 
     assert OmegaConf.load(CONFIG_DIR / "distiller" / f"{option}.yaml").name == option, \
@@ -313,13 +313,13 @@ def sweep_params(benchmark: str) -> dict[str, list[str]]:
 
 
 def test_every_registered_method_has_its_file():
-    from distill.distillers import DISTILLERS
+    from distill.method import DISTILLERS
 
     assert set(file_options("distiller")) == set(DISTILLERS.list())
 
 
 def test_cifar100_benchmark_sweeps_every_reference_pair_and_method():
-    from distill.distillers import DISTILLERS
+    from distill.method import DISTILLERS
 
     params = sweep_params("cifar100")
     assert sorted(params["experiment"]) == sorted(f"cifar100/{p}" for p in CIFAR100_PAIRS)
@@ -353,7 +353,7 @@ def test_cifar100_benchmark_trains_each_vanilla_student_once_per_seed():
 
 
 def test_digits_benchmark_runs_every_registered_method():
-    from distill.distillers import DISTILLERS
+    from distill.method import DISTILLERS
 
     params = sweep_params("digits")
     assert params["experiment"] == ["demo"] and params["seed"] == ["0", "1", "2"]

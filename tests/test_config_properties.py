@@ -30,9 +30,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from _compose import CONFIG_DIR, make_cfg
-from distill.app import build_data, check_distiller_fits, run
+from distill.app import run
+from distill.data import build_data
+from distill.plan import check_distiller_fits
 from distill.config import TrainConfig, flatten
-from distill.distillers import DISTILLERS, BuildInfo
+from distill.method import DISTILLERS, BuildInfo, teacher_requests
 from distill.errors import ConfigError
 from distill.models import model_spec
 from distill.validation import resolve_device, validate
@@ -149,8 +151,8 @@ def attempt(base, key: str, value) -> tuple[str, str]:
             build_data(resolved["dataset"])
         if key.startswith("distiller."):
             options = {k: v for k, v in resolved["distiller"].items() if k != "name"}
-            requests = DISTILLERS.get(cfg.distiller.name).teacher_requests(
-                options, resolved["teacher"])
+            requests = teacher_requests(DISTILLERS.get(cfg.distiller.name), options,
+                                        resolved["teacher"])
             info = BuildInfo(model_spec("resnet8"), model_spec(requests[0].arch) if requests
                              else None, (3, 32, 32), 10, (0.5,) * 3, (0.25,) * 3, "resnet8",
                              train_labels=TRAIN_LABELS)
@@ -200,7 +202,7 @@ def test_accepted_boundary_values_mean_what_they_say(tmp_path):
     """A run with several accepted boundaries at once: the unicode tag names its folder, no
     milestones keeps the lr constant, momentum 0 and weight decay 0 reach the optimizer, an
     all-but-one zero loss weight trains (the recorded config holds every value)."""
-    from distill.config import run_path
+    from distill.catalog import run_path
 
     tag = "ü"
     folder = tmp_path / run_path("kd", "resnet8", "resnet8", tag)

@@ -15,7 +15,7 @@ from _compose import make_cfg
 from _resume import FAKE_RUN, resumes_bit_exactly
 from distill.app import run
 from distill.data.views import apply_student_view, edges, grayscale, low_res
-from distill.distillers import BuildInfo, build_distiller
+from distill.method import BuildInfo, build_distiller
 from distill.errors import ConfigError
 from distill.models import create_model, model_spec
 from distill.teachers import teacher_run_config

@@ -15,7 +15,7 @@ from _compose import make_cfg
 from _golden import fixed_teacher
 from _resume import FAKE_RUN, resumes_bit_exactly
 from distill.app import run
-from distill.distillers import BuildInfo, build_distiller
+from distill.method import BuildInfo, build_distiller
 from distill.export import Timing, export_run
 from distill.errors import ConfigError
 from distill.losses.data_free import (bn_statistics_loss, dafl_losses, deepinversion_loss,

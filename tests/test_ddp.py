@@ -49,7 +49,7 @@ def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(tmp_pat
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
     s1, s2 = (json.loads((tmp_path / f"n{n}" / "summary.json").read_text()) for n in (1, 2))
     if method == "crd":   # the banks saw every rank's embeddings
-        from distill.engine.checkpoint import read_checkpoint
+        from distill.checkpoint import read_checkpoint
         banks = [read_checkpoint(tmp_path / f"n{n}" / "checkpoints" / "last.pt")["parts"]["memory"]
                  for n in (1, 2)]
         assert banks[0].keys() == banks[1].keys() and "bank_student" in banks[0]
@@ -140,7 +140,7 @@ def test_slurm_launcher_config_composes_with_one_task_per_gpu():
 
 def test_slurm_tasks_become_a_torchrun_style_world(monkeypatch):
     """The variables a 2-node x 2-GPU submitit job sees on its 4th task."""
-    from distill.engine import distributed as dist_utils
+    from distill import distributed as dist_utils
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         monkeypatch.setenv(key, "")   # recorded, so the exported values are removed afterwards
@@ -158,7 +158,7 @@ def test_slurm_tasks_become_a_torchrun_style_world(monkeypatch):
 
 
 def test_single_task_slurm_jobs_stay_single_process(monkeypatch):
-    from distill.engine import distributed as dist_utils
+    from distill import distributed as dist_utils
 
     monkeypatch.setenv("RANK", "")
     monkeypatch.delenv("RANK")

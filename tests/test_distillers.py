@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from distill.distillers import StepContext, build_distiller
+from distill.method import StepContext, build_distiller
 from distill.errors import ConfigError
 from distill.models import create_model
 

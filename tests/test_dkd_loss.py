@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.distillers import StepContext, build_distiller
+from distill.method import StepContext, build_distiller
 from distill.losses import dkd_loss, kd_loss
 from distill.models import create_model
 

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from _compose import method_options
-from distill.distillers import DISTILLERS, MAIN_STAGE, BuildInfo, StepContext, build_distiller
+from distill.engine.trainer import auxiliary_parameter_count
+from distill.method import (DISTILLERS, MAIN_STAGE, BuildInfo, Staged, StepContext, TrainsOnViews,
+                            build_distiller, teacher_requests)
 from distill.distillers.connectors import ConvRegressor, build_connector
 from distill.errors import ConfigError
 from distill.losses import at_loss, fitnet_loss, kd_loss, rkd_loss
@@ -42,7 +44,7 @@ def _build(method, teacher_name, student_name, options=None, classes=10):
     cls = DISTILLERS.get(method)
     options = {**method_options(method, teacher_name, student_name),
                **PAIR_OPTIONS.get((method, student_name), {}), **(options or {})}
-    requests = cls.teacher_requests(options, {"name": teacher_name})
+    requests = teacher_requests(cls, options, {"name": teacher_name})
     student = create_model(student_name, num_classes=classes)
     teachers = {r.role: create_model(r.arch, num_classes=classes) for r in requests}
     info = BuildInfo(model_spec(student_name), model_spec(requests[0].arch) if requests else None,
@@ -105,12 +107,14 @@ def test_each_method_trains_its_trained_parts_and_never_a_frozen_one(method, tea
     d.train()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     # one step in each stage a method runs before its main one, then two in the main stage
-    stages = [*(stage.name for stage in d.stages()), MAIN_STAGE, MAIN_STAGE]
+    stages = [*(stage.name for stage in (d.stages() if isinstance(d, Staged) else [])),
+              MAIN_STAGE, MAIN_STAGE]
     for step, stage in enumerate(stages):
         ctx = StepContext(epoch=5, step=step, epochs=10, stage=stage,
                           indices=torch.arange(4) + 4 * step,
-                          views={name: torch.randn(4, 3, 32, 32) for name in d.views()})
-        if d.manual_step:
+                          views={name: torch.randn(4, 3, 32, 32) for name in
+                                 (d.views() if isinstance(d, TrainsOnViews) else {})})
+        if d.traits.manual_step:
             terms = d.training_step(x, y, ctx, _Stepper(optimizers))
         else:
             logits, terms = d(x, y, ctx)
@@ -140,7 +144,7 @@ def test_each_method_trains_its_trained_parts_and_never_a_frozen_one(method, tea
                 if v.is_floating_point() and k.endswith("weight") \
                         and not k.endswith(SCALE_FREE.get(method, ())):
                     assert not torch.equal(trained_before[role][k], v), f"{role}.{k}"
-    assert d.auxiliary_parameter_count() == sum(p.numel() for m in auxiliary.values()
+    assert auxiliary_parameter_count(d) == sum(p.numel() for m in auxiliary.values()
                                                 for p in m.parameters())
 
 

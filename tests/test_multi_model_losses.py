@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.distillers import BuildInfo, StepContext, build_distiller
+from distill.method import BuildInfo, StepContext, build_distiller
 from distill.losses import ensemble_probs, kd_loss
 
 CTX = StepContext(epoch=0, step=0, epochs=1)

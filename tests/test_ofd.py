@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from _compose import make_cfg, method_options
 from distill.app import run
-from distill.distillers import BuildInfo, StepContext, build_distiller
+from distill.engine.trainer import auxiliary_parameter_count
+from distill.method import BuildInfo, StepContext, build_distiller
 from distill.distillers.ofd import batchnorm_batch_statistics
 from distill.errors import ConfigError
 from distill.features import FeatureHooks
@@ -253,7 +254,7 @@ def test_connectors_are_the_references():
         assert c.margin.shape == (t_ch,) and "margin" in c.state_dict()
     main = {id(p) for p in d.parameter_groups()["main"]}
     assert {id(p) for p in d.connectors.parameters()} <= main
-    assert d.auxiliary_parameter_count() == 86912
+    assert auxiliary_parameter_count(d) == 86912
 
 
 def test_term_is_the_weighted_loss_on_the_reference_layers_with_their_bns_margins():

@@ -103,7 +103,7 @@ def test_qat_run_resumes_bit_exactly_and_exports_an_int8_onnx(tmp_path):
     ops = {n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node}
     assert "QLinearConv" in ops
     # and it predicts what the float file predicts on the test images
-    from distill.app import build_data
+    from distill.data import build_data
     data = build_data(read_run(run_dir).config["dataset"])
     images, labels = images_of(data.val, data.val.transform)
     float_logits = session(out / "student.onnx", 1).run(["logits"], {"images": images})[0]

@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 from _resume import resumes_bit_exactly
 from distill.data import TensorImageDataset
 from distill.data.fake import fake
-from distill.distillers import build_distiller
-from distill.engine.checkpoint import read_checkpoint
+from distill.method import StepContext, build_distiller
+from distill.checkpoint import read_checkpoint
 from distill.engine.optim import build_optimizer
-from distill.engine.trainer import Trainer, TrainerOptions, clip_gradients
+from distill.config import TrainerConfig
+from distill.engine.trainer import Trainer, clip_gradients
 from distill.models import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,13 +37,13 @@ def _train(run_dir: Path, *, batch: int, accumulate: int, method: str = "kd",
 
         if "tiny_net" not in MODELS:
             MODELS.register("tiny_net")(lambda num_classes=10: tiny_net(1))
-        from distill.distillers import BuildInfo
+        from distill.method import BuildInfo
         distiller = build_distiller("dml", tiny_net(0), None, {"peers": ["tiny_net", "tiny_net"]},
                                     BuildInfo(num_classes=10, student_arch="tiny_net"))
     else:
         distiller = build_distiller("kd", tiny_net(0), tiny_net(1), {})
     trainer = Trainer(
-        distiller, data, options=TrainerOptions(epochs=2, batch_size=batch, accumulate=accumulate,
+        distiller, data, options=TrainerConfig(epochs=2, batch_size=batch, accumulate=accumulate,
                                                 max_steps=7, progress=False),
         optimizer={"name": optimizer, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
         scheduler={"name": "multistep", "milestones": []}, run_dir=run_dir,
@@ -138,8 +139,8 @@ def test_no_decay_on_norms_and_biases():
 def test_label_smoothing_matches_its_formula():
     """CE with smoothing eps: (1 - eps) * NLL of the label + eps * mean over classes of -log p."""
     distiller = build_distiller("kd", tiny_net(0), tiny_net(1), {})
-    distiller.label_smoothing = 0.1
+    ctx = StepContext(0, 0, 1, label_smoothing=0.1)   # the trainer passes the run's value
     logits, targets = torch.randn(6, 10), torch.randint(0, 10, (6,))
     log_p = F.log_softmax(logits, dim=1)
     expected = (0.9 * -log_p[torch.arange(6), targets] + 0.1 * -log_p.mean(1)).mean()
-    torch.testing.assert_close(distiller.cross_entropy(logits, targets), expected)
+    torch.testing.assert_close(distiller.cross_entropy(logits, targets, ctx), expected)

@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 from _compose import make_cfg
 from _planted import PlantedCode
 from distill.app import run
-from distill.engine.checkpoint import (CHECKPOINT_KEYS, atomic_torch_save, load_latest_checkpoint,
+from distill.checkpoint import (CHECKPOINT_KEYS, atomic_torch_save, load_latest_checkpoint,
                                        read_checkpoint)
 from distill.engine.rundir import trim_metrics
 from distill.errors import ConfigError

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from _compose import method_options
-from distill.distillers import DISTILLERS, BuildInfo, StepContext, build_distiller
-from distill.distillers.base import warmup_ramp as warmup_factor
+from distill.method import DISTILLERS, BuildInfo, StepContext, build_distiller
+from distill.distillers.dkd import warmup_ramp as warmup_factor
+from distill.engine.trainer import auxiliary_parameter_count
 from distill.distillers.reviewkd import ABF, ReviewFusion, ReviewKD
 from distill.errors import ConfigError
 from distill.losses.reviewkd import hcl_loss
@@ -190,7 +191,7 @@ def test_abf_chain_reproduces_the_reference_table(pair):
     assert all(a.att_conv[0].in_channels == 2 * mid and a.att_conv[0].out_channels == 2
                and a.att_conv[0].bias is not None for a in abfs[1:])
     assert sum(p.numel() for p in d.fusion.parameters()) == params
-    assert d.auxiliary_parameter_count() == params
+    assert auxiliary_parameter_count(d) == params
     # the reference's state-dict keys (mdistiller's `abfs.*`)
     assert {"abfs.0.conv1.0.weight", "abfs.0.conv2.1.running_mean",
             "abfs.3.att_conv.0.bias"} <= set(d.fusion.state_dict())
@@ -289,7 +290,7 @@ def test_term_is_the_weighted_hcl_on_the_fusion_outputs():
     d = _distiller("resnet14", "resnet8", classes=10, feat_weight=3.0, warmup_epochs=4)
     assert d.parts["fusion"].optimizer == "main" and not d.parts["fusion"].evaluated
     assert not d.parts["fusion"].frozen and d.exported_role == "student"
-    assert d.follows_run_length is False
+    assert d.traits.follows_run_length is False
     d.train()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     logits, terms = d(x, y, StepContext(epoch=1, step=0, epochs=10))

@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from _compose import make_cfg
-from distill.app import build_data, run
+from distill.app import run
+from distill.data import build_data
 from distill.distillers.none import Vanilla
 from distill.engine.evaluation import evaluate
 from distill.engine.preemption import Preempted

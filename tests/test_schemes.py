@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from _compose import make_cfg
 from _golden import fixed_teacher
 from distill.app import run
-from distill.distillers import DISTILLERS, BuildInfo, StepContext, build_distiller
+from distill.method import DISTILLERS, BuildInfo, StepContext, build_distiller
 from distill.distillers.specialists import cluster_subsets, dustbin_shift
-from distill.engine.checkpoint import read_checkpoint
+from distill.checkpoint import read_checkpoint
 from distill.engine.sampler import EpochSampler
 from distill.errors import ConfigError
 from distill.losses.specialists import (active_specialists, collapsed_log_probs, collapsed_targets,
@@ -281,7 +281,7 @@ def test_a_resumed_run_refuses_a_specialist_made_for_other_classes(tmp_path):
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    from distill.distillers import TeacherRequest
+    from distill.method import TeacherRequest
     from distill.teachers import TeacherResolver
     from distill.zoo import file_sha256
 

@@ -12,7 +12,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from _compose import make_cfg
 from _resume import FAKE_RUN, resumes_bit_exactly
-from distill.distillers import BuildInfo, StepContext, build_distiller
+from distill.method import BuildInfo, StepContext, build_distiller
 from distill.errors import ConfigError
 from distill.losses import sobolev_loss
 from distill.losses.sobolev import unit_sphere

@@ -20,7 +20,7 @@ from _golden import fixed_teacher
 from distill.app import run
 from distill.data.fake import fake
 from distill.distillers.crd import ContrastMemory
-from distill.engine.checkpoint import read_checkpoint
+from distill.checkpoint import read_checkpoint
 from distill.engine.loaders import build_loaders
 from distill.losses import crd_nce_loss
 
@@ -179,7 +179,7 @@ def test_training_batches_carry_their_dataset_indices(data_path):
 # --- the variants' terms: KD and DKD on standardized logits, CRD+KD ----------------------------
 def _build(method, **options):
     from _compose import method_options
-    from distill.distillers import BuildInfo, build_distiller
+    from distill.method import BuildInfo, build_distiller
     from distill.models import create_model, model_spec
 
     torch.manual_seed(0)
@@ -191,7 +191,7 @@ def _build(method, **options):
 
 
 def test_standardize_and_kd_weight_change_exactly_the_terms_they_name():
-    from distill.distillers import StepContext
+    from distill.method import StepContext
     from distill.losses import dkd_loss, kd_loss, standardize_logits
 
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from distill import cli_args
-from distill.distillers import DISTILLERS
+from distill.method import DISTILLERS
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = ("bench", "report", "export")

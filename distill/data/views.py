@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.errors import ConfigError
 from distill.registry import Registry
 
 STUDENT_VIEWS = Registry("student view")
@@ -76,16 +75,11 @@ class StudentViewInput:
         return (self.view(images, mean, std), *rest)
 
 
-def apply_student_view(distiller, name: str | None, mean, std) -> None:
-    """Put the view `name` in front of every trained model the method evaluates (the student,
-    DML's peers); its teachers see the image. Methods that cut the student into models of their
-    own (BYOT's exits) are refused: the cut models would skip the view."""
-    if name is None:
-        return
-    if distiller.derived_models():
-        raise ConfigError(f"{type(distiller).__name__} evaluates models cut from the student "
-                          "(its early exits), which would not see the student's view",
-                          key="dataset.student_view", allowed="null for this method")
+def apply_student_view(models, name: str, mean, std) -> None:
+    """Put the view `name` in front of each of `models` (the models a method evaluates: the
+    student, DML's peers); its teachers see the image. Methods that cut the student into models
+    of their own (BYOT's exits) are refused before (distill.plan): the cut models would skip
+    the view."""
     hook = StudentViewInput(name, mean, std)
-    for model in distiller.evaluated_parts().values():
+    for model in models:
         model.register_forward_pre_hook(hook)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from distill.distillers.base import (DISTILLERS, BuildInfo, InitStageDistiller, layer_shapes,
-                                     require, stage_pairs)
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
+from distill.distillers.feature_pairs import InitStageDistiller, layer_shapes, stage_pairs
 from distill.distillers.connectors import ConvRegressor, conv_kind
 from distill.errors import ConfigError
 from distill.losses import ab_loss

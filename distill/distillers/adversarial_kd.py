@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.distillers.base import DISTILLERS, BuildInfo, Distiller, require
+from distill.method import DISTILLERS, BuildInfo, Distiller, Traits, call_model
+from distill.method.checks import require
 from distill.losses import kd_loss
 from distill.losses.adversarial import discriminator_loss, generator_loss, logits_l1_loss
 
@@ -59,9 +60,8 @@ class LogitDiscriminator(nn.Module):
 
 @DISTILLERS.register("adversarial_kd")
 class AdversarialKD(Distiller):
-    teacher_outputs_only = True   # its teachers' logits of the batch: teacher.cache=views serves them
-
-    manual_step = True
+    traits = Traits(teacher_outputs_only=True, manual_step=True,
+                    logit_weights=("ce_weight", "kd_weight", "l1_weight", "adv_weight"))
 
     def __init__(self, student, teacher, ce_weight: float = 0.1, kd_weight: float = 0.9,
                  temperature: float = 4.0, adv_weight: float = 1.0, l1_weight: float = 0.0,
@@ -95,9 +95,9 @@ class AdversarialKD(Distiller):
                 "discriminator": default(groups["discriminator"], constant=True, name="adamw",
                                          lr=self.disc_lr, weight_decay=0.0)}
 
-    def training_step(self, images, targets, ctx, step):
-        logits = self.student(images)
-        logits_teacher = self.teacher_logits(images)
+    def training_step(self, inputs, targets, ctx, step):
+        logits = call_model(self.student, inputs)
+        logits_teacher = self.teacher_logits(inputs)
         disc = self.discriminator
         # (1) the discriminator: teacher real, student fake (detached)
         real, cls_real = disc(logits_teacher, targets)
@@ -111,7 +111,7 @@ class AdversarialKD(Distiller):
         # (2) the student, against the updated discriminator (which takes no gradient here)
         with frozen(disc):
             score, _ = disc(logits, targets)
-        student_terms = {"ce": self.ce_weight * self.cross_entropy(logits.float(), targets),
+        student_terms = {"ce": self.ce_weight * self.cross_entropy(logits.float(), targets, ctx),
                          "kd": self.kd_weight * kd_loss(logits, logits_teacher, self.temperature),
                          "adv": self.adv_weight * generator_loss(score)}
         if self.l1_weight:

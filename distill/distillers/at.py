@@ -7,7 +7,9 @@ Stages are paired from the deepest down when the two models have different numbe
 from __future__ import annotations
 
 
-from distill.distillers.base import DISTILLERS, BuildInfo, FeatureDistiller, require, stage_pairs
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
+from distill.distillers.feature_pairs import FeatureDistiller, stage_pairs
 from distill.losses import at_loss
 
 
@@ -30,6 +32,6 @@ class AT(FeatureDistiller):
     def forward(self, images, targets, ctx):
         logits, _, feats_s, feats_t = self.forward_features(images)
         return logits, {
-            "ce": self.ce_weight * self.cross_entropy(logits, targets),
+            "ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
             "at": self.feat_weight * sum(at_loss(s, t, self.p) for s, t in zip(feats_s, feats_t)),
         }

@@ -18,8 +18,8 @@ from dataclasses import replace
 
 import torch
 
-from distill.distillers.base import (DISTILLERS, BuildInfo, Distiller, TeacherRequest, require,
-                                     require_models)
+from distill.method import DISTILLERS, OwnTeachers, Traits, call_model, BuildInfo, Distiller, TeacherRequest
+from distill.method.checks import require, require_models
 from distill.errors import ConfigError
 from distill.losses import ensemble_log_probs, soft_target_loss
 
@@ -27,8 +27,8 @@ LINK_OPTIONS = ("ce_weight", "kd_weight", "temperature")   # every generation le
 
 
 @DISTILLERS.register("born_again")
-class BornAgain(Distiller):
-    teacher_outputs_only = True   # its teachers' logits of the batch: teacher.cache=views serves them
+class BornAgain(OwnTeachers, Distiller):
+    traits = Traits(teacher_outputs_only=True)
 
     def __init__(self, student, teacher_models, architecture: str | None = None,
                  generations: int = 3, ensemble: bool = False, ce_weight: float = 0.0,
@@ -72,12 +72,12 @@ class BornAgain(Distiller):
                                   inspect.signature(cls.__init__).parameters["generations"].default)
         return f"{options.get('architecture')}-gen{generations}"
 
-    def forward(self, images, targets, ctx):
-        logits = self.student(images)
+    def forward(self, inputs, targets, ctx):
+        logits = call_model(self.student, inputs)
         with torch.no_grad():
-            teachers = [self.part(role)(images) for role in self.teacher_roles]
+            teachers = [call_model(self.part(role), inputs) for role in self.teacher_roles]
             target = ensemble_log_probs(teachers, self.temperature)
         return logits, {
-            "ce": self.ce_weight * self.cross_entropy(logits, targets),
+            "ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
             "kd": self.kd_weight * soft_target_loss(logits, target, self.temperature),
         }

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from distill.distillers.base import DISTILLERS, BuildInfo, Distiller, require
+from distill.method import DISTILLERS, BuildInfo, Distiller, Traits
+from distill.method.checks import require
 from distill.losses import soft_cross_entropy
 from distill.losses.bss import (attack_targets, base_samples, boundary_supporting_samples,
                                 bss_schedule)
@@ -24,12 +25,13 @@ from distill.losses.bss import (attack_targets, base_samples, boundary_supportin
 
 @DISTILLERS.register("bss")
 class BSS(Distiller):
-    needs = frozenset({"teacher_input_grad"})
-    # its second student forward runs only on ranks with samples to attack; SyncBatchNorm
-    # needs every rank in every forward
-    unsupported = {"sync_bn": "its forward on the attacked samples runs only on the ranks that "
-                              "have some, and SyncBatchNorm needs every rank in every forward"}
-    follows_run_length = True   # both weights follow the run's epochs
+    # attacks pixels; its KD and BSS weights follow the run's epochs; its second student forward
+    # runs only on ranks with samples to attack, and SyncBatchNorm needs every rank in each
+    traits = Traits(needs_images=True, follows_run_length=True,
+                    needs=frozenset({"teacher_input_grad"}),
+                    unsupported={"sync_bn": "its forward on the attacked samples runs only on the "
+                                            "ranks that have some, and SyncBatchNorm needs every "
+                                            "rank in every forward"})
 
     def __init__(self, student, teacher, ce_weight: float = 1.0, temperature: float = 3.0,
                  kd_start: float = 4.0, kd_end: float = 1.0, bss_start: float = 2.0,
@@ -61,7 +63,7 @@ class BSS(Distiller):
         kd_weight, bss_weight = bss_schedule(ctx.epoch, ctx.epochs, **self.schedule)
         logits = self.student(images)
         logits_teacher = self.teacher_logits(images)
-        terms = {"ce": self.ce_weight * self.cross_entropy(logits, targets),
+        terms = {"ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
                  "kd": kd_weight * soft_cross_entropy(logits, logits_teacher, self.temperature)}
         attacked = torch.zeros(0, dtype=torch.long, device=images.device)
         if bss_weight > 0:

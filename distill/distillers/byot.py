@@ -43,7 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from distill.distillers.base import DISTILLERS, BuildInfo, Distiller, layer_shapes, require
+from distill.method import DISTILLERS, BuildInfo, DerivedModels, Distiller, Traits
+from distill.method.checks import require
+from distill.distillers.feature_pairs import layer_shapes
 from distill.errors import ConfigError
 from distill.features import FeatureHooks, unwrap_model
 from distill.losses.byot import byot_feature_loss, byot_soft_ce
@@ -205,11 +207,11 @@ class ExitModel(nn.Module):
 
 
 @DISTILLERS.register("byot")
-class BYOT(Distiller):
-    requires_teacher = False
-    unsupported = {"ddp": "the official feature term is the L2 norm of the whole batch's "
-                          "difference (torch.dist), which each rank's shard would shrink by "
-                          "sqrt(ranks)"}
+class BYOT(DerivedModels, Distiller):
+    traits = Traits(needs_teacher=False, needs_images=True, logit_weights=("ce_weight", "alpha"),
+                    unsupported={"ddp": "the official feature term is the L2 norm of the whole "
+                                        "batch's difference (torch.dist), which each rank's shard "
+                                        "would shrink by sqrt(ranks)"})
 
     def __init__(self, student, alpha: float = ALPHA, temperature: float = TEMPERATURE,
                  feature_weight: float = FEATURE_WEIGHT, *, info: BuildInfo):
@@ -278,11 +280,11 @@ class BYOT(Distiller):
         exit_ce, exit_kd, exit_feat = [], [], []
         for i, (stage, head) in enumerate(zip(self.stage_layers, self.exits)):
             out, feature = head(self.hooks.features[stage])
-            exit_ce.append(self.cross_entropy(out, targets))
+            exit_ce.append(self.cross_entropy(out, targets, ctx))
             exit_kd.append(byot_soft_ce(out, deep_logits, self.temperature))
             if i < len(self.adapters):
                 exit_feat.append(byot_feature_loss(self.adapters[i](feature), deep_feature))
-        terms = {"ce": self.cross_entropy(logits, targets),
+        terms = {"ce": self.cross_entropy(logits, targets, ctx),
                  "exit_ce": (1 - self.alpha) * sum(exit_ce),
                  "exit_kd": self.alpha * sum(exit_kd)}
         if exit_feat:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, layer_shapes, require)
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
+from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes
 from distill.losses import cc_loss
 
 
@@ -42,5 +44,5 @@ class CC(FeatureDistiller):
             congruence = (embed_s.sum() + embed_t.sum()) * 0.0
         else:
             congruence = cc_loss(embed_s, embed_t)
-        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets),
+        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
                         "cc": self.feat_weight * congruence}

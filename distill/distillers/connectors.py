@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from distill.errors import ConfigError
+from distill.losses.vid import vid_log_scale_init
 
 
 class ConvRegressor(nn.Module):
@@ -83,8 +84,6 @@ class VIDRegressor(nn.Module):
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int,
                  init_var: float = 5.0, eps: float = 1e-5):
         super().__init__()
-        from distill.losses.vid import vid_log_scale_init
-
         self.regressor = nn.Sequential(
             nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.ReLU(),
             nn.Conv2d(mid_channels, mid_channels, 1, bias=False), nn.ReLU(),

@@ -18,9 +18,10 @@ import math
 import torch
 from torch import nn
 
-from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, StepContext,
-                                     layer_shapes, require)
-from distill.engine import distributed as dist_utils
+from distill.method import DISTILLERS, BuildInfo, SelfSyncedBuffers, StepContext
+from distill.method.checks import require
+from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes
+from distill import distributed as dist_utils
 from distill.errors import ConfigError
 from distill.losses import crd_nce_loss, kd_loss
 
@@ -154,7 +155,7 @@ def _dot_with_rows(bank: torch.Tensor, embedding: torch.Tensor, rows: torch.Tens
 
 
 @DISTILLERS.register("crd")
-class CRD(FeatureDistiller):
+class CRD(SelfSyncedBuffers, FeatureDistiller):
     def __init__(self, student, teacher, ce_weight: float = 1.0, kd_weight: float = 0.0,
                  crd_weight: float = 0.8, temperature: float = 4.0, feat_dim: int = 128,
                  nce_k: int = 16384, nce_t: float = 0.07, nce_m: float = 0.5,
@@ -203,7 +204,7 @@ class CRD(FeatureDistiller):
         logits, logits_teacher, (feat_s,), (feat_t,) = self.forward_features(images)
         out_s, out_t = self.memory(self.embed_student(feat_s), self.embed_teacher(feat_t),
                                    ctx.indices, ctx.step)
-        terms = {"ce": self.ce_weight * self.cross_entropy(logits, targets)}
+        terms = {"ce": self.ce_weight * self.cross_entropy(logits, targets, ctx)}
         if self.kd_weight:
             terms["kd"] = self.kd_weight * kd_loss(logits, logits_teacher, self.temperature)
         terms["crd"] = self.crd_weight * (crd_nce_loss(out_s, self.memory.size)

@@ -2,7 +2,7 @@
 huawei-noah/Data-Efficient-Model-Compression, DAFL/DAFL-train.py): data-free KD with a
 generator trained online.
 
-No training image is read (`data_free`): an epoch is `epoch_size` placeholders, batched as any
+No training image is read (a `DataFree` method): an epoch is `epoch_size` placeholders, batched as any
 epoch (trainer.batch_size), and every step makes its own images. Per step, as the reference:
 z ~ N(0, I) of `latent_dim`; x = G(z); the frozen teacher (eval mode) gives logits and its pooled
 features for x; the generator learns `onehot_weight` x one-hot + `entropy_weight` x
@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from distill.data.synthetic import StepPlaceholders
-from distill.distillers.base import (DISTILLERS, BuildInfo, Distiller, default_layers, hooks_on,
-                                     require)
+from distill.method import DISTILLERS, BuildInfo, DataFree, Distiller, Traits
+from distill.method.checks import require
+from distill.distillers.feature_pairs import default_layers, hooks_on
+from distill.checkpoint import read_checkpoint
 from distill.errors import ConfigError
 from distill.losses import kd_loss
 from distill.losses.data_free import dafl_losses
@@ -58,11 +60,12 @@ class DAFLGenerator(nn.Module):
 
 
 @DISTILLERS.register("dafl")
-class DAFL(Distiller):
-    data_free = True
+class DAFL(DataFree, Distiller):
     # the information-entropy term is not linear in the batch: on shards it would balance
     # each rank's classes, not the batch's (the reference's DataParallel sees the whole batch)
-    unsupported = {"ddp": "its information-entropy term needs the whole batch's predictions"}
+    traits = Traits(needs_images=True, logit_weights=("kd_weight",),
+                    unsupported={"ddp": "its information-entropy term needs the whole batch's "
+                                        "predictions"})
 
     def __init__(self, student, teacher, kd_weight: float = 1.0, temperature: float = 1.0,
                  onehot_weight: float = 0.05, entropy_weight: float = 5.0,
@@ -100,8 +103,6 @@ class DAFL(Distiller):
     def made_images(cls, run_dir, options, input_shape, count):
         """`count` images of the trained generator (from checkpoints/last.pt), in training
         mode as it ran, from a fixed seed."""
-        from distill.engine.checkpoint import read_checkpoint
-
         path = Path(run_dir) / "checkpoints" / "last.pt"
         if not path.is_file():
             return None

@@ -1,7 +1,7 @@
 """DeepInversion (Yin et al., CVPR 2020, "Dreaming to Distill: Data-free Knowledge Transfer via
 DeepInversion"; official NVlabs/DeepInversion, cifar10/deepinversion_cifar10.py): data-free KD.
 
-No training image is read (`data_free`). Before the first step the method synthesises
+No training image is read (a `DataFree` method). Before the first step the method synthesises
 `num_images` images from noise, `batch_size` at a time: Adam (`lr`) on the pixels for
 `iterations` steps of `deepinversion_loss` on the frozen teacher in eval mode: CE to the class
 each image is made for (0, 1, ..., C-1, 0, ... within every batch, as the reference's fixed
@@ -34,8 +34,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from distill.data.synthetic import synthetic_image_set, to_uint8
-from distill.distillers.base import DISTILLERS, BuildInfo, Distiller, require
-from distill.engine.checkpoint import save_weights
+from distill.method import DISTILLERS, BuildInfo, DataFree, Distiller, Traits
+from distill.method.checks import require
+from distill.checkpoint import save_weights
 from distill.errors import ConfigError
 from distill.losses import kd_loss
 from distill.losses.data_free import bn_statistics_loss, deepinversion_loss
@@ -48,10 +49,10 @@ SYNTHESIS_OPTIONS = ("num_images", "batch_size", "iterations", "lr", "bn_weight"
 
 
 @DISTILLERS.register("deepinversion")
-class DeepInversion(Distiller):
-    data_free = True
-    unsupported = {"ddp": "the images are synthesised in one process before training; run "
-                          "deepinversion without torchrun"}
+class DeepInversion(DataFree, Distiller):
+    traits = Traits(needs_images=True,
+                    unsupported={"ddp": "the images are synthesised in one process before "
+                                        "training; run deepinversion without torchrun"})
 
     def __init__(self, student, teacher, kd_weight: float = 1.0, ce_weight: float = 0.0,
                  temperature: float = 3.0, num_images: int = 256000, batch_size: int = 256,
@@ -101,7 +102,7 @@ class DeepInversion(Distiller):
         logits_teacher = self.teacher_logits(images)
         terms = {"kd": self.kd_weight * kd_loss(logits, logits_teacher, self.temperature)}
         if self.ce_weight:
-            terms["ce"] = self.ce_weight * self.cross_entropy(logits, targets)
+            terms["ce"] = self.ce_weight * self.cross_entropy(logits, targets, ctx)
         return logits, terms
 
     # --- synthesis ---------------------------------------------------------------------------

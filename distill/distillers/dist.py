@@ -3,14 +3,14 @@
 beta = gamma = 1 inside it, i.e. the paper's beta = gamma = 2."""
 from __future__ import annotations
 
-
-from distill.distillers.base import DISTILLERS, Distiller, require
+from distill.method import DISTILLERS, Distiller, Traits, call_model
+from distill.method.checks import require
 from distill.losses import dist_loss
 
 
 @DISTILLERS.register("dist")
 class DIST(Distiller):
-    teacher_outputs_only = True   # its teachers' logits of the batch: teacher.cache=views serves them
+    traits = Traits(teacher_outputs_only=True, logit_weights=("ce_weight", "dist_weight"))
 
     def __init__(self, student, teacher, ce_weight: float = 1.0, dist_weight: float = 2.0,
                  beta: float = 1.0, gamma: float = 1.0, temperature: float = 4.0):
@@ -30,11 +30,11 @@ class DIST(Distiller):
             weights["dist_weight"] *= options.get("beta", 1.0) + options.get("gamma", 1.0)
         return weights
 
-    def forward(self, images, targets, ctx):
-        logits = self.student(images)
-        logits_teacher = self.teacher_logits(images)
+    def forward(self, inputs, targets, ctx):
+        logits = call_model(self.student, inputs)
+        logits_teacher = self.teacher_logits(inputs)
         return logits, {
-            "ce": self.ce_weight * self.cross_entropy(logits, targets),
+            "ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
             "dist": self.dist_weight * dist_loss(logits, logits_teacher, self.beta, self.gamma,
                                                  self.temperature),
         }

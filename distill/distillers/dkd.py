@@ -7,14 +7,21 @@ reference settings (alpha and beta times the KD weight, base temperature) are in
 configs/experiment/cifar100_ls/; the warm-up is unchanged, as there."""
 from __future__ import annotations
 
-
-from distill.distillers.base import DISTILLERS, Distiller, require, warmup_ramp
+from distill.method import DISTILLERS, Distiller, Traits, call_model
+from distill.method.checks import require
 from distill.losses import dkd_loss, standardize_logits
+
+
+def warmup_ramp(epoch: int, warmup_epochs: int) -> float:
+    """A loss term's factor at 0-based `epoch` under mdistiller's linear warm-up (DKD, ReviewKD):
+    min(epoch / warmup_epochs, 1) with its 1-based epochs, so the first epoch already has
+    1 / warmup_epochs; 1 without a warm-up."""
+    return min((epoch + 1) / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
 
 
 @DISTILLERS.register("dkd")
 class DKD(Distiller):
-    teacher_outputs_only = True   # its teachers' logits of the batch: teacher.cache=views serves them
+    traits = Traits(teacher_outputs_only=True, logit_weights=("ce_weight", "alpha", "beta"))
 
     def __init__(self, student, teacher, ce_weight: float = 1.0, alpha: float = 1.0,
                  beta: float = 8.0, temperature: float = 4.0, warmup_epochs: int = 20,
@@ -36,13 +43,13 @@ class DKD(Distiller):
     def loss_term_weights(cls, options):
         return {k: options[k] for k in ("ce_weight", "alpha", "beta") if k in options}
 
-    def forward(self, images, targets, ctx):
-        logits = self.student(images)
-        logits_teacher = self.teacher_logits(images)
+    def forward(self, inputs, targets, ctx):
+        logits = call_model(self.student, inputs)
+        logits_teacher = self.teacher_logits(inputs)
         ramp = warmup_ramp(ctx.epoch, self.warmup_epochs)
         s, t = ((standardize_logits(logits), standardize_logits(logits_teacher))
                 if self.standardize else (logits, logits_teacher))
         return logits, {
-            "ce": self.ce_weight * self.cross_entropy(logits, targets),
+            "ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
             "dkd": ramp * dkd_loss(s, t, targets, self.alpha, self.beta, self.temperature),
         }

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from distill.distillers.base import DISTILLERS, BuildInfo, Distiller, require, require_models
+from distill.method import DISTILLERS, BuildInfo, Distiller, Inputs, Traits, call_model
+from distill.method.checks import require, require_models
 from distill.errors import ConfigError
 from distill.losses import kd_loss
 from distill.models import create_model
@@ -22,9 +23,7 @@ from distill.models import create_model
 
 @DISTILLERS.register("dml")
 class DML(Distiller):
-    requires_teacher = False
-    manual_step = True
-    exported_role = "peer0"
+    traits = Traits(needs_teacher=False, manual_step=True, logit_weights=("ce_weight", "kl_weight"))
 
     def __init__(self, student, peers: list[str] | None = None, ce_weight: float = 1.0,
                  kl_weight: float = 1.0, *, info: BuildInfo):
@@ -39,7 +38,7 @@ class DML(Distiller):
         self.peer_roles = [f"peer{i}" for i in range(len(peers))]
         for role, name, model in zip(self.peer_roles, peers, models):
             self.add_trained(role, model, optimizer=role, evaluated=True, arch=name,
-                             key="distiller.peers")
+                             exported=role == "peer0", key="distiller.peers")
         self.ce_weight, self.kl_weight = ce_weight, kl_weight
 
     @classmethod
@@ -49,29 +48,29 @@ class DML(Distiller):
                        allowed="a list of two or more model names, the student first, e.g. "
                                "distiller.peers=[resnet8,resnet8]")
 
-    def training_step(self, images, targets, ctx, step):
+    def training_step(self, inputs, targets, ctx, step):
         peers = [self.part(role) for role in self.peer_roles]
-        logits = [peer(images) for peer in peers]   # each peer's graph, kept until its turn
+        logits = [call_model(peer, inputs) for peer in peers]   # each peer's graph, kept until its turn
         count, terms = len(peers), {}
         for k, (role, peer) in enumerate(zip(self.peer_roles, peers)):
-            ce = self.cross_entropy(logits[k], targets)
+            ce = self.cross_entropy(logits[k], targets, ctx)
             kl = sum(kd_loss(logits[k], logits[other].detach(), 1.0)
                      for other in range(count) if other != k) / (count - 1)
             step.backward(self.ce_weight * ce + self.kl_weight * kl)
             step.step(role)
             if k < count - 1:
-                logits[k] = refreshed_logits(peer, images)
+                logits[k] = refreshed_logits(peer, inputs)
             terms[f"{role}/ce"] = self.ce_weight * ce.detach()
             terms[f"{role}/kl"] = self.kl_weight * kl.detach()
         return terms
 
 
 @torch.no_grad()
-def refreshed_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+def refreshed_logits(model: torch.nn.Module, inputs: Inputs) -> torch.Tensor:
     """The model's training-mode output after its update, its buffers (BN statistics) left as
     they were before this extra forward."""
     saved = [b.clone() for b in model.buffers()]
-    logits = model(images)
+    logits = call_model(model, inputs)
     for buffer, value in zip(model.buffers(), saved):
         buffer.copy_(value)
     return logits

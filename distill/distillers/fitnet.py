@@ -8,9 +8,12 @@ regressor get gradients), then the whole student trains with CE + KD and no hint
 """
 from __future__ import annotations
 
+from dataclasses import replace
 
-from distill.distillers.base import (
-    DISTILLERS, BuildInfo, FeatureDistiller, layer_shapes, require)
+
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
+from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes
 from distill.distillers.connectors import build_connector
 from distill.errors import ConfigError
 from distill.losses import fitnet_loss, kd_loss
@@ -37,8 +40,8 @@ class FitNet(FeatureDistiller):
             shape_s, shape_t, keys=(self.option_key("student"), self.option_key("teacher"))))
         self.ce_weight, self.feat_weight = ce_weight, feat_weight
         self.hint_epochs, self.kd_weight, self.temperature = hint_epochs, kd_weight, temperature
-        # the hint stage trains only the layers up to the guided one
-        self.may_leave_parameters_unused = hint_epochs > 0
+        if hint_epochs > 0:   # the hint stage trains only the layers up to the guided one
+            self.traits = replace(self.traits, unused_parameters=True)
 
     @classmethod
     def check_values(cls, options):
@@ -59,7 +62,7 @@ class FitNet(FeatureDistiller):
         hint = self.feat_weight * fitnet_loss(self.connector(feat_s), feat_t)
         if ctx.epoch < self.hint_epochs:        # stage 1 of 2: hints only
             return logits, {"hint": hint}
-        terms = {"ce": self.ce_weight * self.cross_entropy(logits, targets)}
+        terms = {"ce": self.ce_weight * self.cross_entropy(logits, targets, ctx)}
         if self.hint_epochs == 0:               # single stage (the reference recipe)
             terms["hint"] = hint
         if self.kd_weight > 0:

@@ -10,8 +10,9 @@ The FSP matrices are compared entry by entry, so every pair needs the teacher's 
 """
 from __future__ import annotations
 
-from distill.distillers.base import (DISTILLERS, BuildInfo, InitStageDistiller, layer_shapes,
-                                     require, stage_pairs)
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
+from distill.distillers.feature_pairs import InitStageDistiller, layer_shapes, stage_pairs
 from distill.errors import ConfigError
 from distill.losses import fsp_loss
 

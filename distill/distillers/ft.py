@@ -11,11 +11,14 @@
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
-from distill.distillers.base import (DISTILLERS, MAIN_STAGE, BuildInfo, FeatureDistiller, Stage,
-                                     layer_shapes, require)
+from distill.method import DISTILLERS, MAIN_STAGE, BuildInfo, Stage, Staged
+from distill.method.checks import require
+from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes
 from distill.distillers.connectors import Paraphraser, Translator
 from distill.errors import ConfigError
 from distill.losses import ft_loss
@@ -27,8 +30,8 @@ LOW_INIT_LR_STUDENTS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44
 
 
 @DISTILLERS.register("ft")
-class FT(FeatureDistiller):
-    manual_step = True
+class FT(Staged, FeatureDistiller):
+    traits = replace(FeatureDistiller.traits, manual_step=True)
 
     def __init__(self, student, teacher, ce_weight: float = 1.0, feat_weight: float = 200.0,
                  p: int = 1, rate: float = 0.5, init_epochs: int = 30,
@@ -88,7 +91,7 @@ class FT(FeatureDistiller):
         logits, _, (feat_s,), (feat_t,) = self.forward_features(images)
         with torch.no_grad():   # fixed in the main stage (the reference never steps it)
             factor_t = self.paraphraser.encoder(feat_t)
-        terms = {"ce": self.ce_weight * self.cross_entropy(logits, targets),
+        terms = {"ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
                  "ft": self.feat_weight * ft_loss(self.translator(feat_s), factor_t, self.p)}
         step.backward(sum(terms.values()))
         step.step("main")

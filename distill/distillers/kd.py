@@ -4,14 +4,14 @@ per sample before the KD term (`kd_loss(..., standardize=True)`); its reference 
 temperature 2, KD weight 9 on CIFAR-100, per pair) are in configs/experiment/cifar100_ls/."""
 from __future__ import annotations
 
-
-from distill.distillers.base import DISTILLERS, Distiller, require
+from distill.method import DISTILLERS, Distiller, Traits, call_model
+from distill.method.checks import require
 from distill.losses import kd_loss
 
 
 @DISTILLERS.register("kd")
 class KD(Distiller):
-    teacher_outputs_only = True   # its teachers' logits of the batch: teacher.cache=views serves them
+    traits = Traits(teacher_outputs_only=True)
 
     def __init__(self, student, teacher, ce_weight: float = 0.1, kd_weight: float = 0.9,
                  temperature: float = 4.0, standardize: bool = False):
@@ -25,11 +25,11 @@ class KD(Distiller):
     def check_values(cls, options):
         require(options, temperature=">0", ce_weight=">=0", kd_weight=">=0", standardize="bool")
 
-    def forward(self, images, targets, ctx):
-        logits = self.student(images)
-        logits_teacher = self.teacher_logits(images)
+    def forward(self, inputs, targets, ctx):
+        logits = call_model(self.student, inputs)
+        logits_teacher = self.teacher_logits(inputs)
         return logits, {
-            "ce": self.ce_weight * self.cross_entropy(logits, targets),
+            "ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
             "kd": self.kd_weight * kd_loss(logits, logits_teacher, self.temperature,
                                            standardize=self.standardize),
         }

@@ -5,8 +5,9 @@ teacher stages are compared channel by channel, so their channel counts must agr
 from __future__ import annotations
 
 
-from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, layer_shapes,
-                                     require, stage_pairs)
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
+from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes, stage_pairs
 from distill.errors import ConfigError
 from distill.losses import kdsvd_loss
 
@@ -43,6 +44,6 @@ class KDSVD(FeatureDistiller):
     def forward(self, images, targets, ctx):
         logits, _, feats_s, feats_t = self.forward_features(images)
         return logits, {
-            "ce": self.ce_weight * self.cross_entropy(logits, targets),
+            "ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
             "kdsvd": self.feat_weight * kdsvd_loss(feats_s, feats_t, k=self.k),
         }

@@ -10,18 +10,17 @@ default of this method.
 """
 from __future__ import annotations
 
-
 from distill.data.augment import AUGMENTATIONS
-from distill.distillers.base import DISTILLERS, Distiller, StepContext, require
+from distill.method import DISTILLERS, Distiller, StepContext, Traits, TrainsOnViews
+from distill.method.checks import require
 from distill.losses import mlkd_losses
 
 STRONG_VIEW = "strong"
 
 
 @DISTILLERS.register("mlkd")
-class MLKD(Distiller):
-    cache_refusal = ("also shows its teacher a RandAugment view of each image, which has too many "
-                     "forms to enumerate")
+class MLKD(TrainsOnViews, Distiller):
+    traits = Traits(needs_images=True)
 
     def __init__(self, student, teacher, ce_weight: float = 0.1, kd_weight: float = 0.9,
                  temperature: float = 4.0, standardize: bool = False,
@@ -47,8 +46,8 @@ class MLKD(Distiller):
         strong = ctx.views[STRONG_VIEW]
         logits_weak, logits_strong = self.student(images), self.student(strong)
         teacher_weak, teacher_strong = self.teacher_logits(images), self.teacher_logits(strong)
-        terms = {"ce": self.ce_weight * (self.cross_entropy(logits_weak, targets)
-                                         + self.cross_entropy(logits_strong, targets))}
+        terms = {"ce": self.ce_weight * (self.cross_entropy(logits_weak, targets, ctx)
+                                         + self.cross_entropy(logits_strong, targets, ctx))}
         for name, value in mlkd_losses(logits_weak, logits_strong, teacher_weak, teacher_strong,
                                        self.temperature, self.standardize).items():
             terms[name] = self.kd_weight * value

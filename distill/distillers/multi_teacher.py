@@ -13,16 +13,16 @@ import math
 
 import torch
 
-from distill.distillers.base import (
-    DISTILLERS, Distiller, TeacherRequest, require, require_models)
+from distill.method import DISTILLERS, OwnTeachers, Traits, call_model, Distiller, TeacherRequest
+from distill.method.checks import require, require_models
 from distill.errors import ConfigError
 from distill.losses import ENSEMBLE_MODES, ensemble_log_probs, soft_target_loss
 from distill.losses.ensemble import ensemble_weights
 
 
 @DISTILLERS.register("multi_teacher")
-class MultiTeacher(Distiller):
-    teacher_outputs_only = True   # its teachers' logits of the batch: teacher.cache=views serves them
+class MultiTeacher(OwnTeachers, Distiller):
+    traits = Traits(teacher_outputs_only=True)
 
     def __init__(self, student, teacher_models, teachers: list[str] | None = None,
                  teacher_checkpoints: list[str] | None = None, ce_weight: float = 0.1,
@@ -77,12 +77,12 @@ class MultiTeacher(Distiller):
     def teacher_label(cls, options, teacher):
         return "+".join(options.get("teachers") or [teacher])
 
-    def forward(self, images, targets, ctx):
-        logits = self.student(images)
+    def forward(self, inputs, targets, ctx):
+        logits = call_model(self.student, inputs)
         with torch.no_grad():
-            teacher_logits = [self.part(role)(images) for role in self.teacher_roles]
+            teacher_logits = [call_model(self.part(role), inputs) for role in self.teacher_roles]
             target = ensemble_log_probs(teacher_logits, self.temperature, self.mode, self.weights)
         return logits, {
-            "ce": self.ce_weight * self.cross_entropy(logits, targets),
+            "ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
             "kd": self.kd_weight * soft_target_loss(logits, target, self.temperature),
         }

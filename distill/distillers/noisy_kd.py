@@ -5,7 +5,8 @@ acts as a regulariser. Only training batches are perturbed; the teacher's logged
 """
 from __future__ import annotations
 
-from distill.distillers.base import DISTILLERS, require
+from distill.method import DISTILLERS
+from distill.method.checks import require
 from distill.distillers.kd import KD
 from distill.losses import perturb_logits
 
@@ -22,7 +23,7 @@ class NoisyKD(KD):
         super().check_values(options)
         require(options, sigma=">=0", fraction="[0,1]")
 
-    def teacher_logits(self, images):
-        logits = super().teacher_logits(images)
+    def teacher_logits(self, inputs):
+        logits = super().teacher_logits(inputs)
         # the global RNG draws the noise: checkpoints carry it, so a resumed run is exact
         return perturb_logits(logits, self.sigma, self.fraction) if self.training else logits

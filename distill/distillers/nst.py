@@ -5,7 +5,9 @@ of `nst_loss` (polynomial-kernel MMD) over the stage outputs (the reference's fe
 from __future__ import annotations
 
 
-from distill.distillers.base import DISTILLERS, BuildInfo, FeatureDistiller, require, stage_pairs
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
+from distill.distillers.feature_pairs import FeatureDistiller, stage_pairs
 from distill.losses import nst_loss
 
 
@@ -28,6 +30,6 @@ class NST(FeatureDistiller):
     def forward(self, images, targets, ctx):
         logits, _, feats_s, feats_t = self.forward_features(images)
         return logits, {
-            "ce": self.ce_weight * self.cross_entropy(logits, targets),
+            "ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
             "nst": self.feat_weight * sum(nst_loss(s, t) for s, t in zip(feats_s, feats_t)),
         }

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, layer_shapes,
-                                     require, stage_pairs)
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
+from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes, stage_pairs
 from distill.errors import ConfigError
 from distill.features import PREACT_SUFFIX, unwrap_model
 from distill.losses.ofd import ofd_loss, ofd_margin
@@ -169,5 +170,5 @@ class OFD(FeatureDistiller):
         feats_t = self.teacher_features(images)
         total = sum(w * ofd_loss(c(s), t, c.margin) for w, c, s, t in
                     zip(self.layer_weights, self.connectors, feats_s, feats_t))
-        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets),
+        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
                         "ofd": self.feat_weight * total}

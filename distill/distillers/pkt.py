@@ -6,7 +6,9 @@ reference's feat[-1]). The kernels are within each batch, so the widths may diff
 from __future__ import annotations
 
 
-from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, require)
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
+from distill.distillers.feature_pairs import FeatureDistiller
 from distill.losses import pkt_loss
 
 
@@ -26,5 +28,5 @@ class PKT(FeatureDistiller):
 
     def forward(self, images, targets, ctx):
         logits, _, (embed_s,), (embed_t,) = self.forward_features(images)
-        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets),
+        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
                         "pkt": self.feat_weight * pkt_loss(embed_s, embed_t)}

@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, default_layers,
-                                     layer_shapes, require, warmup_ramp)
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
+from distill.distillers.feature_pairs import FeatureDistiller, default_layers, layer_shapes
+from distill.distillers.dkd import warmup_ramp
 from distill.errors import ConfigError
 from distill.losses.reviewkd import hcl_loss
 
@@ -197,7 +199,7 @@ class ReviewKD(FeatureDistiller):
     def forward(self, images, targets, ctx):
         logits, _, feats_s, feats_t = self.forward_features(images)
         outputs, feats_t = self.fuse(feats_s, feats_t)
-        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets),
+        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
                         "reviewkd": self.feat_weight * self.ramp(ctx.epoch)
                         * hcl_loss(outputs, feats_t)}
 

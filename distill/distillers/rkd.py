@@ -6,7 +6,9 @@ relations within each batch, never the vectors themselves.
 from __future__ import annotations
 
 
-from distill.distillers.base import DISTILLERS, BuildInfo, FeatureDistiller, require
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
+from distill.distillers.feature_pairs import FeatureDistiller
 from distill.losses import rkd_loss
 
 
@@ -41,5 +43,5 @@ class RKD(FeatureDistiller):
             relational = embed_s.sum() * 0.0
         else:
             relational = rkd_loss(embed_s, embed_t, self.distance_weight, self.angle_weight)
-        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets),
+        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
                         "rkd": self.feat_weight * relational}

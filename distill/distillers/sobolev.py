@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from distill.distillers.base import DISTILLERS, BuildInfo, Distiller, require
+from distill.method import DISTILLERS, BuildInfo, Distiller, Traits
+from distill.method.checks import require
 from distill.losses import kd_loss
 from distill.losses.sobolev import input_gradient_gap, unit_sphere
 
 
 @DISTILLERS.register("sobolev")
 class Sobolev(Distiller):
-    needs = frozenset({"teacher_input_grad", "double_backward"})
+    # input gradients of image pixels: token ids have none
+    traits = Traits(needs_images=True, needs=frozenset({"teacher_input_grad", "double_backward"}))
 
     def __init__(self, student, teacher, ce_weight: float = 0.1, kd_weight: float = 0.9,
                  temperature: float = 4.0, sobolev_weight: float = 1.0, *, info: BuildInfo):
@@ -38,7 +40,7 @@ class Sobolev(Distiller):
     def forward(self, images, targets, ctx):
         x_student = images.detach().requires_grad_(True)
         logits = self.student(x_student)
-        terms = {"ce": self.ce_weight * self.cross_entropy(logits, targets)}
+        terms = {"ce": self.ce_weight * self.cross_entropy(logits, targets, ctx)}
         if self.sobolev_weight:
             x_teacher = images.detach().requires_grad_(True)
             logits_teacher = self.frozen_forward("teacher", x_teacher, input_grad=True)

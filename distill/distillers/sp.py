@@ -6,7 +6,9 @@ matrices are compared, so the two maps may have any channel counts and sizes.
 from __future__ import annotations
 
 
-from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, require)
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
+from distill.distillers.feature_pairs import FeatureDistiller
 from distill.losses import sp_loss
 
 
@@ -26,5 +28,5 @@ class SP(FeatureDistiller):
 
     def forward(self, images, targets, ctx):
         logits, _, (feat_s,), (feat_t,) = self.forward_features(images)
-        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets),
+        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
                         "sp": self.feat_weight * sp_loss(feat_s, feat_t)}

@@ -37,10 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from distill.distillers.base import (DISTILLERS, BuildInfo, Distiller, TeacherRequest, require)
-from distill.engine import distributed as dist_utils
-from distill.engine.checkpoint import preserved_rng
+from distill.method import (DISTILLERS, BuildInfo, Distiller, OwnTeachers, TeacherRequest, Traits,
+                            WeightedSampling, call_model, teacher_requests)
+from distill.method.checks import require
+from distill import distributed as dist_utils
+from distill.checkpoint import preserved_rng
 from distill.errors import ConfigError
+from distill.inputs import to_device
 from distill.losses import soft_target_loss
 from distill.losses.specialists import (active_specialists, collapsed_log_probs,
                                         collapsed_targets, solve_specialists_target)
@@ -51,8 +54,8 @@ CLUSTER_SEED = 0                         # K-means's own seed: subsets do not fo
 
 
 @DISTILLERS.register("specialists")
-class Specialists(Distiller):
-    teacher_outputs_only = True   # its teachers' logits of the batch: teacher.cache=views serves them
+class Specialists(OwnTeachers, Distiller):
+    traits = Traits(teacher_outputs_only=True)
 
     def __init__(self, student, teacher_models, subsets: list[list[int]] | None = None,
                  num_specialists: int | None = None, top_n: int = 1, enrichment: float = 0.5,
@@ -105,7 +108,7 @@ class Specialists(Distiller):
 
     @classmethod
     def teacher_requests(cls, options, teacher):
-        (generalist,) = super().teacher_requests(options, teacher)
+        (generalist,) = teacher_requests(Distiller, options, teacher)
         defaults = inspect.signature(cls.__init__).parameters
         made = {k: options.get(k, defaults[k].default) for k in SPECIALIST_OPTIONS}
         subsets = options.get("subsets") or []
@@ -131,12 +134,12 @@ class Specialists(Distiller):
             teachers["teacher"], train, device, options.get("num_specialists"), temperature))
         return {**options, "subsets": subsets}
 
-    def forward(self, images, targets, ctx):
-        logits = self.student(images)
+    def forward(self, inputs, targets, ctx):
+        logits = call_model(self.student, inputs)
         with torch.no_grad():
-            generalist = self.teacher(images).float()
-            specialists = [collapsed_log_probs(self.part(role)(images), subset, self.temperature,
-                                               shift)
+            generalist = call_model(self.teacher, inputs).float()
+            specialists = [collapsed_log_probs(call_model(self.part(role), inputs), subset,
+                                               self.temperature, shift)
                            for role, subset, shift in zip(self.specialist_roles, self.subsets,
                                                           self.dustbin_shifts)]
             active = active_specialists(generalist, self.subsets, self.top_n)
@@ -144,13 +147,13 @@ class Specialists(Distiller):
                                               specialists, self.subsets, active,
                                               self.solver_steps)
         return logits, {
-            "ce": self.ce_weight * self.cross_entropy(logits, targets),
+            "ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
             "kd": self.kd_weight * soft_target_loss(logits, target, self.temperature),
         }
 
 
 @DISTILLERS.register("specialist", internal=True)
-class Specialist(Distiller):
+class Specialist(WeightedSampling, Distiller):
     """One specialist, trained for the zoo by `specialists` (not a method of its own): the
     student is the generalist's architecture, starts from its weights (the teacher here), and
     learns CE over its subset and the dustbin on data drawn `enrichment` from the subset."""
@@ -177,8 +180,8 @@ class Specialist(Distiller):
     def sample_weights(self):
         return self._weights
 
-    def forward(self, images, targets, ctx):
-        logits = self.student(images)
+    def forward(self, inputs, targets, ctx):
+        logits = call_model(self.student, inputs)
         log_probs = collapsed_log_probs(logits, self.subset)
         return logits, {"ce": F.nll_loss(log_probs, collapsed_targets(targets, self.subset))}
 
@@ -221,8 +224,8 @@ def generalist_probs(model: torch.nn.Module, dataset, device: torch.device, temp
                                          num_workers=0)
     with preserved_rng():
         torch.manual_seed(CLUSTER_SEED)
-        return torch.cat([F.softmax(model(images.to(device)).float() / temperature, 1).cpu()
-                          for images, _ in loader])
+        return torch.cat([F.softmax(call_model(model, to_device(inputs, device)).float()
+                                    / temperature, 1).cpu() for inputs, _ in loader])
 
 
 def cluster_subsets(model: torch.nn.Module, train, device: torch.device,

@@ -12,14 +12,15 @@ from __future__ import annotations
 import inspect
 from dataclasses import replace
 
-from distill.distillers.base import DISTILLERS, TeacherRequest, require_models
+from distill.method import DISTILLERS, OwnTeachers, TeacherRequest, teacher_requests
+from distill.method.checks import require_models
 from distill.distillers.kd import KD
 
 KD_OPTIONS = ("ce_weight", "kd_weight", "temperature")   # each link is KD with these
 
 
 @DISTILLERS.register("takd")
-class TAKD(KD):
+class TAKD(OwnTeachers, KD):
     def __init__(self, student, teacher, assistants: list[str] | None = None,
                  ce_weight: float = 0.1, kd_weight: float = 0.9, temperature: float = 4.0):
         super().__init__(student, teacher, ce_weight, kd_weight, temperature)
@@ -34,7 +35,7 @@ class TAKD(KD):
 
     @classmethod
     def teacher_requests(cls, options, teacher):
-        (link,) = super().teacher_requests(options, teacher)
+        (link,) = teacher_requests(KD, options, teacher)
         defaults = inspect.signature(cls.__init__).parameters   # one place for the defaults
         kd = {k: options.get(k, defaults[k].default) for k in KD_OPTIONS}
         for arch in options["assistants"]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from distill.distillers.base import (DISTILLERS, BuildInfo, FeatureDistiller, layer_shapes,
-                                     require, stage_pairs)
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
+from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes, stage_pairs
 from distill.distillers.connectors import VIDRegressor
 from distill.errors import ConfigError
 from distill.losses import vid_loss
@@ -53,5 +54,5 @@ class VID(FeatureDistiller):
             elif f_s.shape[2] < f_t.shape[2]:
                 f_t = F.adaptive_avg_pool2d(f_t, f_s.shape[2:])
             total = total + vid_loss(head(f_s), f_t, head.log_scale, eps=self.eps)
-        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets),
+        return logits, {"ce": self.ce_weight * self.cross_entropy(logits, targets, ctx),
                         "vid": self.feat_weight * total}

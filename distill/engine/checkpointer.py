@@ -1,6 +1,6 @@
 """A run's training state on disk: every trained part by role, every optimizer and schedule by
 name, the grad scaler, the run state, RNG states, tracker ids, the config and the teachers'
-digests (format 2, distill.engine.checkpoint), written by rank 0 to checkpoints/last.pt."""
+digests (format 2, distill.checkpoint), written by rank 0 to checkpoints/last.pt."""
 from __future__ import annotations
 
 import logging
@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from distill.distillers import Distiller
-from distill.engine.checkpoint import FORMAT, atomic_torch_save, rng_state, set_rng_state
+from distill.method import Distiller
+from distill.checkpoint import FORMAT, atomic_torch_save, rng_state, set_rng_state
 from distill.engine.nonfinite import check_weights_finite
 
 log = logging.getLogger("distill")
@@ -40,7 +40,8 @@ class Checkpointer:
             return
         atomic_torch_save({
             "format": FORMAT,
-            "parts": distiller.part_state_dicts(),
+            "parts": {role: module.state_dict()
+                      for role, module in distiller.trained_parts().items()},
             "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
             "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
             "scaler": scaler.state_dict(),
@@ -55,7 +56,12 @@ class Checkpointer:
     def restore(self, ckpt: dict[str, Any], distiller: Distiller, optimizers: dict,
                 schedulers: dict, scaler: torch.amp.GradScaler) -> dict:
         """Load everything but the run state, which is returned; the RNG states last."""
-        distiller.load_part_state_dicts(ckpt["parts"])
+        trained = distiller.trained_parts()
+        if set(ckpt["parts"]) != set(trained):
+            raise RuntimeError(f"the checkpoint holds parts {sorted(ckpt['parts'])}, this "
+                               f"method has {sorted(trained)}")
+        for role, module in trained.items():
+            module.load_state_dict(ckpt["parts"][role])
         for kind, mine, saved in (("optimizers", optimizers, ckpt["optimizers"]),
                                   ("schedulers", schedulers, ckpt["schedulers"])):
             if set(mine) != set(saved):

@@ -3,6 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from distill.inputs import call_model, to_device
+
 
 class TopKAccuracy:
     """Running top-1/top-5 counts; counts are tensors so DDP can all-reduce them."""
@@ -33,14 +35,14 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, reduce=None,
     model.eval()
     metric = TopKAccuracy(device)
     loss_sum = torch.zeros((), device=device)
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
+    for inputs, targets in loader:
+        inputs = to_device(inputs, device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         if autocast is not None:
             with autocast():
-                logits = model(images)
+                logits = call_model(model, inputs)
         else:
-            logits = model(images)
+            logits = call_model(model, inputs)
         loss_sum += nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
         metric.update(logits, targets)
     if reduce is not None:  # sum counts over DDP ranks before dividing

@@ -18,7 +18,6 @@ from distill.data.batched import (BatchTransform, DeviceBatches, ViewTransform,
 from distill.engine.sampler import EpochSampler, epoch_seed
 from distill.errors import ConfigError
 
-DATA_PATHS = ("auto", "memory", "loader")
 
 
 def data_path_transforms(data: DatasetBundle, data_path: str
@@ -37,8 +36,16 @@ def data_path_transforms(data: DatasetBundle, data_path: str
     return train_tf, val_tf
 
 
+class SingleView:
+    """The view replay of a training set without augmentation (token datasets): every item
+    is seen as it is, view 0."""
+
+    def replay_view(self, rng_state: torch.Tensor) -> int:
+        return 0
+
+
 class IndexedDataset(Dataset):
-    """`(image, label, {"index": i, <view>: ...})` for item i of `dataset`: the training
+    """`(inputs, label, {"index": i, <view>: ...})` for item i of `dataset`: the training
     batches' form on the DataLoader path, as DeviceBatches(with_indices=True) gives it on the
     in-memory one. The trainer hands the indices to the distiller (StepContext.indices; CRD's
     memory bank) and the views (StepContext.views; MLKD's strong view). A view is made from the
@@ -59,12 +66,12 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, index: int):
         state = torch.get_rng_state() if self.augmentation is not None else None
-        image, label = self.dataset[index]
+        inputs, label = self.dataset[index]
         extras = {"index": index}
         if state is not None:
             extras["augmentation"] = self.augmentation.replay_view(state)
         views = {name: view(self.images[index:index + 1])[0] for name, view in self.views.items()}
-        return image, label, {**extras, **views}
+        return inputs, label, {**extras, **views}
 
 
 def view_transforms(data: DatasetBundle, views: dict[str, str]) -> dict[str, ViewTransform]:
@@ -111,8 +118,8 @@ def build_loaders(data: DatasetBundle, *, data_path: str, batch_size: int, eval_
                   sample_weights: torch.Tensor | None = None,
                   augmentation_ids: bool = False) -> Loaders:
     """`views`: extra views of each training image by name -> registered augmentation
-    (Distiller.views()), given in each training batch's dict next to "index";
-    `sample_weights`: how often each item is drawn (Distiller.sample_weights());
+    (distill.method.TrainsOnViews), given in each training batch's dict next to "index";
+    `sample_weights`: how often each item is drawn (distill.method.WeightedSampling);
     `augmentation_ids`: the DataLoader path's batches carry each image's view id too (the
     in-memory path's always do), for the teacher-output cache."""
     transforms = view_transforms(data, views or {})
@@ -131,7 +138,10 @@ def build_loaders(data: DatasetBundle, *, data_path: str, batch_size: int, eval_
     else:
         pin = device.type == "cuda"
         images = tensor_source(data.train)[0] if transforms else None
-        replayed = tensor_source(data.train)[1] if augmentation_ids else None
+        replayed = None
+        if augmentation_ids:   # the view each item's pipeline drew (tokens: the one view)
+            source = tensor_source(data.train)
+            replayed = source[1] if source is not None else SingleView()
         train = DataLoader(IndexedDataset(data.train, images, transforms, replayed),
                            batch_size=per_rank,
                            sampler=sampler,

@@ -14,9 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from distill.engine import distributed as dist_utils
-
-NONFINITE_POLICIES = ("stop", "skip")
+from distill import distributed as dist_utils
 
 
 def nonfinite_on_any_rank(loss: torch.Tensor) -> bool:

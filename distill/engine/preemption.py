@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from distill.engine import distributed as dist_utils
+from distill import distributed as dist_utils
 
 # EX_TEMPFAIL (sysexits.h): "try again later" -- the run is fine and resumes when re-run
 EXIT_PREEMPTED = 75

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-QUANTIZE_CHOICES = ("none", "int8")
 INT8_MAX = 127
 
 

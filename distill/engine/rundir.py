@@ -15,28 +15,23 @@ from typing import Any
 
 import yaml
 
-from distill.config import schema_defaults
-from distill.engine import distributed as dist_utils
-from distill.engine.checkpoint import load_latest_checkpoint
+from distill.config import resumable_keys, schema_defaults
+from distill import distributed as dist_utils
+from distill.checkpoint import load_latest_checkpoint
 from distill.engine.optim import lr_factor_fn
 from distill.errors import ConfigError
 from distill.locks import Locked, exclusive
 
 log = logging.getLogger("distill")
 
-# Settings that may differ when a run is resumed; any other difference is a different experiment.
-# `trainer.epochs` may grow (never shrink) while the steps already taken keep their learning
-# rate and the method does not follow the run's length (check_schedule_change).
-RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.resume", "trainer.num_workers",
-                     "trainer.log_every", "trainer.progress", "trainer.eval_batch_size", "logger",
-                     "run_dir", "zoo", "teacher.auto_train", "teacher.auto_train_epochs", "device",
-                     "trainer.channels_last",   # memory layout only
+# Settings that may differ when a run is resumed (the declared options marked resumable, in
+# distill.config, and these); any other difference is a different experiment. `trainer.epochs`
+# may grow (never shrink) while the steps already taken keep their learning rate and the
+# method does not follow the run's length (check_schedule_change).
+RESUMABLE_CHANGES = (*resumable_keys(), "logger", "run_dir",
                      "world_size",   # the global batch is the same on any number of ranks
-                     "trainer.data_path",   # the same augmentation, another random stream
-                     "trainer.on_nonfinite",   # e.g. resume a stopped run with skip
-                     "teacher.cache",   # the teacher's own outputs, stored or computed
                      "tuned",   # per-pair values are compared where they are read: distiller.*
-                     "data_sha256")   # compared once the data is read (distill.app.prepare)
+                     "data_sha256")   # compared once the data is read (distill.plan)
 # Where the teachers' weights are: may move, because a checkpoint that records the teachers'
 # sha256 (format 2) is checked against the weights themselves.
 TEACHER_FILES = ("teacher.checkpoint", "distiller.teacher_checkpoints")

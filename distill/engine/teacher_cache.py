@@ -40,13 +40,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from distill.data.batched import tensor_origin, tensor_source
+from distill.data.text import TensorTokenDataset
 from distill.errors import ConfigError
+from distill.inputs import Inputs, call_model, map_inputs, to_device
 
 log = logging.getLogger("distill")
 
-CACHE_MODES = ("none", "views")
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 MAGIC = b"distill teacher outputs\n"
 HEADER_BYTES = 4096
@@ -254,41 +256,58 @@ def _torch_dtype(np_dtype: np.dtype) -> torch.dtype:
 class CachedTeacher(nn.Module):
     """A frozen part that answers a call on the batch being trained on (set by
     `TeacherCache.serving`) from its store, computing only the rows not stored yet. Any other
-    call (evaluation, the dry forward, other images) runs the model itself."""
+    call (evaluation, the dry forward, other inputs) runs the model itself. A model whose
+    inputs are a mapping is called with keyword arguments (distill.inputs)."""
 
     def __init__(self, model: nn.Module, store: OutputStore):
         super().__init__()
         self.model, self.store = model, store
-        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None   # (images, rows)
+        self.batch: tuple[Inputs, torch.Tensor] | None = None   # (inputs, rows)
         self.read = self.computed = 0
 
     def compile(self, *args, **kwargs) -> None:   # trainer.compile=teacher: the model itself
         self.model.compile(*args, **kwargs)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.batch is None or not _same_tensor(images, self.batch[0]):
-            return self.model(images)
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        inputs = kwargs if kwargs and not args else (args[0] if len(args) == 1 else None)
+        if self.batch is None or inputs is None or not _same_inputs(inputs, self.batch[0]):
+            return self.model(*args, **kwargs)
         rows = self.batch[1]
         values, present = self.store.lookup(rows)
         missing = (~present).nonzero().flatten()
         self.read += len(rows) - len(missing)
         self.computed += len(missing)
         if len(missing) == len(rows):   # nothing stored: exactly the uncached call
-            outputs = self.model(images)
+            outputs = self.model(*args, **kwargs)
             self.store.store(rows, outputs)
             return outputs
-        dtype = _output_dtype(images.device)
+        device = _device_of(inputs)
+        dtype = _output_dtype(device)
         if len(missing):
-            computed = self.model(images[missing.to(images.device)])
+            where = missing.to(device)
+            computed = call_model(self.model, map_inputs(inputs, lambda t: t[where]))
             self.store.store(rows[missing], computed)
             values[missing] = computed.float().cpu()
             dtype = computed.dtype
-        return values.to(images.device, dtype, non_blocking=True)
+        return values.to(device, dtype, non_blocking=True)
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
             and a.dtype == b.dtype and a.device == b.device)
+
+
+def _same_inputs(a: Inputs, b: Inputs) -> bool:
+    """The very batch being served (the same tensors, not equal ones)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return _same_tensor(a, b)
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or set(a) != set(b):
+        return False
+    return all(_same_tensor(a[k], b[k]) for k in a)
+
+
+def _device_of(inputs: Inputs) -> torch.device:
+    return (inputs if isinstance(inputs, torch.Tensor) else next(iter(inputs.values()))).device
 
 
 def _output_dtype(device: torch.device) -> torch.dtype:
@@ -303,19 +322,19 @@ class TeacherCache:
     """The cached frozen parts of a run, and how a batch's items and views become rows."""
 
     parts: dict[str, CachedTeacher]
-    base_index: torch.Tensor   # training item -> index among the images the cache is keyed by
-    views: int                 # views per image
+    base_index: torch.Tensor   # training item -> index among the items the cache is keyed by
+    views: int                 # views per item
 
     def rows(self, indices: torch.Tensor, augmentation: torch.Tensor) -> torch.Tensor:
         return self.base_index[indices.cpu()] * self.views + augmentation.cpu()
 
     @contextlib.contextmanager
-    def serving(self, images: torch.Tensor, indices: torch.Tensor,
+    def serving(self, inputs: Inputs, indices: torch.Tensor,
                 augmentation: torch.Tensor) -> Iterator[None]:
-        """The parts answer calls on `images` (this step's batch) from the cache."""
+        """The parts answer calls on `inputs` (this step's batch) from the cache."""
         rows = self.rows(indices, augmentation)
         for part in self.parts.values():
-            part.batch = (images, rows)
+            part.batch = (inputs, rows)
         try:
             yield
         finally:
@@ -343,8 +362,52 @@ class TeacherCache:
 
 
 # --- building it -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CacheSource:
+    """The items a training set's rows are of: the in-memory dataset behind it (a Subset's
+    too, dataset.train_fraction), each training item's index there, the views per item, and
+    what the teacher's outputs depend on besides its weights (the data's digest, the recipe
+    that makes the views and the normalisation before the teacher)."""
+
+    base: Dataset
+    base_index: torch.Tensor
+    views: int
+    key: dict
+
+
+def cache_source(dataset, *, digest: str | None = None) -> CacheSource:
+    """The CacheSource of a cacheable training set (check_cacheable first); `digest` saves
+    hashing the data again."""
+    origin = tensor_origin(dataset)
+    if origin is not None:   # uint8 images, viewed through the pad-crop/flip recipe
+        base, base_index = origin
+        transform = tensor_source(base)[1]
+        return CacheSource(base, base_index, transform.view_count, {
+            "images_sha256": digest or images_digest(base.images),
+            "images": list(base.images.shape), "views": transform.view_count,
+            "padding": transform.padding, "flip": transform.flip,
+            "mean": list(transform.mean), "std": list(transform.std)})
+    base, base_index = token_origin(dataset)   # token ids, seen as they are: one view
+    return CacheSource(base, base_index, 1, {
+        "inputs_sha256": digest or base.digest(), "inputs": list(base.input_ids.shape),
+        "views": 1})
+
+
+def token_origin(dataset) -> tuple[TensorTokenDataset, torch.Tensor] | None:
+    """(the TensorTokenDataset behind `dataset`, the index there of each of its items)."""
+    if isinstance(dataset, Subset):
+        inner = token_origin(dataset.dataset)
+        return None if inner is None else (
+            inner[0], inner[1][torch.as_tensor(dataset.indices, dtype=torch.long)])
+    if not isinstance(dataset, TensorTokenDataset):
+        return None
+    return dataset, torch.arange(len(dataset))
+
+
 def uncacheable_pipeline(dataset) -> str | None:
     """Why the views of `dataset`'s training pipeline cannot be enumerated, or None."""
+    if token_origin(dataset) is not None:
+        return None
     source = tensor_source(dataset)
     if source is not None:
         images, transform = source
@@ -371,7 +434,8 @@ def check_cacheable(data, mode: str, *, key: str) -> None:
         raise ConfigError(f"dataset {data.name}: {why}", key=key,
                           allowed="teacher.cache=none for this dataset; views serves datasets "
                                   "held in memory with the pad-crop/flip recipe (cifar10, "
-                                  "cifar100, digits, mnist5k, fake)")
+                                  "cifar100, digits, mnist5k, fake) and token datasets held "
+                                  "in memory (fake_text)")
 
 
 def images_digest(images: torch.Tensor) -> str:
@@ -379,14 +443,12 @@ def images_digest(images: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(images.contiguous().numpy()).cast("B")).hexdigest()
 
 
-def cache_key(*, teacher_sha256: str, images_sha256: str, image_shape: tuple[int, ...],
-              transform, precision: str, device: torch.device) -> dict:
-    """What the teacher's outputs depend on, besides the row: its weights, the images, the
-    recipe that makes the views (and the normalisation before the teacher), the autocast
-    precision and the kind of device (GPU convolutions round otherwise than this CPU's)."""
-    return {"format": FORMAT, "teacher_sha256": teacher_sha256, "images_sha256": images_sha256,
-            "images": list(image_shape), "views": transform.view_count, "padding": transform.padding,
-            "flip": transform.flip, "mean": list(transform.mean), "std": list(transform.std),
+def cache_key(*, teacher_sha256: str, source: CacheSource, precision: str,
+              device: torch.device) -> dict:
+    """What the teacher's outputs depend on, besides the row: its weights, the source's data
+    and recipe, the autocast precision and the kind of device (GPU convolutions round otherwise
+    than this CPU's)."""
+    return {"format": FORMAT, "teacher_sha256": teacher_sha256, **source.key,
             "precision": precision, "device": device.type}
 
 
@@ -396,25 +458,23 @@ def cache_path(zoo_root: str | Path, dataset: str, arch: str, key: dict, dtype: 
             / f"{digest.hexdigest()[:16]}-{dtype}.bin")
 
 
-def open_store(model: nn.Module, *, arch: str, teacher_sha256: str, train, zoo_root: str | Path,
-               dataset: str, precision: str, device: torch.device, dtype: str,
-               images_sha256: str | None = None) -> OutputStore:
-    """The store of `model`'s outputs on the images behind the training set `train` (all of
-    them, a Subset's too). `images_sha256` saves hashing the images again."""
-    base = tensor_origin(train)[0]
-    transform = tensor_source(train)[1]
-    key = cache_key(teacher_sha256=teacher_sha256,
-                    images_sha256=images_sha256 or images_digest(base.images),
-                    image_shape=tuple(base.images.shape), transform=transform,
-                    precision=precision, device=device)
-    width = output_width(model, tuple(base.images.shape[1:]), device)
-    rows = len(base) * transform.view_count
+def open_store(model: nn.Module, *, arch: str, teacher_sha256: str, source: CacheSource,
+               zoo_root: str | Path, dataset: str, precision: str, device: torch.device,
+               dtype: str) -> OutputStore:
+    """The store of `model`'s outputs on every item (and view) of `source`."""
+    key = cache_key(teacher_sha256=teacher_sha256, source=source, precision=precision,
+                    device=device)
+    width = output_width(model, source.base[0][0], device)
+    rows = len(source.base) * source.views
     return OutputStore(cache_path(zoo_root, dataset, arch, key, dtype), key, rows, width, dtype)
 
 
-def output_width(model: nn.Module, image_shape: tuple[int, ...], device: torch.device) -> int:
+def output_width(model: nn.Module, item: Inputs, device: torch.device) -> int:
+    """The width of `model`'s output on one item's inputs (zeros of an image's shape)."""
+    example = (torch.zeros(1, *item.shape) if isinstance(item, torch.Tensor)
+               else map_inputs(item, lambda t: t.unsqueeze(0)))
     with torch.no_grad():
-        return int(model(torch.zeros(1, *image_shape, device=device)).shape[1])
+        return int(call_model(model, to_device(example, device)).shape[1])
 
 
 def attach_teacher_cache(distiller, teachers: list, data, *, zoo_root: str | Path, dataset: str,
@@ -422,9 +482,7 @@ def attach_teacher_cache(distiller, teachers: list, data, *, zoo_root: str | Pat
     """Put a CachedTeacher in place of each frozen part of `distiller` (its `teachers`: the
     resolved teachers, by role, for their weights' sha256 and architecture)."""
     check_cacheable(data, "views", key="teacher.cache")
-    base, base_index = tensor_origin(data.train)
-    views = tensor_source(data.train)[1].view_count
-    digest = images_digest(base.images)
+    source = cache_source(data.train)
     by_role = {t.role: t for t in teachers}
     parts = {}
     for role, model in distiller.frozen_parts().items():
@@ -433,16 +491,14 @@ def attach_teacher_cache(distiller, teachers: list, data, *, zoo_root: str | Pat
             log.info("teacher.cache=views: %s is not a resolved teacher; it runs uncached", role)
             continue
         store = open_store(
-            model, arch=teacher.name, teacher_sha256=teacher.sha256, train=data.train,
-            zoo_root=zoo_root, dataset=dataset, precision=precision, device=device, dtype=dtype,
-            images_sha256=digest)
+            model, arch=teacher.name, teacher_sha256=teacher.sha256, source=source,
+            zoo_root=zoo_root, dataset=dataset, precision=precision, device=device, dtype=dtype)
         parts[role] = CachedTeacher(model, store)
         setattr(distiller, role, parts[role])
-        log.info("teacher.cache=views: %s's outputs for %d images x %d views in %s (%d of %d "
-                 "rows stored)", role, store.rows // views, views, store.path or "memory",
-                 store.filled(), store.rows)
-    return TeacherCache(parts, base_index, views)
-
+        log.info("teacher.cache=views: %s's outputs for %d items x %d views in %s (%d of %d "
+                 "rows stored)", role, store.rows // source.views, source.views,
+                 store.path or "memory", store.filled(), store.rows)
+    return TeacherCache(parts, source.base_index, source.views)
 
 
 # --- filling it ahead of a sweep (tools/cache_teacher.py) --------------------------------------
@@ -514,6 +570,6 @@ def fill_store(store: OutputStore, model: nn.Module, images: torch.Tensor, trans
     return report
 
 
-__all__ = ["CACHE_MODES", "STORAGE_DTYPES", "CachedTeacher", "OutputStore", "TeacherCache",
-           "attach_teacher_cache", "check_cacheable", "fill_store", "open_store", "row_checksums",
-           "uncacheable_pipeline"]
+__all__ = ["STORAGE_DTYPES", "CacheSource", "CachedTeacher", "OutputStore", "TeacherCache",
+           "attach_teacher_cache", "cache_source", "check_cacheable", "fill_store", "open_store",
+           "row_checksums", "uncacheable_pipeline"]

@@ -1,13 +1,13 @@
 """The training loop: read it top to bottom.
 
-    batch -> distiller(images, targets, ctx) -> dict of weighted loss terms -> sum -> backward
+    batch -> distiller(inputs, targets, ctx) -> dict of weighted loss terms -> sum -> backward
     -> optimizer step(s) -> scheduler step(s) -> (every `log_every` steps) trackers get every term
     -> end of epoch (or trainer.max_steps): evaluate every evaluated part, checkpoint
     -> end of run: student.safetensors (the exported part) + summary.json.
 
 The trainer knows a method only by its declared parts (docs/engine-roles.md): frozen teachers,
 trained parts grouped by optimizer, evaluated parts, the exported one. A method with
-`manual_step` runs its own forward/backward/step calls per batch through `ManualStepper`; the
+`traits.manual_step` runs its own forward/backward/step calls per batch through `ManualStepper`; the
 checkpoints, logging, non-finite policy and preemption around it are the same.
 
 Position in the run is the global step alone: the epoch and the batch within it are derived
@@ -38,11 +38,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.config import flatten
+from distill.config import TrainerConfig, flatten
+from distill import distributed as dist_utils
+from distill.checkpoint import save_weights, seed_everything
 from distill.data import DatasetBundle
-from distill.distillers import MAIN_STAGE, Distiller, StepContext
-from distill.engine import distributed as dist_utils
-from distill.engine.checkpoint import save_weights
+from distill.inputs import Inputs, batch_size, map_inputs, to_device
+from distill.method import (MAIN_STAGE, DerivedModels, Distiller, SelfSyncedBuffers, Staged,
+                            StepContext, TrainsOnViews, WeightedSampling)
+from distill.models.measure import flops_per_item, parameter_count
 from distill.engine.checkpointer import Checkpointer
 from distill.engine.evaluation import evaluate
 from distill.engine.loaders import build_loaders
@@ -64,32 +67,8 @@ log = logging.getLogger("distill")
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before",
                         category=UserWarning)
 
+# what each of trainer.precision's declared choices (distill.config) autocasts to
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-COMPILE_CHOICES = ("none", "teacher", "student", "both")
-
-
-@dataclass
-class TrainerOptions:
-    epochs: int
-    batch_size: int
-    eval_batch_size: int = 256
-    max_steps: int | None = None
-    num_workers: int = 0
-    log_every: int = 20
-    precision: str = "fp32"
-    resume: bool = True
-    progress: bool = True
-    sync_bn: bool = False      # DDP on GPUs: batch statistics over all ranks (SyncBatchNorm)
-    data_path: str = "auto"    # memory (in-memory datasets, batched on the device) | loader
-    channels_last: bool = True  # NHWC convolutions: faster on this CPU and on tensor-core GPUs
-    compile: str = "none"      # torch.compile the teachers, the evaluated parts, or both
-    compile_backend: str = "inductor"
-    on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss does (NONFINITE_POLICIES)
-    quantize: str = "none"     # int8: the exported student trains on int8 weights (quantize.py)
-    accumulate: int = 1        # an optimizer step every N batches, their gradients summed (/N)
-    clip_grad_norm: float | None = None   # each optimizer's gradients clipped to this L2 norm
-    ema_decay: float | None = None        # an EMA of the student: evaluated, checkpointed, exported
-    label_smoothing: float = 0.0          # of the CE term against the labels
 
 
 @dataclass
@@ -208,11 +187,14 @@ def average_gradients(optimizer: torch.optim.Optimizer) -> None:
 
 
 class Trainer:
-    def __init__(self, distiller: Distiller, data: DatasetBundle, *, options: TrainerOptions,
+    def __init__(self, distiller: Distiller, data: DatasetBundle, *, options: TrainerConfig,
                  optimizer: dict, scheduler: dict, run_dir: Path, device: torch.device,
                  loggers: dict, config: dict, run_name: str, seed: int,
                  checkpoint: dict | None = None, teachers: list[dict] | None = None,
                  teacher_cache: TeacherCache | None = None):
+        # training starts from the seed (other augmentations and noise on other ranks); a
+        # resumed run restores the checkpoint's random state instead (_restore)
+        seed_everything(seed + 7919 * dist_utils.rank())
         self.distiller = distiller
         self.opt = options
         self.run_dir = Path(run_dir)
@@ -229,19 +211,23 @@ class Trainer:
             data, data_path=options.data_path, batch_size=options.batch_size,
             eval_batch_size=options.eval_batch_size, num_workers=options.num_workers,
             device=device, seed=seed, rank=dist_utils.rank(), world_size=self.world_size,
-            views=distiller.views(), sample_weights=distiller.sample_weights(),
+            views=distiller.views() if isinstance(distiller, TrainsOnViews) else {},
+            sample_weights=(distiller.sample_weights()
+                            if isinstance(distiller, WeightedSampling) else None),
             augmentation_ids=teacher_cache is not None)
         # an optimizer step is trainer.accumulate batches: position and schedules count steps
         self.accumulate = options.accumulate
         self.batches_per_epoch = self.loaders.steps_per_epoch
         self.steps_per_epoch = -(-self.batches_per_epoch // self.accumulate)
-        distiller.label_smoothing = options.label_smoothing   # its CE term (Distiller.cross_entropy)
-        self.input_shape = tuple(data.val[0][0].shape)   # FLOPs of derived models (summary)
+        self.example = data.val[0][0]   # one item's inputs: FLOPs of derived models (summary)
         if options.quantize == "int8":   # before the optimizers: they take the shadow weights
             count = quantize_weights(distiller.exported)
             log.info("trainer.quantize=int8: the student's %d conv and linear layers train on "
                      "int8 weights", count)
-        self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+        # trainer.channels_last=null: NHWC for image inputs (measured faster), nothing else
+        channels_last = (data.inputs == "images" if options.channels_last is None
+                         else options.channels_last)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         distiller.to(memory_format=self.memory_format)
         # in place (nn.Module.compile): state-dict keys, hooks and checkpoints stay as they are
         compiled = {"teacher": distiller.frozen_parts(), "student": distiller.evaluated_parts()}
@@ -252,7 +238,7 @@ class Trainer:
         self.model = self._wrap(distiller, sync_bn=options.sync_bn)
 
         # a method's stages come first; trainer.epochs (and the schedule) is the main stage's
-        self.stages = distiller.stages()
+        self.stages = distiller.stages() if isinstance(distiller, Staged) else []
         self.stage_starts = {}   # stage name -> its first epoch
         first = 0
         for stage in self.stages:
@@ -276,7 +262,7 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=options.precision == "fp16")
         self.stepper = None
-        if distiller.manual_step:
+        if distiller.traits.manual_step:
             groups = {name: [b for role, part in distiller.parts.items()
                              if part.optimizer == name for b in distiller.part(role).buffers()]
                       for name in self.optimizers}
@@ -308,23 +294,24 @@ class Trainer:
         if sync_bn:
             for role, module in distiller.trained_parts().items():
                 setattr(distiller, role, nn.SyncBatchNorm.convert_sync_batchnorm(module))
-        if distiller.manual_step:
-            dist_utils.broadcast_tensors([*(p.data for p in distiller.trainable_parameters()),
-                                          *distiller.trained_buffers()])
+        if distiller.traits.manual_step:
+            dist_utils.broadcast_tensors([*(p.data for params in distiller.parameter_groups().values()
+                                            for p in params), *trained_buffers(distiller)])
             return distiller
         frozen = {id(t) for module in distiller.frozen_parts().values()
                   for t in (*module.parameters(), *module.buffers())}
-        frozen |= {id(t) for t in distiller.self_synced_buffers()}
+        if isinstance(distiller, SelfSyncedBuffers):
+            frozen |= {id(t) for t in distiller.self_synced_buffers()}
         ignored = [n for n, t in (*distiller.named_parameters(), *distiller.named_buffers())
                    if id(t) in frozen]
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             distiller, ignored)
         return nn.parallel.DistributedDataParallel(
             distiller, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=distiller.may_leave_parameters_unused)
+            find_unused_parameters=distiller.traits.unused_parameters)
 
     def _sync_buffers(self) -> None:
-        dist_utils.broadcast_tensors(self.distiller.trained_buffers())
+        dist_utils.broadcast_tensors(trained_buffers(self.distiller))
 
     # --- checkpoints -----------------------------------------------------------------------
     def _restore(self, ckpt: dict) -> None:
@@ -449,7 +436,7 @@ class Trainer:
         signal); returns the mean of every loss term over the steps applied."""
         self.distiller.train()
         skip_nonfinite = self.opt.on_nonfinite == "skip"
-        buffers = list(self.distiller.trained_buffers()) if skip_nonfinite else []
+        buffers = list(trained_buffers(self.distiller)) if skip_nonfinite else []
         sums: dict[str, torch.Tensor] = {}
         window = StepWindow(self.opt.on_nonfinite, self.checkpointer.last_good)
         applied = images_seen = window_images = 0
@@ -465,13 +452,14 @@ class Trainer:
                      self.epochs)
         batch = (self.state.global_step % self.steps_per_epoch) * self.accumulate
         group: dict[str, torch.Tensor] = {}   # the loss terms of this step's batches, summed
-        for images, targets, extras in self.loaders.train:
+        for inputs, targets, extras in self.loaders.train:
             # trainer.accumulate: batches [start, start + size) make one optimizer step
             start = batch - batch % self.accumulate
             size = min(self.accumulate, self.batches_per_epoch - start)
             first, last = batch == start, batch == start + size - 1
             batch += 1
-            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            inputs = to_device(inputs, self.device, non_blocking=True,
+                               memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
             ctx = StepContext(epoch=epoch, step=self.state.global_step, epochs=self.epochs,
                               steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps(),
@@ -480,20 +468,21 @@ class Trainer:
                               views={name: view.to(self.device, non_blocking=True,
                                                    memory_format=self.memory_format)
                                      for name, view in extras.items()
-                                     if name not in ("index", "augmentation")})
+                                     if name not in ("index", "augmentation")},
+                              label_smoothing=self.opt.label_smoothing)
             lr = first_optimizer.param_groups[0]["lr"]   # the lr this step uses
-            cached = (self.teacher_cache.serving(images, extras["index"], extras["augmentation"])
+            cached = (self.teacher_cache.serving(inputs, extras["index"], extras["augmentation"])
                       if self.teacher_cache is not None else contextlib.nullcontext())
             with cached:
                 if self.stepper is not None:
-                    losses, skipped = self._manual_step(images, targets, ctx, first=first,
+                    losses, skipped = self._manual_step(inputs, targets, ctx, first=first,
                                                         last=last, scale=1.0 / size)
                 else:
-                    losses, skipped = self._default_step(images, targets, ctx, skip_nonfinite,
+                    losses, skipped = self._default_step(inputs, targets, ctx, skip_nonfinite,
                                                          buffers, first=first, last=last,
                                                          scale=1.0 / size)
-            images_seen += images.shape[0]
-            window_images += images.shape[0]
+            images_seen += batch_size(inputs)
+            window_images += batch_size(inputs)
             for name, value in losses.items():
                 group[name] = group.get(name, 0) + value.detach() / size
             if not last:
@@ -551,7 +540,7 @@ class Trainer:
                 f"trained, so the run stops here; {self.checkpointer.last_good()}")
         return _mean_over_ranks(sums, max(applied, 1))
 
-    def _default_step(self, images: torch.Tensor, targets: torch.Tensor, ctx: StepContext,
+    def _default_step(self, inputs: Inputs, targets: torch.Tensor, ctx: StepContext,
                       skip_nonfinite: bool, buffers: list[torch.Tensor], *, first: bool = True,
                       last: bool = True, scale: float = 1.0
                       ) -> tuple[dict[str, torch.Tensor], bool]:
@@ -568,7 +557,7 @@ class Trainer:
         no_sync = getattr(self.model, "no_sync", None)   # DDP: all-reduce on the last only
         with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
             with self.autocast() if self.autocast else contextlib.nullcontext():
-                _, losses = self.model(images, targets, ctx)
+                _, losses = self.model(inputs, targets, ctx)
             loss = sum(losses.values())
             # backward even for a step about to be skipped: DDP expects every forward's backward
             self.scaler.scale(loss * scale if scale != 1.0 else loss).backward()
@@ -585,12 +574,12 @@ class Trainer:
         self.scaler.update()
         return losses, False
 
-    def _manual_step(self, images: torch.Tensor, targets: torch.Tensor, ctx: StepContext,
+    def _manual_step(self, inputs: Inputs, targets: torch.Tensor, ctx: StepContext,
                      *, first: bool = True, last: bool = True, scale: float = 1.0
                      ) -> tuple[dict[str, torch.Tensor], bool]:
         self.stepper.begin(first=first, last=last, scale=scale)
         with self.autocast() if self.autocast else contextlib.nullcontext():
-            losses = self.distiller.training_step(images, targets, ctx, self.stepper)
+            losses = self.distiller.training_step(inputs, targets, ctx, self.stepper)
         if self.stepper.stepped:
             self.scaler.update()
         return losses, self.stepper.skipped
@@ -647,10 +636,14 @@ class Trainer:
         return "ema" if self.ema is not None else self.distiller.exported_role
 
     def _evaluated(self) -> dict[str, nn.Module]:
-        models = {**self.distiller.evaluated_parts(), **self.distiller.derived_models()}
+        models = {**self.distiller.evaluated_parts(), **self._derived_models()}
         if self.ema is not None:
             models["ema"] = self.ema.module
         return models
+
+    def _derived_models(self) -> dict[str, nn.Module]:
+        return (self.distiller.derived_models() if isinstance(self.distiller, DerivedModels)
+                else {})
 
     def _teacher_cache_counts(self) -> dict[str, int]:
         """Teacher outputs read from the cache and computed, by this run's processes since they
@@ -675,18 +668,16 @@ class Trainer:
 
     def _derived_summaries(self) -> dict[str, dict]:
         """summary.json's entries of the derived models (BYOT's exits): top-1, params, FLOPs."""
-        from distill.export import flops_per_image   # imports the teacher zoo: not at import
-
         entries = {}
-        for name, model in self.distiller.derived_models().items():
+        for name, model in self._derived_models().items():
             was_training = model.training
             model.eval()
-            flops = flops_per_image(model, self.input_shape)
+            flops = flops_per_item(model, map_inputs(self.example, lambda t: t.unsqueeze(0)))
             model.train(was_training)
             entries[name] = {"arch": f"{self.distiller.parts[self.distiller.exported_role].arch}"
                                      f":{name}",
                              **self.state.models.get(name, {"best_top1": 0.0, "last_top1": 0.0}),
-                             "params": _unique_parameter_count(model), "flops": flops}
+                             "params": parameter_count(model), "flops": flops}
         return entries
 
     def _finish(self) -> dict[str, Any]:
@@ -712,7 +703,7 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps,   # non-finite losses (on_nonfinite=skip)
             "wall_seconds": self.state.wall_seconds,
             "student_params": sum(p.numel() for p in exported.parameters()),
-            "connector_params": self.distiller.auxiliary_parameter_count(),
+            "connector_params": auxiliary_parameter_count(self.distiller),
             "models": {**{role: {"arch": parts[role].arch,
                                  **self.state.models.get(role, {"best_top1": 0.0,
                                                                 "last_top1": 0.0}),
@@ -742,8 +733,15 @@ class Trainer:
         return summary
 
 
-def _unique_parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+def trained_buffers(distiller: Distiller) -> list[torch.Tensor]:
+    return [b for module in distiller.trained_parts().values() for b in module.buffers()]
+
+
+def auxiliary_parameter_count(distiller: Distiller) -> int:
+    """Parameters of trained parts that are not evaluated (connectors, discriminators)."""
+    return sum(p.numel() for role, part in distiller.parts.items()
+               if not part.frozen and not part.evaluated
+               for p in distiller.part(role).parameters())
 
 
 def _mean_over_ranks(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:

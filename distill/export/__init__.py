@@ -30,8 +30,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from distill.engine.checkpoint import save_weights
+from distill.catalog import DISTILLERS
+from distill.checkpoint import save_weights
+from distill.data import build_data
+from distill.data.views import StudentViewInput
 from distill.errors import ConfigError
+from distill.export.int8 import CALIBRATION_IMAGES, compare_onnx, images_of, quantize_onnx
 from distill.export.measure import (
     Timing, cpu_latency_ms, cpu_threads, flops_per_image, measure, parameter_count)
 from distill.export.onnx_file import (
@@ -40,6 +44,7 @@ from distill.export.onnx_file import (
 from distill.export.run import (
     RUN_DIR_CONTENT, VANILLA_NO_TEACHER, FoundTeacher, TrainedRun, class_count, find_teacher,
     load_exit, load_student, read_run, run_dir_error, teacher_top1)
+from distill.method import DataFree
 from distill.models import create_model
 from distill.teachers import load_state_into
 
@@ -184,17 +189,12 @@ def int8_export(run: TrainedRun, staging: Path, batches: tuple[int, ...], thread
                 timing: Timing, trained_int8: bool) -> dict[str, Any]:
     """student.int8.onnx from student.onnx, activations calibrated on training images, and
     both files measured in onnxruntime on the test split (a cross-modal student's on its view)."""
-    from distill.app import build_data
-    from distill.data.views import StudentViewInput
-    from distill.distillers import DISTILLERS
-    from distill.export.int8 import (CALIBRATION_IMAGES, compare_onnx, images_of,
-                                     quantize_onnx)
-
     dataset = run.config["dataset"]
     method = DISTILLERS.get(run.config["distiller"]["name"])
     options = {k: v for k, v in run.config["distiller"].items() if k != "name"}
-    data = build_data(dataset, training_split=not method.data_free)
-    if method.data_free:   # calibrated on the images it made: no training image is read
+    data_free = issubclass(method, DataFree)
+    data = build_data(dataset, training_split=not data_free)
+    if data_free:   # calibrated on the images it made: no training image is read
         made = method.made_images(run.path, options, run.input_shape, CALIBRATION_IMAGES)
         if made is None:
             raise run_dir_error(run.path, "the images this data-free run trained on are gone "

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+
+from distill.models.measure import flops_per_image, parameter_count
 
 
 @dataclass(frozen=True)
@@ -30,19 +31,6 @@ def cpu_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def flops_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of one forward at batch 1, as torch counts them: 2 per multiply-add of the convs
-    and matmuls; normalisation, activations and bias additions are not counted."""
-    device = next(model.parameters()).device
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, *input_shape, device=device))
-    return counter.get_total_flops()
 
 
 def cpu_latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int,

@@ -9,9 +9,12 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from torch import nn
 
+from distill.catalog import DISTILLERS
+from distill.checkpoint import read_checkpoint
 from distill.data import dataset_facts
 from distill.errors import ConfigError
-from distill.models import model_spec
+from distill.method import BuildInfo, DerivedModels, build_distiller, teacher_requests
+from distill.models import create_model, model_spec
 from distill.runs import CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, read_run_dir
 from distill.teachers import TeacherResolver, load_model
 from distill.zoo import TeacherZoo
@@ -100,21 +103,17 @@ def load_exit(run: TrainedRun, number: int) -> nn.Module:
     from the recorded config on the exported student, the other trained parts (the exit heads)
     from checkpoints/last.pt. A ConfigError naming --exit when the run's method has no exits or
     not that one; nothing is written either way."""
-    from distill.distillers import DISTILLERS, BuildInfo, Distiller, build_distiller
-    from distill.engine.checkpoint import read_checkpoint
-    from distill.models import create_model
-
     options = {k: v for k, v in run.config["distiller"].items() if k != "name"}
     method = run.config["distiller"]["name"]
     cls = DISTILLERS.get(method, key="distiller")
-    if cls.derived_models is Distiller.derived_models:
+    if not issubclass(cls, DerivedModels):
         with_exits = [m for m in DISTILLERS.list()
-                      if DISTILLERS.get(m).derived_models is not Distiller.derived_models]
+                      if issubclass(DISTILLERS.get(m), DerivedModels)]
         raise ConfigError(f"this {method} run has no early exits (runs of {', '.join(with_exits)} "
                           "have them)", key="--exit",
                           allowed="no --exit: the run's student is exported")
-    requests = cls.teacher_requests(options, {"pretrained": False, "checkpoint": None,
-                                              **run.config["teacher"]})
+    requests = teacher_requests(cls, options, {"pretrained": False, "checkpoint": None,
+                                               **run.config["teacher"]})
     # stand-ins of the teachers' architectures: an exit is made of trained parts only
     teachers = {r.role: create_model(r.arch, num_classes=run.num_classes) for r in requests}
     info = BuildInfo(student_spec=model_spec(run.student),
@@ -160,7 +159,6 @@ def find_teacher(run: TrainedRun, zoo_root: str | Path | None = None) -> FoundTe
     assistant), the teacher at the root of its chain. A teacher the run recorded by sha256 is
     found by that digest, so a newer zoo version does not replace it. A method without a
     teacher (vanilla) has none: its teacher.* keys are the unused defaults."""
-    from distill.distillers import DISTILLERS   # imports torch and every method
 
     cfg = run.config
     method = (cfg.get("distiller") or {}).get("name")
@@ -169,7 +167,7 @@ def find_teacher(run: TrainedRun, zoo_root: str | Path | None = None) -> FoundTe
     # defaults for keys older runs did not record; auto_train off: an export never trains
     teacher = {"pretrained": False, "checkpoint": None, "auto_train_epochs": None,
                **cfg["teacher"], "auto_train": False}
-    requests = cls.teacher_requests(options, teacher)
+    requests = teacher_requests(cls, options, teacher)
     if not requests:
         return FoundTeacher(None, None, None, None, missing=VANILLA_NO_TEACHER if method == "none"
                             else f"{method} run: no teacher")

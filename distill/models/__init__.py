@@ -43,6 +43,8 @@ class ModelSpec:
                 stride; None where not declared)
     fixed_input: the model takes `input_size` images only (checked before a run builds anything;
                 the CIFAR zoo's 32 is what it is built for, and several of it take other sizes)
+    inputs:     "images" (a (N, 3, H, W) tensor) or "tokens" (called with `input_ids` and
+                `attention_mask`, distill.inputs)
     """
 
     stages: tuple[str, ...]
@@ -53,6 +55,7 @@ class ModelSpec:
     preact: tuple[str, ...] | None = None   # the stages' pre-activation outputs (`name:preact`)
     min_input_size: int | None = None
     fixed_input: bool = False
+    inputs: str = "images"
 
 
 def cifar_model(name: str, *, family: str, stages: tuple[str, ...], classifier: str,
@@ -90,7 +93,8 @@ def model_spec(name: str) -> ModelSpec:
                      input_size=meta.get("input_size"), family=meta.get("family", "unknown"),
                      stem=meta.get("stem"), preact=meta.get("preact"),
                      min_input_size=meta.get("min_input_size"),
-                     fixed_input=bool(meta.get("fixed_input", False)))
+                     fixed_input=bool(meta.get("fixed_input", False)),
+                     inputs=meta.get("inputs", "images"))
 
 
 # Importing the modules registers their models (order = nothing depends on it).
@@ -100,6 +104,7 @@ from distill.models import (  # noqa: E402,F401
     resnetv2,
     shufflenetv1,
     shufflenetv2,
+    textcnn,
     timm_models,
     torchvision_models,
     vgg,

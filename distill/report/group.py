@@ -71,23 +71,24 @@ def result_config(run: Run) -> dict[str, str]:
 @functools.cache
 def has_teacher(distiller: str) -> bool:
     """From the method's registry entry; a method this version does not know: unless vanilla."""
-    from distill.distillers import DISTILLERS   # imports torch: not at module import
+    from distill.catalog import DISTILLERS   # imports torch and every method: not at import
 
-    return DISTILLERS.get(distiller).requires_teacher if distiller in DISTILLERS \
+    return DISTILLERS.get(distiller).traits.needs_teacher if distiller in DISTILLERS \
         else distiller != VANILLA
 
 
 def teacher_label(run: Run) -> str | None:
     """The table's teacher of a run: the method's `teacher_label` (e.g. resnet32+resnet20 for
     several teachers), None without a teacher."""
-    from distill.distillers import DISTILLERS
+    from distill.catalog import DISTILLERS   # imports torch and every method: not at import
+    from distill.method import teacher_label as label_of  # imports torch
 
     teacher = run.config.get("teacher.name")
     if run.distiller not in DISTILLERS:
         return teacher if has_teacher(run.distiller) else None
     options = {k.removeprefix("distiller."): v for k, v in run.config.items()
                if k.startswith("distiller.")}
-    return DISTILLERS.get(run.distiller).teacher_label(options, teacher)
+    return label_of(DISTILLERS.get(run.distiller), options, teacher)
 
 
 @functools.cache
@@ -321,8 +322,8 @@ def num_classes(run_dir: Path, student: str, dataset_cfg: dict[str, Any]) -> int
     """Classes of the trained student: the rows of its classifier in student.safetensors (as
     export.class_count reads them, through safetensors), else what the dataset config or the
     dataset registry says; None when nothing tells."""
-    from distill.data import dataset_facts
-    from distill.export import class_count
+    from distill.data import dataset_facts  # imports torch: not at module import
+    from distill.export import class_count  # imports torch and every method
 
     try:
         return int(class_count(run_dir / "student.safetensors", student, dataset_cfg))
@@ -338,8 +339,8 @@ def flops(model: str, classes: int | None, image_size: int | None) -> int | None
     if classes is None or image_size is None:
         return None
     try:
-        from distill.export import flops_per_image
-        from distill.models import create_model
+        from distill.models import create_model  # imports torch: not at module import
+        from distill.models.measure import flops_per_image  # imports torch
 
         net = create_model(model, num_classes=classes).eval()
         return flops_per_image(net, (3, image_size, image_size))

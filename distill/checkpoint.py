@@ -7,8 +7,9 @@
   `prev.pt`, so a crash mid-write never loses the run, and a `last.pt` damaged later (truncated,
   overwritten) makes resume fall back to `prev.pt` with a warning naming the bad file.
 - Training state (format 2) holds every trained part by role and every optimizer and schedule
-  by name (docs/engine-roles.md); a format-1 checkpoint (one student, its connectors, one
-  optimizer), written before the roles, is read as format 2 (`upgrade_format_1`).
+  by name (docs/engine-roles.md). A format-1 checkpoint (one student, its connectors, one
+  optimizer), written before the roles by a pre-release version, is not resumed: resume names
+  it and says how to start over.
 - Only a checkpoint resume would take is ever demoted to `prev.pt`: a `last.pt` that resume
   skipped is renamed `last.pt.unreadable` by the next save instead, so the good `prev.pt` the
   run resumed from survives until a good `last.pt` replaces it.
@@ -36,7 +37,7 @@ log = logging.getLogger("distill")
 CHECKPOINT_KEYS = ("parts", "optimizers", "schedulers", "scaler", "state", "rng", "trackers",
                    "config")
 FORMAT = 2
-# format 1, before the roles: one student, its connectors, one optimizer and schedule
+# format 1, before the roles (pre-release): one student, its connectors, one optimizer
 FORMAT_1_KEYS = ("student", "connectors", "optimizer", "scheduler", "scaler", "state", "rng",
                  "trackers", "config")
 # newest first: resume takes the first that loads
@@ -118,6 +119,13 @@ def load_weights(path: str | Path, *, key: str = "teacher.checkpoint") -> dict[s
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's generators (every device's) from `seed`."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict[str, Any]:
     """All RNG states as tensors and plain values (weights_only-loadable)."""
     np_state = np.random.get_state()
@@ -152,25 +160,6 @@ def preserved_rng() -> Iterator[None]:
         set_rng_state(state)
 
 
-def upgrade_format_1(ckpt: dict) -> dict:
-    """A format-1 checkpoint as format 2: `student` and the connector keys (`<role>.<name>` of
-    the distiller's state dict) become parts, the one optimizer and schedule `main`, and the
-    run state gets the per-part and per-teacher fields."""
-    parts: dict[str, dict] = {"student": ckpt["student"]}
-    for key, value in ckpt["connectors"].items():
-        role, _, name = key.partition(".")
-        parts.setdefault(role, {})[name] = value
-    state = dict(ckpt["state"])
-    state.setdefault("models", {"student": {"best_top1": state.get("best_top1", 0.0),
-                                            "last_top1": state.get("last_top1", 0.0)}})
-    if state.get("teacher_top1") is not None:
-        state.setdefault("teachers_top1", {"teacher": state["teacher_top1"]})
-    rest = {k: v for k, v in ckpt.items()
-            if k not in ("student", "connectors", "optimizer", "scheduler", "state")}
-    return {**rest, "format": FORMAT, "parts": parts, "optimizers": {"main": ckpt["optimizer"]},
-            "schedulers": {"main": ckpt["scheduler"]}, "state": state}
-
-
 def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:
     """One training checkpoint; raises ValueError saying why it cannot be resumed from."""
     try:
@@ -178,7 +167,9 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:
     except Exception as exc:  # noqa: BLE001 - truncated, garbage, or a pickle that carries code
         raise ValueError(load_reason(exc)) from None
     if isinstance(ckpt, dict) and "format" not in ckpt and all(k in ckpt for k in FORMAT_1_KEYS):
-        return upgrade_format_1(ckpt)
+        raise ValueError("a format-1 checkpoint, written by a pre-release version of distill "
+                         "before methods declared their parts; this version resumes format 2 "
+                         "only (start the run over with trainer.resume=false)")
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"not a distill training checkpoint (no {', '.join(missing)})")
