@@ -44,7 +44,9 @@ class Option:
     allowed: str | Callable[[], str] | None = None    # what `rule` accepts, as errors say it
     resumable: bool = False    # may differ when a run resumes (a setting, not the experiment)
     for_teachers: bool = True  # False: a run that trains a zoo teacher takes the default
-    accepts: dict[str, str] = field(default_factory=dict)   # edge value -> what it means
+    # accepted edge values and what they mean: "0", "-1", "huge", "[]", "number" (any number),
+    # "text" (any text) or "any" (the tests walk every option with such values)
+    accepts: dict[str, str] = field(default_factory=dict)
 
     def allowed_text(self) -> str:
         if self.choices is not None:
@@ -76,6 +78,15 @@ def compile_backends() -> list[str]:
 
 # numpy's seeds are 32-bit, and ranks above 0 add 7919 x rank to the seed
 MAX_SEED = 2**31 - 1
+SCALES = ("full", "cpu", "smoke")
+FOLDER = "a folder, relative to the working directory"
+TAG = "text of one folder name part: letters, digits, _ . + - ('' is no tag)"
+
+
+def scaled(scale: str, *values: Any) -> Any:
+    """`${distill_scaled:${scale},FULL,CPU,SMOKE}` in a method's YAML: the value for the run's
+    `scale`, so the cost of an expensive method is set beside its defaults."""
+    return values[SCALES.index(scale)] if scale in SCALES else values[0]
 
 
 @dataclass
@@ -149,7 +160,7 @@ class SchedulerConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = option("${dataset.recipe.epochs}", "epochs of the main stage (a method's "
-                         "stages come first); may grow when a run resumes",
+                         "stages come first); a resumed run may lengthen it, not shorten it",
                          rule=_at_least(1), allowed="at least 1", resumable=True,
                          for_teachers=False)
     batch_size: int = option("${dataset.recipe.batch_size}", "the global batch: under torchrun "
@@ -213,7 +224,8 @@ class TrainerConfig:
 class ZooConfig:
     root: str = option("zoo", "the teacher zoo's folder ($DISTILL_ZOO)",
                        rule=lambda v, cfg: v.strip() != "", resumable=True,
-                       allowed="a folder (default: zoo, or $DISTILL_ZOO)")
+                       allowed="a folder (default: zoo, or $DISTILL_ZOO)",
+                       accepts={"number": FOLDER, "text": FOLDER})
     publish: bool = option(True, "`distiller=none` runs publish their weights for (dataset, "
                            "model)", resumable=True)
 
@@ -232,15 +244,22 @@ class TrainConfig:
     seed: int = option(0, "seeds the models, the data order and the augmentation",
                        rule=lambda v, cfg: 0 <= v <= MAX_SEED,
                        allowed=f"an integer in [0, {MAX_SEED}]", accepts={"0": "seed 0"})
-    device: str = option("auto", "auto | cpu | cuda | cuda:N", resumable=True)
-    tag: str = option("", "appended to the run directory name, to keep variants apart")
+    device: str = option("auto", "auto (the GPU when there is one), cpu, cuda or cuda:N",
+                         resumable=True)
+    tag: str = option("", "appended to the run directory name, to keep variants apart",
+                      accepts={"number": TAG, "text": TAG})
+    scale: str = option("full", "full: every method's reference settings; cpu, smoke: the "
+                        "smaller settings the expensive methods' YAMLs give for a CPU run and "
+                        "for a smoke test (`${distill_scaled:${scale},FULL,CPU,SMOKE}`)",
+                        choices=SCALES)
     # Per-pair hyperparameters of the reference configs, by method (experiment files set them,
     # e.g. tuned.dkd.beta); a method's YAML reads its entry, and the command line still wins.
     tuned: Any = field(default_factory=dict)
-    run_dir: str = MISSING
+    run_dir: str = option(MISSING, "the run's folder (default: outputs/<dataset>/<pair>/"
+                          "<method>/seed<N>)", accepts={"number": FOLDER, "text": FOLDER})
 
 
-GROUPS = {"teacher": TeacherConfig, "optimizer": OptimizerConfig,
+GROUPS = {"student": StudentConfig, "teacher": TeacherConfig, "optimizer": OptimizerConfig,
           "scheduler": SchedulerConfig, "trainer": TrainerConfig, "zoo": ZooConfig}
 
 
@@ -283,7 +302,7 @@ def option_reference() -> str:
     help, generated from the declarations (tools/options.py writes it)."""
     defaults = flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False))
     lines = ["# Options", "",
-             "Generated from the declarations in `distill/config.py` by `python tools/options.py`;",
+             "Generated from the declarations in `distill/config.py` by `python tools/gen_docs.py`;",
              "do not edit. Dataset, distiller and logger options are each choice's YAML file",
              "(`configs/<group>/<name>.yaml`); a method's options are its class's keyword",
              "arguments.", ""]
@@ -294,15 +313,27 @@ def option_reference() -> str:
             group = head
             lines += ["", f"## {group}", "", "| key | type | default | allowed | |",
                       "|---|---|---|---|---|"]
-        type_name = str(kind).replace("typing.", "").replace("Optional[", "").rstrip("]")
-        type_name = getattr(kind, "__name__", type_name) + (" or null" if "Optional" in str(kind)
-                                                             else "")
         allowed = opt.allowed_text() if not callable(opt.allowed) else "a backend torch lists"
-        notes = [opt.help] + (["resumable"] if opt.resumable else []) + \
+        notes = [opt.help] + (["may change when the run resumes"] if opt.resumable else []) + \
                 ([] if opt.for_teachers else ["a zoo teacher's run takes the default"])
-        lines.append(f"| `{key}` | {type_name} | `{defaults.get(key)!s}` | {allowed} | "
-                     f"{'; '.join(notes)} |")
+        cells = [f"`{key}`", _type_name(kind), f"`{_as_yaml(defaults.get(key))}`", allowed,
+                 "; ".join(notes)]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _as_yaml(value: Any) -> str:
+    """A default as a command line or YAML file writes it."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return '""' if value == "" else str(value)
+
+
+def _type_name(kind: Any) -> str:
+    args = typing.get_args(kind)
+    if type(None) in args:   # Optional[X]
+        return _type_name(next(a for a in args if a is not type(None))) + " or null"
+    return kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
 
 
 def check_known_keys(cfg: Any) -> None:
@@ -367,7 +398,8 @@ def sqlite_url(path: str) -> str:
 def register_configs() -> None:
     """The schema, the model options and the resolvers that need no method (the run-directory
     and method-list resolvers are distill.catalog's: they know the methods)."""
-    for name, resolver in (("distill_digest", digest), ("distill_sqlite", sqlite_url)):
+    for name, resolver in (("distill_digest", digest), ("distill_sqlite", sqlite_url),
+                           ("distill_scaled", scaled)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
     cs = ConfigStore.instance()

@@ -45,3 +45,34 @@ def batch_size(inputs: Inputs) -> int:
 def is_image_batch(inputs: Any) -> bool:
     """An (N, C, H, W) float tensor: what image-only pieces need."""
     return isinstance(inputs, torch.Tensor) and inputs.ndim == 4 and inputs.is_floating_point()
+
+
+class InputSpec:
+    """What a model takes, without a dataset at hand (an export, a benchmark): images of one
+    shape, or token ids and their attention mask, up to a length, from a vocabulary."""
+
+    def __init__(self, kind: str, shape: tuple[int, ...], vocab_size: int | None = None):
+        if kind not in ("images", "tokens"):
+            raise ValueError(f"unknown kind of inputs {kind!r}")
+        self.kind, self.shape, self.vocab_size = kind, tuple(shape), vocab_size
+
+    @property
+    def names(self) -> list[str]:
+        """The ONNX graph's input names."""
+        return ["images"] if self.kind == "images" else ["input_ids", "attention_mask"]
+
+    def random(self, batch: int, length: int | None = None,
+               generator: torch.Generator | None = None) -> Inputs:
+        """A random batch: normal pixels, or token ids with a random length per item (at least
+        one token, the rest padding with id 0)."""
+        if self.kind == "images":
+            return torch.randn(batch, *self.shape, generator=generator)
+        length = length or self.shape[0]
+        ids = torch.randint(1, self.vocab_size, (batch, length), generator=generator)
+        lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+        mask = (torch.arange(length)[None, :] < lengths[:, None]).to(torch.int64)
+        return {"input_ids": ids * mask, "attention_mask": mask}
+
+    def __repr__(self) -> str:
+        return f"InputSpec({self.kind!r}, {self.shape}" + (
+            f", vocab_size={self.vocab_size})" if self.vocab_size else ")")

@@ -161,6 +161,10 @@ def check_inputs(cfg: DictConfig, distiller_cls: type[Distiller]) -> None:
                 raise ConfigError(f"a view of the image for the student; dataset "
                                   f"{cfg.dataset.name} gives {inputs}", key=key,
                                   allowed="null for this dataset")
+        if cfg.trainer.quantize != "none":
+            raise ConfigError(f"the int8 student's export calibrates on images; dataset "
+                              f"{cfg.dataset.name} gives {inputs}", key="trainer.quantize",
+                              allowed="none for this dataset")
         if cfg.trainer.channels_last:
             raise ConfigError(f"channels_last is a memory layout of image batches; dataset "
                               f"{cfg.dataset.name} gives {inputs}", key="trainer.channels_last",

@@ -4,9 +4,10 @@ make 2 x B/2 differ from 1 x B by design; SyncBatchNorm is GPU-only). `kd` takes
 step (the distiller in DDP); `dml` the manual step (two peers, two optimizers, gradients
 averaged by the trainer); `crd` the default step with a memory bank the ranks keep equal;
 `..._cached` KD with teacher.cache=views, one store shared by both runs; `..._accumulate` half
-batches, two per optimizer step (trainer.accumulate=2).
+batches, two per optimizer step (trainer.accumulate=2); `kd_text` KD between two TextCNNs on
+fake_text (token ids and attention masks; no dropout, whose draws differ per rank).
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR [memory|loader] [kd|dml|crd|kd_cached_accumulate]
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR [memory|loader] [kd|dml|crd|kd_cached_accumulate|kd_text]
 
 200 images in global batches of 32: six full batches, then one of 8 (4 per rank), all taken.
 """
@@ -18,6 +19,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+import distill.catalog  # noqa: F401 - registers every method
 from distill.data import TensorImageDataset
 from distill.data.fake import fake
 from distill.method import BuildInfo, build_distiller
@@ -25,7 +27,8 @@ from distill import distributed as dist_utils
 from distill.engine.teacher_cache import attach_teacher_cache
 from distill.config import TrainerConfig
 from distill.engine.trainer import Trainer
-from distill.models import MODELS
+from distill.data.fake_text import fake_text
+from distill.models import MODELS, create_model
 
 GLOBAL_BATCH, STEPS = 32, 7
 
@@ -37,11 +40,19 @@ def tiny_net(seed: int) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
+def text_net(seed: int, maps: int = 16) -> nn.Module:
+    torch.manual_seed(seed)
+    return create_model("textcnn", num_classes=4, vocab_size=1000, embed_dim=32, maps=maps,
+                        dropout=0.0)
+
+
 def build(method: str, labels: torch.Tensor) -> torch.nn.Module:
     if method == "crd":   # its memory bank is updated from every rank's samples
         return build_distiller("crd", tiny_net(0), tiny_net(1),
                                {"nce_k": 16, "student_layer": "7:in", "teacher_layer": "7:in"},
                                BuildInfo(num_classes=10, train_labels=labels, seed=0))
+    if method == "kd_text":
+        return build_distiller("kd", text_net(0), text_net(1, maps=32), {})
     if method == "dml":   # peer 1 is made by the method from its registry name
         MODELS.register("tiny_net")(lambda num_classes=10: tiny_net(1))
         return build_distiller("dml", tiny_net(0), None, {"peers": ["tiny_net", "tiny_net"]},
@@ -52,9 +63,12 @@ def build(method: str, labels: torch.Tensor) -> torch.nn.Module:
 def main(run_dir: Path, data_path: str, method: str) -> None:
     dist_utils.init_from_env(use_cuda=False)
     run_dir.mkdir(parents=True, exist_ok=True)
-    data = fake(train_size=200, val_size=64)
-    plain = TensorImageDataset(data.train.images, data.train.labels, data.val.transform)
-    data = dataclasses.replace(data, train=plain)
+    if method == "kd_text":
+        data = fake_text(train_size=200, val_size=64)
+    else:
+        data = fake(train_size=200, val_size=64)
+        plain = TensorImageDataset(data.train.images, data.train.labels, data.val.transform)
+        data = dataclasses.replace(data, train=plain)
     accumulate = 2 if method.endswith("_accumulate") else 1   # half batches, two per step
     method = method.removesuffix("_accumulate")
     distiller = build(method.removesuffix("_cached"), data.train.labels)

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -31,76 +32,59 @@ from omegaconf.errors import OmegaConfBaseException
 
 from _compose import CONFIG_DIR, make_cfg
 from distill.app import run
+from distill.config import TrainConfig, declared, flatten
 from distill.data import build_data
-from distill.plan import check_distiller_fits
-from distill.config import TrainConfig, flatten
-from distill.method import DISTILLERS, BuildInfo, teacher_requests
 from distill.errors import ConfigError
+from distill.method import DISTILLERS, BuildInfo, teacher_requests
+from distill.method.checks import COMMON_EDGES
 from distill.models import model_spec
+from distill.plan import check_distiller_fits
 from distill.validation import resolve_device, validate
 
 BOUNDARY = {"0": 0, "-1": -1, "nan": math.nan, "inf": math.inf, "huge": 1e30, "[]": [],
             "abc": "abc", "ü": "ü", "a/b": "a/b", "../x": "../x", "empty": ""}
 STRINGS = {"abc", "ü", "a/b", "../x", "empty"}
 NUMBERS = {"0", "-1", "nan", "inf", "huge"}
-BOOLEANS = ("teacher.pretrained", "student.pretrained", "teacher.auto_train",
-            "optimizer.nesterov", "trainer.resume", "trainer.progress", "trainer.sync_bn",
-            "trainer.channels_last", "zoo.publish", "optimizer.decay_norm_and_bias")
 OFFLINE_DATASETS = ("fake", "digits", "mnist5k")
-
-# (key patterns, boundary labels, what the accepted value means)
 # labels of a training set big enough for CRD's 16384 negatives from other classes
 TRAIN_LABELS = torch.arange(20_000) % 10
 
+# What an accepted value means lives with what declares it: a schema option's declaration
+# (distill.config, `accepts`), a method's registration (`edges`) and distill.method.checks'
+# COMMON_EDGES. Their keys name the walk's values by kind.
+KINDS = {label: {label, "number", "any"} for label in NUMBERS}
+KINDS |= {label: {label, "text", "any"} for label in STRINGS} | {"[]": {"[]", "any"}}
+BOOLEANS = tuple(k for k, (_, kind) in declared().items() if kind in (bool, Optional[bool]))
+# What no declaration holds: OmegaConf's reading of integers as booleans, and the datasets'
+# YAML keys (key patterns, boundary labels, meaning).
 ACCEPTED = [
     (BOOLEANS, {"0", "-1"}, "OmegaConf's bool: 0 is false, any other integer true"),
-    (("tag",), NUMBERS - {"-1"} | STRINGS - {"a/b", "../x"},
-     "text of one folder name part: letters, digits, _ . + - ('' is no tag)"),
-    (("run_dir", "zoo.root"), NUMBERS | STRINGS - {"empty"},
-     "a folder, relative to the working directory"),
-    (("trainer.compile_backend",), NUMBERS | STRINGS,
-     "read only with trainer.compile != none, and then checked against torch's backends"),
-    (("optimizer.lr", "optimizer.weight_decay", "dataset.recipe.lr",
-      "dataset.recipe.weight_decay"), {"huge"},
+    (("dataset.recipe.lr", "dataset.recipe.weight_decay"), {"huge"},
      "as given: a diverging run stops with a non-finite loss error (trainer.on_nonfinite)"),
-    (("optimizer.momentum",), {"0"}, "SGD without momentum"),
-    (("optimizer.weight_decay", "dataset.recipe.weight_decay"), {"0"}, "no weight decay"),
-    (("scheduler.milestones", "dataset.recipe.milestones"), {"[]"}, "the lr never decays"),
-    (("scheduler.warmup_epochs",), {"0"}, "no warm-up"),
-    (("scheduler.min_lr_ratio",), {"0"}, "cosine decays to zero"),
-    (("trainer.num_workers",), {"0"}, "data loaded in the training process"),
-    (("seed", "dataset.seed", "dataset.split_seed"), {"0"}, "seed 0"),
+    (("dataset.recipe.weight_decay",), {"0"}, "no weight decay"),
+    (("dataset.recipe.milestones",), {"[]"}, "the lr never decays"),
+    (("dataset.seed", "dataset.split_seed"), {"0"}, "seed 0"),
     (("dataset.seed",), {"-1"}, "any integer seeds the fake images"),
-    (("distiller.*_weight", "distiller.alpha", "distiller.beta", "distiller.gamma"), {"0"},
-     "that loss term is off (every weight zero is refused)"),
-    (("distiller.*_weight", "distiller.alpha", "distiller.beta", "distiller.gamma",
-      "distiller.temperature",
-      "distiller.p", "distiller.sigma", "distiller.init_lr", "distiller.init_var",
-      "distiller.margin", "distiller.nce_t", "distiller.kd_start", "distiller.kd_end",
-      "distiller.bss_start", "distiller.step_size", "distiller.disc_lr",
-      "distiller.generator_lr"), {"huge"},
-     "as given: a loss that overflows stops the run (trainer.on_nonfinite)"),
-    (("distiller.lr",), {"huge"},
-     "DeepInversion's Adam lr on the pixels, as given: a diverging synthesis stops with an "
-     "error naming distiller.lr"),
-    (("distiller.jitter",), {"0"}, "DeepInversion synthesises without random shifts"),
-    (("distiller.kd_start", "distiller.kd_end"), {"0"},
-     "BSS's KD weight is 0 at that end of its ramp"),
-    (("distiller.bss_start", "distiller.attack_fraction"), {"0"},
-     "BSS attacks no sample: its KD schedule alone"),
-    (("distiller.warmup_epochs",), {"0"}, "no warm-up ramp (DKD, ReviewKD)"),
-    (("distiller.hint_epochs",), {"0"}, "FitNet in one stage (the reference recipe)"),
-    (("distiller.init_epochs",), {"0"}, "no init stage: the main stage from step one"),
-    (("distiller.margin",), {"0"}, "AB on the activation boundary itself, without a margin"),
-    (("distiller.sigma",), {"0"}, "noisy_kd without noise: plain KD"),
-    (("distiller.fraction",), {"0"}, "noisy_kd noises no example: plain KD"),
-    (("distiller.nce_m",), {"0"}, "CRD's memory bank takes each new embedding as it is"),
-    (("trainer.clip_grad_norm",), {"huge"}, "a norm no gradient reaches: nothing is clipped"),
-    (("trainer.label_smoothing",), {"0"}, "no label smoothing"),
 ]
 
 
-def documented(key: str, label: str) -> str | None:
+def declared_meanings(group: str, key: str) -> dict[str, str]:
+    """What the declaration of `key` says its accepted edge values mean."""
+    if key in declared():
+        return declared()[key][0].accepts
+    if key.startswith("distiller.") and group in DISTILLERS:
+        option = key.removeprefix("distiller.")
+        edges = {**COMMON_EDGES, **DISTILLERS.meta(group).get("edges", {})}
+        return {kind: meaning for pattern, meanings in edges.items()
+                if fnmatch.fnmatchcase(option, pattern) for kind, meaning in meanings.items()}
+    return {}
+
+
+def documented(group: str, key: str, label: str) -> str | None:
+    meanings = declared_meanings(group, key)
+    found = next((meanings[kind] for kind in KINDS[label] if kind in meanings), None)
+    if found is not None:
+        return found
     for patterns, labels, meaning in ACCEPTED:
         if label in labels and any(fnmatch.fnmatchcase(key, p) for p in patterns):
             return meaning
@@ -183,8 +167,9 @@ def test_every_boundary_value_is_refused_by_name_or_documented(walk):
             problems.append(f"{where}: a type error naming {detail!r}")
         elif outcome == "refused" and not names_the_key(key, detail):
             problems.append(f"{where}: refused naming {detail.splitlines()[0]!r}")
-        elif outcome == "accepted" and documented(key, label) is None:
-            problems.append(f"{where}: accepted with no documented meaning (ACCEPTED)")
+        elif outcome == "accepted" and documented(group, key, label) is None:
+            problems.append(f"{where}: accepted with no documented meaning (its declaration's "
+                            "`accepts`, its method's `edges`, or ACCEPTED here)")
     assert not problems, "\n".join(problems)
     assert len({key for _, key, _ in walk}) > 60   # the walk reached the schema and the YAMLs
 
@@ -196,6 +181,18 @@ def test_every_documented_meaning_is_still_used(walk):
         used = {(k, lab) for k, lab in accepted if lab in labels
                 and any(fnmatch.fnmatchcase(k, p) for p in patterns)}
         assert used, f"nothing accepts what this documents any more: {meaning}"
+    by_key = {}
+    for (group, key, label), (outcome, _) in walk.items():
+        by_key.setdefault((group, key), set()).add(label if outcome == "accepted" else None)
+    unused = []
+    for (group, key), labels in by_key.items():
+        for kind in declared_meanings(group, key):
+            if key.startswith("distiller.") and kind not in DISTILLERS.meta(group).get(
+                    "edges", {}).get(key.removeprefix("distiller."), {}):
+                continue   # a COMMON_EDGES pattern: used by some method's option, not this one's
+            if not any(kind in KINDS[label] for label in labels if label):
+                unused.append(f"{key}={kind} (with {group or 'the defaults'})")
+    assert not unused, "nothing accepts these documented values any more: " + ", ".join(unused)
 
 
 def test_accepted_boundary_values_mean_what_they_say(tmp_path):

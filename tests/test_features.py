@@ -11,7 +11,9 @@ from distill.errors import ConfigError
 from distill.features import FeatureHooks, feature_shapes, unwrap_model
 from distill.models import create_model, list_models, model_spec
 
-ZOO = [n for n in list_models() if not n.startswith(("tv_", "timm_"))]   # the CIFAR zoo
+# the CIFAR zoo (image models; the text models have no stages)
+ZOO = [n for n in list_models() if not n.startswith(("tv_", "timm_"))
+       and model_spec(n).inputs == "images"]
 
 
 @functools.lru_cache(maxsize=None)

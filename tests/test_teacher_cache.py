@@ -238,7 +238,7 @@ def test_two_processes_filling_one_cache_lose_and_corrupt_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("method,reason", [("fitnet", "intermediate features"),
-                                           ("mlkd", "RandAugment"), ("dml", "no teacher"),
+                                           ("mlkd", "other views of each image"), ("dml", "no teacher"),
                                            ("sobolev", "gradients through the teacher")])
 def test_methods_the_cache_cannot_serve_are_refused(tmp_path, method, reason):
     from distill.validation import validate

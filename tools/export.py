@@ -110,8 +110,11 @@ def comparison_table(report: dict) -> Table:
         which = teacher["missing"]
     else:
         which = f"teacher {teacher['model']}{' (unavailable)' if teacher['missing'] else ''}"
-    table = Table(title=f"{report['dataset']} ({'x'.join(map(str, report['input_shape']))}, "
-                        f"{report['num_classes']} classes): {which}, student {student['model']}")
+    tokens = report.get("inputs") == "tokens"
+    shape = (f"{report['input_shape'][0]} tokens" if tokens
+             else "x".join(map(str, report["input_shape"])))
+    table = Table(title=f"{report['dataset']} ({shape}, {report['num_classes']} classes): "
+                        f"{which}, student {student['model']}")
     for column in ("", "teacher", "student", "student / teacher"):
         table.add_column(column, justify="left" if not column else "right")
 
@@ -120,7 +123,8 @@ def comparison_table(report: dict) -> Table:
         table.add_row(label, fmt(t), fmt(s), ratio(s, t))
 
     row("params", "params", lambda v: number(v, digits=0))
-    row("FLOPs / image", "flops_per_image", lambda v: number(v, " M", 1e6, 1))
+    row("FLOPs / sequence" if tokens else "FLOPs / image", "flops_per_image",
+        lambda v: number(v, " M", 1e6, 1))
     for b in report["batches"]:
         s, t = student["latency_ms"][str(b)], (teacher.get("latency_ms") or {}).get(str(b))
         table.add_row(f"CPU latency, batch {b}", number(t, " ms"), number(s, " ms"), ratio(s, t))
@@ -184,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("this run was stopped early by trainer.max_steps: a smoke run")
     onnx = report["onnx"]
     if onnx and "max_abs_diff" in onnx:
-        notes.append(f"ONNX ({onnx['exporter']} exporter, dynamic batch): onnxruntime matches "
+        axes = "dynamic batch and sequence" if report.get("inputs") == "tokens" else "dynamic batch"
+        notes.append(f"ONNX ({onnx['exporter']} exporter, {axes}): onnxruntime matches "
                      f"torch on batches {', '.join(map(str, onnx['batches']))} "
                      f"(max abs diff {onnx['max_abs_diff']:.1e})")
     elif onnx:

@@ -109,16 +109,31 @@ class DatasetFacts(NamedTuple):
     num_classes: int | None
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
+    inputs: str = "images"             # or "tokens"
+    sequence_length: int | None = None  # tokens: the padded length of every item
+    model_options: dict[str, Any] = {}  # what models of the data are built with (vocab_size)
 
 
 def dataset_facts(dataset: dict) -> DatasetFacts:
     """The registry's facts of a run's dataset config (`{"name": ..., ...}`), its own
-    `image_size` / `num_classes` keys on top (fake, folder). Unknown names: all None."""
+    `image_size` / `num_classes` keys on top (fake, folder). A token dataset's registry entry
+    names the config keys of its length (`sequence_length=`) and of its models' options
+    (`model_options=`). Unknown names: all None."""
     name = dataset.get("name")
     meta = DATASETS.meta(name) if name in DATASETS else {}
+    defaults = ({k: p.default for k, p in inspect.signature(DATASETS.get(name)).parameters.items()}
+                if name in DATASETS else {})
+
+    def option(key: str) -> Any:
+        return dataset.get(key, defaults.get(key))
+
     return DatasetFacts(image_size=dataset.get("image_size") or meta.get("image_size"),
                         num_classes=dataset.get("num_classes") or meta.get("num_classes"),
-                        mean=meta.get("mean"), std=meta.get("std"))
+                        mean=meta.get("mean"), std=meta.get("std"),
+                        inputs=meta.get("inputs", "images"),
+                        sequence_length=(option(meta["sequence_length"])
+                                         if "sequence_length" in meta else None),
+                        model_options={k: option(k) for k in meta.get("model_options", ())})
 
 
 def build_datasets(name: str, train_fraction: float = 1.0, student_view: str | None = None,

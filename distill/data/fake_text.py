@@ -40,7 +40,8 @@ def _sentences(n: int, num_classes: int, keywords: int, vocab_size: int, min_len
     return TensorTokenDataset(ids, mask.to(torch.int64), labels)
 
 
-@DATASETS.register("fake_text", num_classes=4, inputs="tokens")
+@DATASETS.register("fake_text", num_classes=4, inputs="tokens", sequence_length="max_len",
+                   model_options=("vocab_size",))
 def fake_text(num_classes: int = 4, train_size: int = 256, val_size: int = 128,
               vocab_size: int = 1000, min_len: int = 8, max_len: int = 32, keywords: int = 4,
               seed: int = 0):

@@ -14,14 +14,25 @@ from __future__ import annotations
 from torch import nn
 
 from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import require
+from distill.method.checks import NO_INIT, OVERFLOW, require
 from distill.distillers.feature_pairs import InitStageDistiller, layer_shapes, stage_pairs
 from distill.distillers.connectors import ConvRegressor, conv_kind
 from distill.errors import ConfigError
 from distill.losses import ab_loss
 
 
-@DISTILLERS.register("ab")
+@DISTILLERS.register("ab",
+                     paper='Activation Boundaries, Heo et al. AAAI 2019',
+                     recipe=('two stages, as RepDistiller: an init stage of 30 epochs '
+                             "(`init_epochs`, at the run's lr kept constant or `init_lr`) trains "
+                             "the student's body + connectors with the AB loss (margin 1) on the "
+                             'pre-activation stage outputs (layer weights 1/4, 1/2, 1), then CE '
+                             "only for the run's epochs"),
+                     table_row=9,
+                     edges={"init_lr": {"huge": OVERFLOW},
+                            "init_epochs": {"0": NO_INIT},
+                            "margin": {"0": "AB on the activation boundary itself, without a "
+                                                  "margin", "huge": OVERFLOW}})
 class AB(InitStageDistiller):
     layer_option = "layers"
 

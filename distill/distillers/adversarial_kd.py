@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.method import DISTILLERS, BuildInfo, Distiller, Traits, call_model
-from distill.method.checks import require
+from distill.method.checks import OVERFLOW, require
 from distill.losses import kd_loss
 from distill.losses.adversarial import discriminator_loss, generator_loss, logits_l1_loss
 
@@ -58,7 +58,14 @@ class LogitDiscriminator(nn.Module):
         return out[:, 0], (out[:, 1:] if self.category else None)
 
 
-@DISTILLERS.register("adversarial_kd")
+@DISTILLERS.register("adversarial_kd",
+                     paper='Adversarial KD, Xu, Hsu & Huang 2018 (arXiv 1709.00513)',
+                     recipe=('CE 0.1 + KD 0.9 (T=4) + 1 x the non-saturating GAN loss of a '
+                             'label-conditioned discriminator MLP on the logits (3 layers of 500),'
+                             ' trained in alternation with its own optimizer (Adam, constant '
+                             '`disc_lr` 2e-4); `l1_weight` adds the L1 logit distance. No code or '
+                             'sizes were published: the defaults are ours'),
+                     edges={"disc_lr": {"huge": OVERFLOW}})
 class AdversarialKD(Distiller):
     traits = Traits(teacher_outputs_only=True, manual_step=True,
                     logit_weights=("ce_weight", "kd_weight", "l1_weight", "adv_weight"))

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 
 from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import require
+from distill.method.checks import OVERFLOW, require
 from distill.distillers.feature_pairs import FeatureDistiller, stage_pairs
 from distill.losses import at_loss
 
 
-@DISTILLERS.register("at")
+@DISTILLERS.register("at",
+                     paper='Attention Transfer, Zagoruyko & Komodakis ICLR 2017',
+                     recipe='CE 1, p=2, x1000, summed over the stage outputs',
+                     table_row=3,
+                     edges={"p": {"huge": OVERFLOW}})
 class AT(FeatureDistiller):
     layer_option = "layers"
 

@@ -18,7 +18,8 @@ from dataclasses import replace
 
 import torch
 
-from distill.method import DISTILLERS, OwnTeachers, Traits, call_model, BuildInfo, Distiller, TeacherRequest
+from distill.method import (DISTILLERS, BuildInfo, Distiller, OwnTeachers, TeacherRequest, Traits,
+                            call_model)
 from distill.method.checks import require, require_models
 from distill.errors import ConfigError
 from distill.losses import ensemble_log_probs, soft_target_loss
@@ -26,7 +27,13 @@ from distill.losses import ensemble_log_probs, soft_target_loss
 LINK_OPTIONS = ("ce_weight", "kd_weight", "temperature")   # every generation learns with these
 
 
-@DISTILLERS.register("born_again")
+@DISTILLERS.register("born_again",
+                     paper='Born-Again Networks, Furlanello et al. ICML 2018',
+                     recipe=("generation k (the student's architecture) learns from generation k-1"
+                             " by KD on the teacher's outputs only (CE 0, KD 1, T=1; `ce_weight` >"
+                             ' 0 is BAN+L); `generations` 3: generations 0..2 are zoo models, this'
+                             ' run trains generation 3; `ensemble: true` teaches with the mean of '
+                             'all earlier generations'))
 class BornAgain(OwnTeachers, Distiller):
     traits = Traits(teacher_outputs_only=True)
 

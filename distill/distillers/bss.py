@@ -17,13 +17,32 @@ from __future__ import annotations
 import torch
 
 from distill.method import DISTILLERS, BuildInfo, Distiller, Traits
-from distill.method.checks import require
+from distill.method.checks import OVERFLOW, require
 from distill.losses import soft_cross_entropy
 from distill.losses.bss import (attack_targets, base_samples, boundary_supporting_samples,
                                 bss_schedule)
 
 
-@DISTILLERS.register("bss")
+KD_OFF_AT_END = "BSS's KD weight is 0 at that end of its ramp"
+NO_ATTACK = "BSS attacks no sample: its KD schedule alone"
+
+
+@DISTILLERS.register("bss",
+                     paper=('Boundary-supporting samples, Heo et al. AAAI 2019 (code '
+                            'bhheo/BSS_distillation)'),
+                     recipe=('as the code: CE + KD (soft CE at T=3, no T^2, weight 3(1-e/E)+1) + '
+                             'BSS (weight 2(1-e/(0.75E)), none after 3/4 of the run): KD on '
+                             'samples moved toward another class by a targeted attack on the '
+                             'teacher (10 steps of 0.3 x the logit margin along the normalised '
+                             "gradient, each stopping when the teacher's class changes) from up to"
+                             ' a quarter of the batch (`attack_fraction`), those both networks get'
+                             ' right, most disagreeing first; clamped to the valid pixel range; no'
+                             ' `trainer.sync_bn` under DDP'),
+                     edges={"kd_start": {"0": KD_OFF_AT_END, "huge": OVERFLOW},
+                            "kd_end": {"0": KD_OFF_AT_END, "huge": OVERFLOW},
+                            "bss_start": {"0": NO_ATTACK, "huge": OVERFLOW},
+                            "attack_fraction": {"0": NO_ATTACK},
+                            "step_size": {"huge": OVERFLOW}})
 class BSS(Distiller):
     # attacks pixels; its KD and BSS weights follow the run's epochs; its second student forward
     # runs only on ranks with samples to attack, and SyncBatchNorm needs every rank in each

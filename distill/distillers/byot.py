@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from distill.method import DISTILLERS, BuildInfo, DerivedModels, Distiller, Traits
-from distill.method.checks import require
+from distill.method.checks import OFF, require
 from distill.distillers.feature_pairs import layer_shapes
 from distill.errors import ConfigError
 from distill.features import FeatureHooks, unwrap_model
@@ -206,7 +206,17 @@ class ExitModel(nn.Module):
         return self.head(self.body(images))[0]
 
 
-@DISTILLERS.register("byot")
+@DISTILLERS.register("byot",
+                     paper=('Be Your Own Teacher, Zhang et al. ICCV 2019 (code '
+                            'ArchipLab-LinfengZhang/pytorch-self-distillation-final)'),
+                     recipe=('no teacher; an exit (attention + SepConvs + fc) after every student '
+                             'stage but the last; CE on the deepest, 0.7 CE + 0.3 soft CE (T=3) '
+                             'from the deepest and 0.03 x an adapted feature distance on the '
+                             'others (as the code); every exit evaluated and reported with params '
+                             'and FLOPs, `tools/export.py RUN --exit N` exports one; one process '
+                             "only (the code's feature term is a norm over the whole batch, which "
+                             'DDP shards would shrink)'),
+                     edges={"alpha": {"0": OFF}})
 class BYOT(DerivedModels, Distiller):
     traits = Traits(needs_teacher=False, needs_images=True, logit_weights=("ce_weight", "alpha"),
                     unsupported={"ddp": "the official feature term is the L2 norm of the whole "

@@ -13,7 +13,12 @@ from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes
 from distill.losses import cc_loss
 
 
-@DISTILLERS.register("cc")
+@DISTILLERS.register("cc",
+                     paper='Correlation Congruence, Peng et al. ICCV 2019',
+                     recipe=('CE 1, 0.02 x CC loss between the pooled embeddings, each mapped to '
+                             "128 by its own trained linear head (`feat_dim`; the teacher's head "
+                             'trains too, as in RepDistiller)'),
+                     table_row=5)
 class CC(FeatureDistiller):
     def __init__(self, student, teacher, ce_weight: float = 1.0, feat_weight: float = 0.02,
                  feat_dim: int = 128, student_layer: str | None = None,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from distill.method import DISTILLERS, BuildInfo, SelfSyncedBuffers, StepContext
-from distill.method.checks import require
+from distill.method.checks import OVERFLOW, require
 from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes
 from distill import distributed as dist_utils
 from distill.errors import ConfigError
@@ -154,7 +154,18 @@ def _dot_with_rows(bank: torch.Tensor, embedding: torch.Tensor, rows: torch.Tens
     return torch.gather((bank.clone() @ embedding.t()).t(), 1, rows)
 
 
-@DISTILLERS.register("crd")
+@DISTILLERS.register("crd",
+                     paper=('Contrastive Representation Distillation, Tian, Krishnan & Isola ICLR '
+                            '2020 (code HobbitLong/RepDistiller `crd/`)'),
+                     recipe=('CE 1, 0.8 x the NCE terms of both anchors: the pooled embeddings '
+                             'mapped by trained heads (linear + L2 norm, `feat_dim` 128) and '
+                             'scored (`nce_t` 0.07) against momentum (`nce_m` 0.5) memory banks of'
+                             ' the whole training set, K = 16384 negatives per sample from other '
+                             'classes (`nce_k`; at most the training set minus its largest class);'
+                             ' CRD+KD: `kd_weight: 1` (T 4)'),
+                     table_row=13,
+                     edges={"nce_t": {"huge": OVERFLOW},
+                            "nce_m": {"0": "CRD's memory bank takes each new embedding as it is"}})
 class CRD(SelfSyncedBuffers, FeatureDistiller):
     def __init__(self, student, teacher, ce_weight: float = 1.0, kd_weight: float = 0.0,
                  crd_weight: float = 0.8, temperature: float = 4.0, feat_dim: int = 128,

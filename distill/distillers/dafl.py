@@ -30,7 +30,7 @@ from torch import nn
 
 from distill.data.synthetic import StepPlaceholders
 from distill.method import DISTILLERS, BuildInfo, DataFree, Distiller, Traits
-from distill.method.checks import require
+from distill.method.checks import OVERFLOW, require
 from distill.distillers.feature_pairs import default_layers, hooks_on
 from distill.checkpoint import read_checkpoint
 from distill.errors import ConfigError
@@ -59,7 +59,18 @@ class DAFLGenerator(nn.Module):
         return self.block2(x)
 
 
-@DISTILLERS.register("dafl")
+@DISTILLERS.register("dafl",
+                     paper=('DAFL, Chen et al. ICCV 2019 (code '
+                            'huawei-noah/Data-Efficient-Model-Compression)'),
+                     recipe=('data-free: a DCGAN-style generator (latent 1000; Adam, lr 0.02 '
+                             'constant) trained online through the frozen teacher by 0.05 x '
+                             'one-hot (CE to its own arg-max) + 5 x information entropy (log10, of'
+                             ' the batch-mean softmax) + 0.1 x activation (-mean abs of the pooled'
+                             ' features), while the student learns KD at T=1 on its images (the '
+                             "README's CIFAR-10 command; `--act` there is refused by the script's "
+                             'own parser, so its default 0.1 holds); an epoch is `epoch_size` '
+                             'generated images (120 x 1024)'),
+                     edges={"generator_lr": {"huge": OVERFLOW}})
 class DAFL(DataFree, Distiller):
     # the information-entropy term is not linear in the batch: on shards it would balance
     # each rank's classes, not the batch's (the reference's DataParallel sees the whole batch)

@@ -48,7 +48,25 @@ SYNTHESIS_OPTIONS = ("num_images", "batch_size", "iterations", "lr", "bn_weight"
                      "l2_weight", "jitter")
 
 
-@DISTILLERS.register("deepinversion")
+@DISTILLERS.register("deepinversion",
+                     paper=('DeepInversion, Yin et al. CVPR 2020 (code NVlabs/DeepInversion, '
+                            'cifar10 script)'),
+                     recipe=('data-free: reads no training image. Before training, `num_images` '
+                             '(256000: 1000 batches of 256, as the maintainers give for the '
+                             "paper's CIFAR-10 table) are synthesised from noise, `batch_size` 256"
+                             ' at a time, by `iterations` 2000 Adam steps (lr 0.05) on the pixels '
+                             "of CE to the image's class + 10 x the distance of every teacher "
+                             "BatchNorm input's batch mean and variance to its running statistics "
+                             '+ 2.5e-5 x total variation, on copies rolled by up to 2 pixels (the '
+                             "README's paper parameters; the script's defaults are lr 0.1, BN "
+                             'weight 100); stored as uint8 images in `RUN_DIR/synthetic/` (keyed '
+                             "by the teacher's weights, the options and the seed: a resumed run "
+                             "reads them back) and distilled on with the dataset's crop/flip: KD "
+                             'only, T=3 (maintainers); no DDP'),
+                     edges={"lr": {"huge": "DeepInversion's Adam lr on the pixels, as given: a "
+                                           "diverging synthesis stops with an error naming "
+                                           "distiller.lr"},
+                            "jitter": {"0": "DeepInversion synthesises without random shifts"}})
 class DeepInversion(DataFree, Distiller):
     traits = Traits(needs_images=True,
                     unsupported={"ddp": "the images are synthesised in one process before "

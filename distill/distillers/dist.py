@@ -4,11 +4,19 @@ beta = gamma = 1 inside it, i.e. the paper's beta = gamma = 2."""
 from __future__ import annotations
 
 from distill.method import DISTILLERS, Distiller, Traits, call_model
-from distill.method.checks import require
+from distill.method.checks import OFF, OVERFLOW, require
 from distill.losses import dist_loss
 
 
-@DISTILLERS.register("dist")
+@DISTILLERS.register("dist",
+                     paper=('DIST, Huang et al. NeurIPS 2022 (code hunto/image_classification_sota'
+                            ' `dist_kd.py`)'),
+                     recipe=('CE 1, 2 x (inter-class + intra-class Pearson-correlation losses of '
+                             'softmax(z/4), each times T^2), beta = gamma = 1 inside '
+                             '(`dist_cifar.yaml`)'),
+                     table_row=17,
+                     edges={"beta": {"0": OFF, "huge": OVERFLOW},
+                            "gamma": {"0": OFF, "huge": OVERFLOW}})
 class DIST(Distiller):
     traits = Traits(teacher_outputs_only=True, logit_weights=("ce_weight", "dist_weight"))
 

@@ -8,7 +8,7 @@ configs/experiment/cifar100_ls/; the warm-up is unchanged, as there."""
 from __future__ import annotations
 
 from distill.method import DISTILLERS, Distiller, Traits, call_model
-from distill.method.checks import require
+from distill.method.checks import OFF, OVERFLOW, require
 from distill.losses import dkd_loss, standardize_logits
 
 
@@ -19,7 +19,15 @@ def warmup_ramp(epoch: int, warmup_epochs: int) -> float:
     return min((epoch + 1) / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
 
 
-@DISTILLERS.register("dkd")
+@DISTILLERS.register("dkd",
+                     paper='Decoupled KD, Zhao et al. CVPR 2022',
+                     recipe=('CE 1, alpha 1, beta 8 (per pair: `tuned.dkd.beta`), T=4, linear ramp'
+                             ' over 20 epochs; `standardize: true` as for `kd` (`cifar100_ls`: '
+                             'alpha and beta times its weight, T 2 or 3)'),
+                     table_row=16,
+                     edges={"alpha": {"0": OFF, "huge": OVERFLOW},
+                            "beta": {"0": OFF, "huge": OVERFLOW},
+                            "warmup_epochs": {"0": "no warm-up ramp"}})
 class DKD(Distiller):
     traits = Traits(teacher_outputs_only=True, logit_weights=("ce_weight", "alpha", "beta"))
 

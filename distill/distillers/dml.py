@@ -21,7 +21,12 @@ from distill.losses import kd_loss
 from distill.models import create_model
 
 
-@DISTILLERS.register("dml")
+@DISTILLERS.register("dml",
+                     paper='Deep Mutual Learning, Zhang et al. CVPR 2018',
+                     recipe=('no teacher; `peers` (default two copies of the student, any '
+                             'architectures) each trained with CE + the mean KL to the others, '
+                             'updated in turn per batch (Algorithm 1); peer 0 is the exported '
+                             'student'))
 class DML(Distiller):
     traits = Traits(needs_teacher=False, manual_step=True, logit_weights=("ce_weight", "kl_weight"))
 

@@ -25,7 +25,14 @@ def middle_stage(stages: list[str]) -> str:
     return stages[(len(stages) - 1) // 2]
 
 
-@DISTILLERS.register("fitnet")
+@DISTILLERS.register("fitnet",
+                     paper='FitNets, Romero et al. ICLR 2015',
+                     recipe=("CE 1, hint MSE x100 between the teacher's middle stage and the "
+                             "student's middle stage through a trained conv regressor; "
+                             "`hint_epochs=N` for the paper's two stages (hints only, then CE + "
+                             '`kd_weight` KD)'),
+                     table_row=2,
+                     edges={"hint_epochs": {"0": "FitNet in one stage (the reference recipe)"}})
 class FitNet(FeatureDistiller):
     def __init__(self, student, teacher, ce_weight: float = 1.0, feat_weight: float = 100.0,
                  student_layer: str | None = None, teacher_layer: str | None = None,

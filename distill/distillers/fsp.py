@@ -11,13 +11,22 @@ The FSP matrices are compared entry by entry, so every pair needs the teacher's 
 from __future__ import annotations
 
 from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import require
+from distill.method.checks import NO_INIT, OVERFLOW, require
 from distill.distillers.feature_pairs import InitStageDistiller, layer_shapes, stage_pairs
 from distill.errors import ConfigError
 from distill.losses import fsp_loss
 
 
-@DISTILLERS.register("fsp")
+@DISTILLERS.register("fsp",
+                     paper='Flow of Solution Procedure, Yim et al. CVPR 2017',
+                     recipe=('two stages, as RepDistiller: an init stage of 30 epochs '
+                             "(`init_epochs`, at the run's lr kept constant or `init_lr`) trains "
+                             "the student's body with the FSP loss (Gram matrices between "
+                             'consecutive maps of the stem + stage outputs; equal channel counts '
+                             "needed), then CE only for the run's epochs"),
+                     table_row=11,
+                     edges={"init_lr": {"huge": OVERFLOW},
+                            "init_epochs": {"0": NO_INIT}})
 class FSP(InitStageDistiller):
     layer_option = "layers"
 

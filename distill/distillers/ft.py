@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.method import DISTILLERS, MAIN_STAGE, BuildInfo, Stage, Staged
-from distill.method.checks import require
+from distill.method.checks import NO_INIT, OVERFLOW, require
 from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes
 from distill.distillers.connectors import Paraphraser, Translator
 from distill.errors import ConfigError
@@ -29,7 +29,18 @@ LOW_INIT_LR_STUDENTS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44
                         "wrn_40_1", "wrn_40_2")
 
 
-@DISTILLERS.register("ft")
+@DISTILLERS.register("ft",
+                     paper='Factor Transfer, Kim, Park & Kwak NeurIPS 2018',
+                     recipe=('two stages: `init` (`init_epochs` 30) trains a paraphraser '
+                             "(autoencoder, `rate` 0.5) to reconstruct the frozen teacher's last "
+                             'stage output (MSE, constant lr 0.01 for ResNet/WRN students, else '
+                             "the run's); then, for `trainer.epochs`, student + translator with CE"
+                             " 1 + 200 x FT loss (`p` 1) between the translator's factor of the "
+                             "student's last stage output and the fixed paraphraser's factor of "
+                             "the teacher's"),
+                     table_row=10,
+                     edges={"init_lr": {"huge": OVERFLOW},
+                            "init_epochs": {"0": NO_INIT}})
 class FT(Staged, FeatureDistiller):
     traits = replace(FeatureDistiller.traits, manual_step=True)
 

@@ -9,7 +9,14 @@ from distill.method.checks import require
 from distill.losses import kd_loss
 
 
-@DISTILLERS.register("kd")
+@DISTILLERS.register("kd",
+                     paper='Hinton et al. 2015',
+                     recipe=('CE 0.1, KD 0.9, T=4; `standardize: true` is logit standardization '
+                             '(Sun et al. CVPR 2024, code sunshangquan/logit-standardization-KD): '
+                             "each sample's logits z-scored (unbiased std + 1e-7) before KD, with "
+                             'its base temperature and weight per pair '
+                             '(`experiment=cifar100_ls/<pair>`: T 2, KD 9 mostly)'),
+                     table_row=1)
 class KD(Distiller):
     traits = Traits(teacher_outputs_only=True)
 

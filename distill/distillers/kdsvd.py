@@ -12,7 +12,12 @@ from distill.errors import ConfigError
 from distill.losses import kdsvd_loss
 
 
-@DISTILLERS.register("kdsvd")
+@DISTILLERS.register("kdsvd",
+                     paper='KD-SVD, Lee, Kim & Song ECCV 2018',
+                     recipe=("as mdistiller's config: CE 1, 1 x the squared difference of student "
+                             'and teacher RBF relations between the top (`k` 1) right singular '
+                             'vectors of neighbouring stage outputs; student and teacher channel '
+                             'counts must agree stage by stage'))
 class KDSVD(FeatureDistiller):
     layer_option = "layers"
 

@@ -11,14 +11,24 @@ default of this method.
 from __future__ import annotations
 
 from distill.data.augment import AUGMENTATIONS
-from distill.method import DISTILLERS, Distiller, StepContext, Traits, TrainsOnViews
+from distill.method import DISTILLERS, Distiller, StepContext, TrainsOnViews, Traits
 from distill.method.checks import require
 from distill.losses import mlkd_losses
 
 STRONG_VIEW = "strong"
 
 
-@DISTILLERS.register("mlkd")
+@DISTILLERS.register("mlkd",
+                     paper=('Multi-Level Logit Distillation, Jin, Wang & Lin CVPR 2023 (code '
+                            'Jin-Ying/Multi-Level-Logit-Distillation)'),
+                     recipe=('a strong view of every batch (crop/flip again, RandAugment of 2 '
+                             'random ops at random magnitudes, Cutout: `strong_augment: '
+                             'mlkd_randaugment`, both data paths); CE 0.1 on each view, 0.9 x '
+                             'instance-level KD at T 4, 3, 5, 2, 6, class- and batch-correlation '
+                             'terms, confidence-masked as the code does (`mlkd_losses`); the '
+                             'reference trains 480 epochs at lr 0.025 (an experiment setting); '
+                             '`standardize: true` for MLKD+LS'),
+                     table_row=18)
 class MLKD(TrainsOnViews, Distiller):
     traits = Traits(needs_images=True)
 

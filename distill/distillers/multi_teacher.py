@@ -13,14 +13,19 @@ import math
 
 import torch
 
-from distill.method import DISTILLERS, OwnTeachers, Traits, call_model, Distiller, TeacherRequest
+from distill.method import DISTILLERS, Distiller, OwnTeachers, TeacherRequest, Traits, call_model
 from distill.method.checks import require, require_models
 from distill.errors import ConfigError
-from distill.losses import ENSEMBLE_MODES, ensemble_log_probs, soft_target_loss
-from distill.losses.ensemble import ensemble_weights
+from distill.losses import ensemble_log_probs, soft_target_loss
+from distill.losses.ensemble import ENSEMBLE_MODES, ensemble_weights
 
 
-@DISTILLERS.register("multi_teacher")
+@DISTILLERS.register("multi_teacher",
+                     paper='Several teachers, Hinton et al. 2015 (section 2)',
+                     recipe=('KD (CE 0.1, KD 0.9, T=4) to the `arithmetic` (or `geometric`) mean '
+                             "of the teachers' softened distributions, `weights` equal unless "
+                             'given; `teachers` (default `[<teacher>, resnet110]`, each found like'
+                             ' `teacher=`), `teacher_checkpoints`'))
 class MultiTeacher(OwnTeachers, Distiller):
     traits = Traits(teacher_outputs_only=True)
 

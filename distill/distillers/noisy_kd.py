@@ -6,12 +6,17 @@ acts as a regulariser. Only training batches are perturbed; the teacher's logged
 from __future__ import annotations
 
 from distill.method import DISTILLERS
-from distill.method.checks import require
+from distill.method.checks import OVERFLOW, require
 from distill.distillers.kd import KD
 from distill.losses import perturb_logits
 
 
-@DISTILLERS.register("noisy_kd")
+@DISTILLERS.register("noisy_kd",
+                     paper='Noisy teacher, Sau & Balasubramanian 2016',
+                     recipe=('KD with teacher logits z(1+xi), xi ~ N(0, 0.1^2), on half the '
+                             'samples (`sigma`, `fraction`)'),
+                     edges={"sigma": {"0": "noisy_kd without noise: plain KD", "huge": OVERFLOW},
+                            "fraction": {"0": "noisy_kd noises no example: plain KD"}})
 class NoisyKD(KD):
     def __init__(self, student, teacher, ce_weight: float = 0.1, kd_weight: float = 0.9,
                  temperature: float = 4.0, sigma: float = 0.1, fraction: float = 0.5):

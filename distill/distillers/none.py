@@ -5,7 +5,9 @@ from distill.method import DISTILLERS, Distiller, Traits, call_model
 from distill.method.checks import require
 
 
-@DISTILLERS.register("none")
+@DISTILLERS.register("none",
+                     paper='cross-entropy only',
+                     table_row=0)
 class Vanilla(Distiller):
     traits = Traits(needs_teacher=False)
 

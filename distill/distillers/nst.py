@@ -11,7 +11,11 @@ from distill.distillers.feature_pairs import FeatureDistiller, stage_pairs
 from distill.losses import nst_loss
 
 
-@DISTILLERS.register("nst")
+@DISTILLERS.register("nst",
+                     paper='Neuron Selectivity Transfer, Huang & Wang arXiv 2017',
+                     recipe=('CE 1, 50 x the sum over the stage outputs of the polynomial-kernel '
+                             '(d=2) MMD between the L2-normalised channel maps'),
+                     table_row=12)
 class NST(FeatureDistiller):
     layer_option = "layers"
 

@@ -114,7 +114,17 @@ def stage_weights(count: int) -> list[float]:
     return [1.0 / 2 ** (count - i - 1) for i in range(count)]
 
 
-@DISTILLERS.register("ofd")
+@DISTILLERS.register("ofd",
+                     paper=('A Comprehensive Overhaul of Feature Distillation, Heo et al. ICCV '
+                            '2019 (code clovaai/overhaul-distillation; mdistiller)'),
+                     recipe=('CE 1, 0.001 x the sum over the pre-ReLU stage outputs (weights 1/4, '
+                             "1/2, 1) of the partial L2 between the student's map through a "
+                             "trained 1x1 conv + BN connector and the teacher's map clamped below "
+                             'at a per-channel margin from its BN (`ofd_margin`), summed over '
+                             "C,H,W per sample; the teacher's BNs use batch statistics, as the "
+                             'reference runs it in train mode, without changing its running '
+                             'statistics (`teacher_batch_stats`)'),
+                     table_row=14)
 class OFD(FeatureDistiller):
     layer_option = "layers"
 

@@ -12,7 +12,11 @@ from distill.distillers.feature_pairs import FeatureDistiller
 from distill.losses import pkt_loss
 
 
-@DISTILLERS.register("pkt")
+@DISTILLERS.register("pkt",
+                     paper='Probabilistic Knowledge Transfer, Passalis & Tefas ECCV 2018',
+                     recipe=('CE 1, 30000 x the KL between the cosine-kernel conditional '
+                             'distributions of the pooled embeddings over the batch'),
+                     table_row=8)
 class PKT(FeatureDistiller):
     def __init__(self, student, teacher, ce_weight: float = 1.0, feat_weight: float = 30000.0,
                  student_layer: str | None = None, teacher_layer: str | None = None,

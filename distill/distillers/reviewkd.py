@@ -104,7 +104,18 @@ def as_map(feat: torch.Tensor) -> torch.Tensor:
     return feat[:, :, None, None] if feat.dim() == 2 else feat
 
 
-@DISTILLERS.register("reviewkd")
+@DISTILLERS.register("reviewkd",
+                     paper=('Knowledge Review, Chen et al. CVPR 2021 (code '
+                            'dvlab-research/ReviewKD; mdistiller)'),
+                     recipe=('CE 1, 5 x HCL (per pair `tuned.reviewkd.feat_weight`: 0.6 '
+                             'res56->res20, 1.0 res110->res32, 8.0 res32x4->shufflev2) between the'
+                             " student's stage outputs + pooled feature fused deep->shallow by "
+                             'trained attention-based fusion modules (width min(512, deepest '
+                             "channels)) and the teacher's pre-activation stage outputs + pooled "
+                             'feature; linear ramp over 20 epochs; the teacher needs '
+                             'pre-activation features (ResNets, WRNs, VGGs) or `teacher_layers`'),
+                     table_row=15,
+                     edges={"warmup_epochs": {"0": "no warm-up ramp"}})
 class ReviewKD(FeatureDistiller):
     layer_option = "layers"
 

@@ -12,7 +12,10 @@ from distill.distillers.feature_pairs import FeatureDistiller
 from distill.losses import rkd_loss
 
 
-@DISTILLERS.register("rkd")
+@DISTILLERS.register("rkd",
+                     paper='Relational KD, Park et al. CVPR 2019',
+                     recipe='CE 1, distance 25, angle 50 on the pooled embeddings',
+                     table_row=7)
 class RKD(FeatureDistiller):
     def __init__(self, student, teacher, ce_weight: float = 1.0, feat_weight: float = 1.0,
                  distance_weight: float = 25.0, angle_weight: float = 50.0,

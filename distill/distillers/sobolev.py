@@ -17,7 +17,14 @@ from distill.losses import kd_loss
 from distill.losses.sobolev import input_gradient_gap, unit_sphere
 
 
-@DISTILLERS.register("sobolev")
+@DISTILLERS.register("sobolev",
+                     paper='Sobolev training, Czarnecki et al. NeurIPS 2017',
+                     recipe=('KD (CE 0.1, KD 0.9, T=4) + `sobolev_weight` 1 x `sobolev_loss`: the '
+                             "squared L2 gap, over every input element, between the student's and "
+                             "the teacher's input gradients of the logits projected on a direction"
+                             ' drawn on the unit sphere per sample and step (seeded by seed and '
+                             'step); trains through a double backward, so no `trainer.compile` and'
+                             ' no DDP. The weight is ours (the paper distils Atari policies)'))
 class Sobolev(Distiller):
     # input gradients of image pixels: token ids have none
     traits = Traits(needs_images=True, needs=frozenset({"teacher_input_grad", "double_backward"}))

@@ -12,7 +12,11 @@ from distill.distillers.feature_pairs import FeatureDistiller
 from distill.losses import sp_loss
 
 
-@DISTILLERS.register("sp")
+@DISTILLERS.register("sp",
+                     paper='Similarity-Preserving KD, Tung & Mori ICCV 2019',
+                     recipe=('CE 1, 3000 x the squared difference of the row-normalised batch '
+                             'similarity matrices of the last stage output'),
+                     table_row=4)
 class SP(FeatureDistiller):
     def __init__(self, student, teacher, ce_weight: float = 1.0, feat_weight: float = 3000.0,
                  student_layer: str | None = None, teacher_layer: str | None = None,

@@ -53,7 +53,16 @@ SPECIALIST_OPTIONS = ("enrichment",)   # what each specialist's training run tak
 CLUSTER_SEED = 0                         # K-means's own seed: subsets do not follow the run's seed
 
 
-@DISTILLERS.register("specialists")
+@DISTILLERS.register("specialists",
+                     paper='Specialists, Hinton et al. 2015 (section 5)',
+                     recipe=('the teacher is the generalist; `subsets` of confusable classes by '
+                             'hand, or K-means (`num_specialists`, default round(sqrt(C))) on the '
+                             "covariance of the generalist's predictions at T over the training "
+                             'split; each specialist starts from the generalist and learns CE over'
+                             ' its subset + a dustbin on data drawn half from its subset '
+                             '(`enrichment` 0.5), kept in the zoo; the student learns CE 0.1 + KD '
+                             '0.9 (T=4) to the q minimising KL(p_g, q) + sum KL(p_m, q) over the '
+                             "specialists that hold the generalist's top-1 class (`top_n`)"))
 class Specialists(OwnTeachers, Distiller):
     traits = Traits(teacher_outputs_only=True)
 

@@ -19,7 +19,9 @@ from distill.distillers.kd import KD
 KD_OPTIONS = ("ce_weight", "kd_weight", "temperature")   # each link is KD with these
 
 
-@DISTILLERS.register("takd")
+@DISTILLERS.register("takd",
+                     paper='Teacher assistants, Mirzadeh et al. AAAI 2020',
+                     recipe='KD (CE 0.1, KD 0.9, T=4) along `assistants` (default `[resnet32]`)')
 class TAKD(OwnTeachers, KD):
     def __init__(self, student, teacher, assistants: list[str] | None = None,
                  ce_weight: float = 0.1, kd_weight: float = 0.9, temperature: float = 4.0):

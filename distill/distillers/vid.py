@@ -11,14 +11,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import require
+from distill.method.checks import OVERFLOW, require
 from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes, stage_pairs
 from distill.distillers.connectors import VIDRegressor
 from distill.errors import ConfigError
 from distill.losses import vid_loss
 
 
-@DISTILLERS.register("vid")
+@DISTILLERS.register("vid",
+                     paper='Variational Information Distillation, Ahn et al. CVPR 2019',
+                     recipe=('CE 1, 1 x the sum over the stage outputs of the Gaussian NLL of the '
+                             "teacher's map under a trained regressor of the student's (three 1x1 "
+                             'convs) with a learned per-channel variance (`init_var` 5, `eps` '
+                             '1e-5)'),
+                     table_row=6,
+                     edges={"init_var": {"huge": OVERFLOW}})
 class VID(FeatureDistiller):
     layer_option = "layers"
 

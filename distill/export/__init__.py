@@ -36,8 +36,7 @@ from distill.data import build_data
 from distill.data.views import StudentViewInput
 from distill.errors import ConfigError
 from distill.export.int8 import CALIBRATION_IMAGES, compare_onnx, images_of, quantize_onnx
-from distill.export.measure import (
-    Timing, cpu_latency_ms, cpu_threads, flops_per_image, measure, parameter_count)
+from distill.export.measure import Timing, cpu_latency_ms, cpu_threads, measure
 from distill.export.onnx_file import (
     ONNX_ATOL, ONNX_CHECK_BATCHES, ExportError, check_onnx, compact_onnx, export_onnx,
     onnx_export_error, onnx_exporter)
@@ -46,6 +45,7 @@ from distill.export.run import (
     load_exit, load_student, read_run, run_dir_error, teacher_top1)
 from distill.method import DataFree
 from distill.models import create_model
+from distill.models.measure import flops_per_image, parameter_count
 from distill.teachers import load_state_into
 
 EXPORT_FILES = ("student.safetensors", "student.onnx", "student.int8.onnx",
@@ -91,8 +91,10 @@ def staged_export(out: Path) -> Iterator[Path]:
 def weights_metadata(run: TrainedRun, exit_number: int | None = None) -> dict[str, str]:
     """safetensors metadata is str -> str: lists are JSON. An exit's weights also say which."""
     meta = {"model": run.student, "num_classes": str(run.num_classes),
-            "input_shape": json.dumps(list(run.input_shape)),
+            "input_shape": json.dumps(list(run.input_shape)), "inputs": run.inputs.kind,
             "dataset": run.config["dataset"]["name"], "run_dir": str(run.path.resolve())}
+    if run.model_options:   # what the model is built with besides its classes (vocab_size)
+        meta.update(model_options=json.dumps(run.model_options))
     if run.mean and run.std:
         meta.update(mean=json.dumps(list(run.mean)), std=json.dumps(list(run.std)))
     if exit_number is not None:
@@ -126,6 +128,10 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, batch: int
     out = Path(out) if out is not None else run.path / default
     check_output_folder(out)
     exporter = onnx_exporter() if onnx else None   # before any work: a missing package is input
+    if int8 and run.inputs.kind != "images":
+        raise ConfigError(f"the int8 model's activations are calibrated on images; this run's "
+                          f"inputs are {run.inputs.kind}", key="--int8",
+                          allowed="no --int8 for this run")
     if int8 and exporter is None:
         raise ConfigError("the int8 model is made from student.onnx: --no-onnx leaves none"
                           + (" (this run trained with trainer.quantize=int8)" if trained_int8
@@ -143,25 +149,25 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, batch: int
         onnx_report = None
         if exporter:
             try:
-                export_onnx(student, run.input_shape, staging / "student.onnx", exporter)
+                export_onnx(student, run.inputs, staging / "student.onnx", exporter)
             except Exception as exc:  # noqa: BLE001 - torch.onnx raises many types for one cause
                 raise onnx_export_error(name, exporter, exc) from None
             compact_onnx(staging / "student.onnx")   # checked below, as written
             onnx_report = {"file": "student.onnx", "exporter": exporter,
-                           **check_onnx(student, staging / "student.onnx", run.input_shape),
+                           **check_onnx(student, staging / "student.onnx", run.inputs),
                            "bytes": (staging / "student.onnx").stat().st_size}
         # other work on the machine makes CPU timings meaningless: record how busy it was
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         int8_report = (int8_export(run, staging, batches, threads, timing, trained_int8)
                        if int8 else None)
         with cpu_threads(threads):
-            student_numbers = measure(student, run.input_shape, batches, timing)
-            teacher_numbers = (measure(teacher.model, run.input_shape, batches, timing)
+            student_numbers = measure(student, run.inputs, batches, timing)
+            teacher_numbers = (measure(teacher.model, run.inputs, batches, timing)
                                if teacher.model is not None else None)
         report = {
             "run_dir": str(run.path.resolve()), "out": str(out.resolve()),
             "dataset": run.config["dataset"]["name"], "num_classes": run.num_classes,
-            "input_shape": list(run.input_shape),
+            "inputs": run.inputs.kind, "input_shape": list(run.input_shape),
             "mean": list(run.mean) if run.mean else None, "std": list(run.std) if run.std else None,
             "cpu_threads": threads, "cpu_count": os.cpu_count(), "load_average_1m": load,
             "batches": list(batches), "torch": torch.__version__,
@@ -229,7 +235,8 @@ def reload_exported(path: str | Path) -> nn.Module:
         raise ConfigError(f"{path} is early exit {meta['exit']} of a {meta.get('method')} run, "
                           f"not a whole {meta['model']}: its ONNX file beside it runs it",
                           key="weights")
-    model = create_model(meta["model"], num_classes=int(meta["num_classes"]))
+    model = create_model(meta["model"], num_classes=int(meta["num_classes"]),
+                         **json.loads(meta.get("model_options", "{}")))
     load_state_into(model, load_file(str(path)), source=str(path), key="weights",
                     num_classes=int(meta["num_classes"]))
     return model.eval()

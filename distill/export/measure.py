@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.models.measure import flops_per_image, parameter_count
+from distill.inputs import InputSpec, call_model
+from distill.models.measure import flops_per_item, parameter_count
 
 
 @dataclass(frozen=True)
@@ -33,28 +34,36 @@ def cpu_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def cpu_latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int,
+def cpu_latency_ms(model: nn.Module, inputs: InputSpec, batch: int,
                    timing: Timing = Timing()) -> float:
-    """Median wall time of one forward of a `batch`, after warm-up (allocator, kernel choice)."""
-    images = torch.randn(batch, *input_shape)
+    """Median wall time of one forward of a `batch` (full-length sequences), after warm-up
+    (allocator, kernel choice)."""
+    example = inputs.random(batch)
+    if inputs.kind == "tokens":   # every item as long as the sequence may be
+        example = {"input_ids": example["input_ids"].clamp(min=1),
+                   "attention_mask": torch.ones_like(example["attention_mask"])}
     times: list[float] = []
     with torch.inference_mode():
         for _ in range(timing.warmup):
-            model(images)
+            call_model(model, example)
         started = time.perf_counter()
         while len(times) < timing.min_repeats or (
                 len(times) < timing.max_repeats
                 and time.perf_counter() - started < timing.budget_s):
             tick = time.perf_counter()
-            model(images)
+            call_model(model, example)
             times.append(time.perf_counter() - tick)
     return 1000 * statistics.median(times)
 
 
-def measure(model: nn.Module, input_shape: tuple[int, ...], batches: tuple[int, ...],
+def measure(model: nn.Module, inputs: InputSpec, batches: tuple[int, ...],
             timing: Timing) -> dict[str, Any]:
+    """Parameters, FLOPs of one item (an image; a full-length sequence) and CPU latency."""
+    one = (torch.zeros(1, *inputs.shape) if inputs.kind == "images"
+           else {"input_ids": torch.ones(1, *inputs.shape, dtype=torch.int64),
+                 "attention_mask": torch.ones(1, *inputs.shape, dtype=torch.int64)})
     return {"params": parameter_count(model),
-            "flops_per_image": flops_per_image(model, input_shape),
-            "latency_ms": {str(b): cpu_latency_ms(model, input_shape, b, timing) for b in batches}}
+            "flops_per_image": flops_per_item(model, one),
+            "latency_ms": {str(b): cpu_latency_ms(model, inputs, b, timing) for b in batches}}
 
 

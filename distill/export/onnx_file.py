@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from distill.errors import ConfigError
+from distill.inputs import InputSpec, call_model
 
 ONNX_CHECK_BATCHES = (1, 3)   # neither is the batch of 2 exported with: proves the batch is dynamic
 ONNX_ATOL = 1e-4              # per unit of logit magnitude: float32 rounding grows with it
@@ -33,19 +34,30 @@ def onnx_exporter() -> str:
                       hint="pip install 'distill[export]', or pass --no-onnx")
 
 
-def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, exporter: str) -> None:
-    """`images` [batch, C, H, W] -> `logits` [batch, classes], batch dynamic, one file."""
-    example = (torch.randn(2, *input_shape),)   # not 1: torch.export specialises size-1 dims
-    names = {"input_names": ["images"], "output_names": ["logits"]}
+def export_onnx(model: nn.Module, inputs: InputSpec, path: Path, exporter: str) -> None:
+    """`images` [batch, C, H, W] -> `logits` [batch, classes], the batch dynamic; or
+    `input_ids`, `attention_mask` [batch, sequence] -> `logits`, batch and sequence dynamic.
+    One file."""
+    # batch 2, not 1: torch.export specialises dimensions of size 1
+    example = inputs.random(2, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch")
+    if inputs.kind == "images":
+        args, kwargs, axes = (example,), {}, {"images": {0: "batch"}}
+        shapes: Any = ({0: batch},)
+    else:
+        sequence = torch.export.Dim("sequence", min=2, max=max(2, 4 * inputs.shape[0]))
+        args, kwargs = (), example
+        axes = {name: {0: "batch", 1: "sequence"} for name in inputs.names}
+        shapes = {name: {0: batch, 1: sequence} for name in inputs.names}
+    names = {"input_names": inputs.names, "output_names": ["logits"]}
     if exporter == "dynamo":
-        torch.onnx.export(model, example, str(path), dynamo=True, external_data=False,
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False, **names)
+        torch.onnx.export(model, args, str(path), kwargs=kwargs, dynamo=True,
+                          external_data=False, dynamic_shapes=shapes, verbose=False, **names)
     else:
         with warnings.catch_warnings():   # chosen knowingly: the only exporter without onnxscript
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(model, example, str(path), dynamo=False,
-                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                              **names)
+            torch.onnx.export(model, args or (), str(path), kwargs=kwargs, dynamo=False,
+                              dynamic_axes={**axes, "logits": {0: "batch"}}, **names)
 
 
 def compact_onnx(path: Path) -> None:
@@ -94,9 +106,10 @@ def onnx_export_error(model: str, exporter: str, exc: BaseException) -> ConfigEr
                        f"written)", key="--no-onnx")
 
 
-def check_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...]) -> dict[str, Any]:
-    """Run the file with onnxruntime on random batches and compare with torch; without
-    onnxruntime, only validate the graph with onnx's checker."""
+def check_onnx(model: nn.Module, path: Path, inputs: InputSpec) -> dict[str, Any]:
+    """Run the file with onnxruntime on random batches (token batches of other lengths than the
+    export's too) and compare with torch; without onnxruntime, only validate the graph with
+    onnx's checker."""
     if importlib.util.find_spec("onnxruntime") is None:
         import onnx
 
@@ -106,11 +119,15 @@ def check_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...]) -> di
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst, scale = 0.0, 1.0
+    generator = torch.Generator().manual_seed(0)
     for batch in ONNX_CHECK_BATCHES:
-        images = torch.randn(batch, *input_shape)
+        length = None if inputs.kind == "images" else max(2, inputs.shape[0] // batch)
+        example = inputs.random(batch, length, generator=generator)
         with torch.inference_mode():
-            expected = model(images).numpy()
-        (got,) = session.run(["logits"], {"images": images.numpy()})
+            expected = call_model(model, example).numpy()
+        feed = ({"images": example.numpy()} if inputs.kind == "images"
+                else {name: value.numpy() for name, value in example.items()})
+        (got,) = session.run(["logits"], feed)
         if got.shape != expected.shape:
             raise ExportError(f"ONNX model gives {got.shape} logits for a batch of {batch}, "
                               f"torch gives {expected.shape}")

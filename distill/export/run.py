@@ -1,8 +1,9 @@
 """The run an export reads: a finished run directory (distill.runs reads it), its student's
-class count and input shape, and its teacher, found where training took it (never trained)."""
+class count and inputs (images of a shape, or token ids of a length), and its teacher, found
+where training took it (never trained)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -13,6 +14,7 @@ from distill.catalog import DISTILLERS
 from distill.checkpoint import read_checkpoint
 from distill.data import dataset_facts
 from distill.errors import ConfigError
+from distill.inputs import InputSpec
 from distill.method import BuildInfo, DerivedModels, build_distiller, teacher_requests
 from distill.models import create_model, model_spec
 from distill.runs import CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, read_run_dir
@@ -32,9 +34,11 @@ class TrainedRun:
     weights: Path           # student.safetensors
     student: str
     num_classes: int
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]   # an image's (C, H, W), or the tokens' (length,)
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
+    inputs: InputSpec = InputSpec("images", (3, 32, 32))
+    model_options: dict = field(default_factory=dict)   # e.g. the vocabulary's size
 
 
 def run_dir_error(path: Path, problem: str) -> ConfigError:
@@ -66,15 +70,21 @@ def read_run(path: str | Path) -> TrainedRun:
     config, summary = record.config, record.summary
     student, dataset = config["student"]["name"], config["dataset"]
     facts = dataset_facts(dataset)
-    size = facts.image_size or model_spec(student).input_size
-    if size is None:
-        raise ConfigError(f"cannot tell the input size of dataset '{dataset['name']}'",
-                          key="dataset.image_size")
+    if facts.inputs == "tokens":
+        spec = InputSpec("tokens", (facts.sequence_length,),
+                         vocab_size=facts.model_options.get("vocab_size"))
+    else:
+        size = facts.image_size or model_spec(student).input_size
+        if size is None:
+            raise ConfigError(f"cannot tell the input size of dataset '{dataset['name']}'",
+                              key="dataset.image_size")
+        spec = InputSpec("images", (3, size, size))
     return TrainedRun(path=path, config=config, summary=summary, weights=record.weights,
                       student=student, num_classes=class_count(record.weights, student, dataset),
-                      input_shape=(3, size, size),
+                      input_shape=spec.shape,
                       mean=tuple(facts.mean) if facts.mean else None,
-                      std=tuple(facts.std) if facts.std else None)
+                      std=tuple(facts.std) if facts.std else None, inputs=spec,
+                      model_options=dict(facts.model_options))
 
 
 def class_count(weights: Path, model: str, dataset: dict) -> int:
@@ -95,7 +105,7 @@ def class_count(weights: Path, model: str, dataset: dict) -> int:
 
 def load_student(run: TrainedRun) -> nn.Module:
     return load_model(run.student, str(run.weights), key="student.safetensors",
-                      num_classes=run.num_classes).eval()
+                      num_classes=run.num_classes, model_options=run.model_options).eval()
 
 
 def load_exit(run: TrainedRun, number: int) -> nn.Module:
@@ -115,7 +125,8 @@ def load_exit(run: TrainedRun, number: int) -> nn.Module:
     requests = teacher_requests(cls, options, {"pretrained": False, "checkpoint": None,
                                                **run.config["teacher"]})
     # stand-ins of the teachers' architectures: an exit is made of trained parts only
-    teachers = {r.role: create_model(r.arch, num_classes=run.num_classes) for r in requests}
+    teachers = {r.role: create_model(r.arch, num_classes=run.num_classes, **run.model_options)
+                for r in requests}
     info = BuildInfo(student_spec=model_spec(run.student),
                      teacher_spec=model_spec(requests[0].arch) if requests else None,
                      input_shape=run.input_shape, num_classes=run.num_classes,
@@ -181,7 +192,8 @@ def find_teacher(run: TrainedRun, zoo_root: str | Path | None = None) -> FoundTe
         pinned = link.meta.get("teacher_sha256") if link is not None else None
         request = request.distilled_from
     lookup = OmegaConf.create({**cfg, "teacher": teacher})
-    resolver = TeacherResolver(lookup, cfg["dataset"], run.num_classes, zoo, [], train=None)
+    resolver = TeacherResolver(lookup, cfg["dataset"], run.num_classes, zoo, [], train=None,
+                               model_options=run.model_options)
     try:
         found = resolver.resolve(request, pinned)
     except (ConfigError, OSError) as exc:   # OSError: pretrained weights not downloadable

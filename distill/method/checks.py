@@ -25,6 +25,16 @@ NEEDS = {
                         "ddp": "DDP does not reduce gradients taken with torch.autograd.grad"},
 }
 
+# What an accepted edge value of a method's option means (the tests walk every option with 0,
+# -1, a huge number, [] and text): for every method, these; a method's own are its
+# registration's `edges={option: {value: meaning}}`.
+OVERFLOW = "as given: a loss that overflows stops the run (trainer.on_nonfinite)"
+OFF = "that loss term is off (every weight zero is refused)"
+NO_INIT = "no init stage: the main stage from step one"
+COMMON_EDGES = {"*_weight": {"0": OFF, "huge": OVERFLOW},
+                "temperature": {"huge": OVERFLOW}}
+
+
 _RULES = {">0": (lambda v: v > 0, "a positive (finite) number"),
           ">=0": (lambda v: v >= 0, "zero or a positive (finite) number"),
           "[0,1]": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),

@@ -302,6 +302,10 @@ def build_distiller(name: str, student: nn.Module,
     """Build method `name` with its options, naming any unknown or mistyped one. The constructor
     gets what it asks for by parameter name: `teacher` (the one frozen teacher),
     `teacher_models` (all of them, by role) and `info`."""
+    if not len(DISTILLERS):   # the contract knows no method; importing them registers them
+        raise ConfigError(f"no method is registered, so none is called {name!r}", key="distiller",
+                          hint="import distill.catalog (every method) or the method's module "
+                               "(distill.distillers.<name>) first")
     cls = DISTILLERS.get(name, key="distiller")
     params = inspect.signature(cls.__init__).parameters
     teachers = {"teacher": teachers} if isinstance(teachers, nn.Module) else dict(teachers or {})

@@ -16,8 +16,8 @@ from torch import nn
 
 from distill.models import MODELS
 
-# the paper's filter widths and maps per width; its dropout
-WIDTHS, MAPS, DROPOUT = (3, 4, 5), 100, 0.5
+# the paper's filter widths and maps per width; its dropout; its code's random word vectors
+WIDTHS, MAPS, DROPOUT, EMBED_INIT = (3, 4, 5), 100, 0.5, 0.25
 
 
 class TextCNN(nn.Module):
@@ -26,6 +26,10 @@ class TextCNN(nn.Module):
                  padding_id: int = 0):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=padding_id)
+        # the code of the paper (CNN-rand) draws word vectors from U[-0.25, 0.25]
+        nn.init.uniform_(self.embedding.weight, -EMBED_INIT, EMBED_INIT)
+        with torch.no_grad():
+            self.embedding.weight[padding_id].zero_()
         # "same" padding: a sentence shorter than a filter still has a window
         self.convs = nn.ModuleList(nn.Conv1d(embed_dim, maps, w, padding=w // 2) for w in widths)
         self.dropout = nn.Dropout(dropout)

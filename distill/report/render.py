@@ -47,23 +47,20 @@ def in_column(row: Row, column: tuple[str, str | None, str]) -> bool:
     return (row.dataset, row.student) == (dataset, student) and row.teacher in (teacher, None)
 
 
-# The order of the published CIFAR-100 table (the CRD paper's Table 1, which RepDistiller's and
-# mdistiller's tables follow): rows of ours line up with it. Methods it does not have follow, in
-# the order the sweeps ran them.
-# the CRD paper's table (RepDistiller README), then the later methods as the DKD paper and the
-# logit-standardization README list them
-PUBLISHED_ORDER = (VANILLA, "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft",
-                   "fsp", "nst", "crd", "ofd", "reviewkd", "dkd", "dist", "mlkd")
-
-
 def method_order(rows: list[Row]) -> list[str]:
-    """Vanilla first (it is the baseline), the published table's methods in its order, then
-    the others in the order the sweeps ran them."""
+    """The published CIFAR-100 table's order, so rows of ours line up with it: each method's
+    registration says its row (`table_row`: vanilla first as the baseline, then the CRD paper's
+    Table 1, which RepDistiller's and mdistiller's tables follow, then the later methods as the
+    DKD paper and the logit-standardization README list them); methods it does not have follow,
+    in the order the sweeps ran them."""
+    from distill.catalog import DISTILLERS   # imports torch and every method: not at import
+
     labels = list(dict.fromkeys(r.method for r in rows))
 
-    def rank(label: str) -> int:
+    def rank(label: str) -> float:
         name = label.split(" ")[0]
-        return PUBLISHED_ORDER.index(name) if name in PUBLISHED_ORDER else len(PUBLISHED_ORDER)
+        row = DISTILLERS.meta(name).get("table_row") if name in DISTILLERS else None
+        return row if row is not None else float("inf")
 
     return sorted(labels, key=rank)
 
