@@ -1,4 +1,4 @@
-"""The roles redesign (docs/engine-roles.md): the original eight methods train exactly as before,
+"""The roles redesign (docs/method-contract.md): the original eight methods train exactly as before,
 checkpoints from before the roles still resume, a method's parts must be declared, what a
 method cannot run with is refused at validation, and a run's teachers are pinned by sha256."""
 from __future__ import annotations
@@ -280,8 +280,10 @@ def test_what_a_method_may_need_reaches_it(tmp_path, monkeypatch):
     from distill.method import BuildInfo
     from distill.distillers.kd import KD
 
+    from distill.distillers.bss import pixel_range
+
     info = BuildInfo(mean=(0.5, 0.25, 0.0), std=(0.25, 0.5, 1.0))
-    assert info.pixel_range == ((-2.0, -0.5, 0.0), (2.0, 1.5, 1.0))
+    assert pixel_range(info.mean, info.std) == ((-2.0, -0.5, 0.0), (2.0, 1.5, 1.0))
 
     seen = []
     forward = KD.forward

@@ -23,6 +23,13 @@ from distill.losses.bss import (attack_targets, base_samples, boundary_supportin
                                 bss_schedule)
 
 
+def pixel_range(mean: tuple[float, ...], std: tuple[float, ...]
+                ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(lowest, highest) normalised value per channel: what black and white become."""
+    return (tuple((0.0 - m) / s for m, s in zip(mean, std)),
+            tuple((1.0 - m) / s for m, s in zip(mean, std)))
+
+
 KD_OFF_AT_END = "BSS's KD weight is 0 at that end of its ramp"
 NO_ATTACK = "BSS attacks no sample: its KD schedule alone"
 
@@ -62,7 +69,7 @@ class BSS(Distiller):
                              bss_until=bss_until)
         self.attack_fraction, self.attack_steps, self.step_size = (attack_fraction, attack_steps,
                                                                    step_size)
-        low, high = info.pixel_range
+        low, high = pixel_range(info.mean, info.std)
         self.register_buffer("low", torch.tensor(low).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("high", torch.tensor(high).view(1, -1, 1, 1), persistent=False)
 

@@ -39,7 +39,8 @@ class DML(Distiller):
                               f"with {peers[0]}", key="distiller.peers",
                               hint=f"set student={peers[0]}, or start distiller.peers with "
                                    f"{info.student_arch}")
-        models = [student] + [create_model(name, num_classes=info.num_classes) for name in peers[1:]]
+        models = [student] + [create_model(name, num_classes=info.num_classes, **info.model_options)
+                              for name in peers[1:]]
         self.peer_roles = [f"peer{i}" for i in range(len(peers))]
         for role, name, model in zip(self.peer_roles, peers, models):
             self.add_trained(role, model, optimizer=role, evaluated=True, arch=name,

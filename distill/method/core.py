@@ -1,10 +1,10 @@
 """The method contract: what every distillation method is, and all the engine knows of one.
 
-A method is a `Distiller`: an nn.Module that declares its parts by role (frozen teachers;
-trained modules grouped by optimizer; which are evaluated each epoch; the one exported as the
-student) and turns a batch into named loss terms. Its `traits` say, once, what kind of method
-it is. What only a few methods need (their own training set, their own teachers, stages, ...)
-is an opt-in piece (distill.method.pieces) that the engine asks for by type.
+A `Distiller` is an nn.Module that declares its parts by role (frozen teachers; trained modules
+grouped by optimizer; those evaluated each epoch; the one exported) and turns a batch into named
+loss terms; its `traits` say once what kind of method it is. What only a few methods need is an
+opt-in piece (distill.method.pieces). A batch's `inputs` are a tensor (images) or a mapping of
+tensors (`input_ids`, `attention_mask`), which `call_model` passes as keyword arguments.
 
     @DISTILLERS.register("kd")
     class KD(Distiller):
@@ -13,9 +13,6 @@ is an opt-in piece (distill.method.pieces) that the engine asks for by type.
         def forward(self, inputs, targets, ctx):
             logits = call_model(self.student, inputs)
             return logits, {"ce": ..., "kd": ...}
-
-A batch's `inputs` are a tensor (images) or a mapping of tensors (`input_ids`,
-`attention_mask`): `call_model` passes a mapping as keyword arguments.
 """
 from __future__ import annotations
 
@@ -101,12 +98,6 @@ class BuildInfo:
     example_inputs: Inputs | None = None
     model_options: dict[str, Any] = field(default_factory=dict)   # e.g. the vocabulary's size
 
-    @property
-    def pixel_range(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """(lowest, highest) normalised value per channel: what black and white become."""
-        return (tuple((0.0 - m) / s for m, s in zip(self.mean, self.std)),
-                tuple((1.0 - m) / s for m, s in zip(self.mean, self.std)))
-
 
 @dataclass(frozen=True)
 class TeacherRequest:
@@ -127,6 +118,8 @@ class TeacherRequest:
 
 @dataclass
 class Part:
+    """One module of a method, by the role it plays."""
+
     role: str
     frozen: bool
     optimizer: str | None      # trained parts: the optimizer that updates them
@@ -217,8 +210,8 @@ class Distiller(nn.Module):
             raise TypeError(f"{type(self).__name__} must export exactly one trained part "
                             "(add_trained(..., exported=True))")
         for name, child in self.named_children():
-            if name not in self.parts and (any(True for _ in child.parameters())
-                                           or any(True for _ in child.buffers())):
+            if name not in self.parts and any(True for _ in (*child.parameters(),
+                                                             *child.buffers())):
                 raise TypeError(f"{type(self).__name__}.{name} is a module that is not a declared "
                                 f"part: declare it with self.add_trained('{name}', ...) or "
                                 f"self.add_frozen('{name}', ...)")
@@ -276,19 +269,18 @@ class Distiller(nn.Module):
         `step`; returns the loss terms to log."""
         raise NotImplementedError
 
-    # --- what the configuration is checked against (before anything is built) -----------
+    # --- what the options are checked by, before anything is built (method.checks) ------
     @classmethod
     def check_values(cls, options: dict) -> None:
-        """Range checks of the method's options (distill.method.checks.require)."""
+        """Ranges (checks.require)."""
 
     @classmethod
     def check_schedule(cls, options: dict, epochs: int) -> None:
-        """Checks of options against the run's length (trainer.epochs)."""
+        """Against the run's length (trainer.epochs)."""
 
     @classmethod
     def loss_term_weights(cls, options: dict) -> dict[str, float]:
-        """Each loss term's weight by option: all zero trains nothing, which is refused. By
-        default every number option named `*_weight`."""
+        """Each loss term's weight by option (all zero is refused): `*_weight` by default."""
         return {k: v for k, v in options.items() if k.endswith("_weight")
                 and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
