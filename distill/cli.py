@@ -15,14 +15,14 @@ import sys
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from distill.app import run
-from distill.validation import resolve_device
-from distill.config import CONFIG_DIR
 from distill import distributed as dist_utils
+from distill.app import run
+from distill.config import CONFIG_DIR
 from distill.engine.preemption import EXIT_INTERRUPTED, Preempted, exit_on_stop
 from distill.engine.rundir import note_new_folders
 from distill.errors import ConfigError
 from distill.preflight import check_overrides
+from distill.validation import resolve_device
 
 
 def print_error(exc: BaseException) -> None:

@@ -25,14 +25,14 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distill.catalog import DISTILLERS
-from distill.config import CONFIG_DIR, OptimizerConfig, SchedulerConfig, teacher_run_defaults
-from distill.method import TeacherRequest
-from distill.method.checks import cache_refusal
 from distill import distributed as dist_utils
+from distill.catalog import DISTILLERS
 from distill.checkpoint import load_weights, preserved_rng
+from distill.config import CONFIG_DIR, OptimizerConfig, SchedulerConfig, teacher_run_defaults
 from distill.errors import ConfigError
 from distill.locks import Locked
+from distill.method import TeacherRequest
+from distill.method.checks import cache_refusal
 from distill.models import create_model
 from distill.zoo import TeacherZoo, ZooEntry, file_sha256, split_key
 

@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 import distill.catalog  # noqa: F401 - registers every method
+from distill import distributed as dist_utils
+from distill.config import TrainerConfig
 from distill.data import TensorImageDataset
 from distill.data.fake import fake
-from distill.method import BuildInfo, build_distiller
-from distill import distributed as dist_utils
-from distill.engine.teacher_cache import attach_teacher_cache
-from distill.config import TrainerConfig
-from distill.engine.trainer import Trainer
 from distill.data.fake_text import fake_text
+from distill.engine.teacher_cache import attach_teacher_cache
+from distill.engine.trainer import Trainer
+from distill.method import BuildInfo, build_distiller
 from distill.models import MODELS, create_model
 
 GLOBAL_BATCH, STEPS = 32, 7

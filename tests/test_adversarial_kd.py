@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from _resume import resumes_bit_exactly
-from distill.method import BuildInfo, StepContext, build_distiller
 from distill.losses.adversarial import discriminator_loss, generator_loss, logits_l1_loss
+from distill.method import BuildInfo, StepContext, build_distiller
 from distill.models import create_model
 
 g = torch.Generator().manual_seed(0)

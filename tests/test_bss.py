@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from _resume import resumes_bit_exactly
-from distill.method import BuildInfo, StepContext, build_distiller
 from distill.losses.bss import (attack_targets, base_samples, boundary_supporting_samples,
                                 bss_schedule)
+from distill.method import BuildInfo, StepContext, build_distiller
 from distill.models import create_model
 
 g = torch.Generator().manual_seed(11)

@@ -22,13 +22,13 @@ from torch import nn
 
 from _compose import make_cfg
 from distill.app import run
-from distill.method import BuildInfo, StepContext, build_distiller, teacher_label
-from distill.distillers.byot import BYOT, ExitAttention, ExitHead, SepConv
 from distill.checkpoint import read_checkpoint
+from distill.distillers.byot import BYOT, ExitAttention, ExitHead, SepConv
 from distill.errors import ConfigError
 from distill.export import cpu_threads, flops_per_image, load_exit, read_run, reload_exported
 from distill.losses import kd_loss
 from distill.losses.byot import byot_feature_loss, byot_soft_ce
+from distill.method import BuildInfo, StepContext, build_distiller, teacher_label
 from distill.models import ModelSpec, create_model, model_spec
 
 REPO = Path(__file__).resolve().parents[1]

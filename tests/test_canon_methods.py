@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from _compose import make_cfg, method_options
 from _golden import fixed_teacher
 from distill.app import run
-from distill.method import DISTILLERS, MAIN_STAGE, BuildInfo, StepContext, build_distiller
 from distill.checkpoint import read_checkpoint
 from distill.losses import nst_loss, pkt_loss, sp_loss
+from distill.method import MAIN_STAGE, BuildInfo, StepContext, build_distiller
 from distill.models import create_model, model_spec
 
 CANON = ("nst", "sp", "pkt", "cc", "vid", "kdsvd", "ft", "ab", "fsp")

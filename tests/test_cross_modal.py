@@ -15,9 +15,9 @@ from _compose import make_cfg
 from _resume import FAKE_RUN, resumes_bit_exactly
 from distill.app import run
 from distill.data.views import apply_student_view, edges, grayscale, low_res
-from distill.method import BuildInfo, build_distiller
 from distill.errors import ConfigError
-from distill.models import create_model, model_spec
+from distill.method import BuildInfo, build_distiller
+from distill.models import create_model
 from distill.teachers import teacher_run_config
 
 MEAN = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)

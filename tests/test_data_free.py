@@ -15,11 +15,11 @@ from _compose import make_cfg
 from _golden import fixed_teacher
 from _resume import FAKE_RUN, resumes_bit_exactly
 from distill.app import run
-from distill.method import BuildInfo, build_distiller
-from distill.export import Timing, export_run
 from distill.errors import ConfigError
+from distill.export import Timing, export_run
 from distill.losses.data_free import (bn_statistics_loss, dafl_losses, deepinversion_loss,
                                       total_variation_loss)
+from distill.method import BuildInfo, build_distiller
 from distill.models import create_model, model_spec
 
 # small settings: 64 synthetic images (4 steps of 16 an epoch, as FAKE_RUN's 64 fake ones)

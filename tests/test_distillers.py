@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from distill.method import StepContext, build_distiller
 from distill.errors import ConfigError
+from distill.method import StepContext, build_distiller
 from distill.models import create_model
 
 CTX = StepContext(epoch=0, step=0, epochs=1)

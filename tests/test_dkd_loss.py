@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.method import StepContext, build_distiller
 from distill.losses import dkd_loss, kd_loss
+from distill.method import StepContext, build_distiller
 from distill.models import create_model
 
 

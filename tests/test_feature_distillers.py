@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from _compose import method_options
-from distill.engine.trainer import auxiliary_parameter_count
-from distill.method import (DISTILLERS, MAIN_STAGE, BuildInfo, Staged, StepContext, TrainsOnViews,
-                            build_distiller, teacher_requests)
 from distill.distillers.connectors import ConvRegressor, build_connector
+from distill.engine.trainer import auxiliary_parameter_count
 from distill.errors import ConfigError
 from distill.losses import at_loss, fitnet_loss, kd_loss, rkd_loss
+from distill.method import (DISTILLERS, MAIN_STAGE, BuildInfo, Staged, StepContext, TrainsOnViews,
+                            build_distiller, teacher_requests)
 from distill.models import create_model, model_spec
 
 CTX = StepContext(epoch=0, step=0, epochs=1, indices=torch.arange(4))

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.method import BuildInfo, StepContext, build_distiller
 from distill.losses import ensemble_probs, kd_loss
+from distill.method import BuildInfo, StepContext, build_distiller
 
 CTX = StepContext(epoch=0, step=0, epochs=1)
 

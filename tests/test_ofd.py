@@ -17,12 +17,12 @@ import torch.nn.functional as F
 
 from _compose import make_cfg, method_options
 from distill.app import run
-from distill.engine.trainer import auxiliary_parameter_count
-from distill.method import BuildInfo, StepContext, build_distiller
 from distill.distillers.ofd import batchnorm_batch_statistics
+from distill.engine.trainer import auxiliary_parameter_count
 from distill.errors import ConfigError
 from distill.features import FeatureHooks
 from distill.losses.ofd import ofd_loss, ofd_margin
+from distill.method import BuildInfo, StepContext, build_distiller
 from distill.models import create_model, model_spec
 
 

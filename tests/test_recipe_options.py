@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from _resume import resumes_bit_exactly
+from distill.checkpoint import read_checkpoint
+from distill.config import TrainerConfig
 from distill.data import TensorImageDataset
 from distill.data.fake import fake
-from distill.method import StepContext, build_distiller
-from distill.checkpoint import read_checkpoint
 from distill.engine.optim import build_optimizer
-from distill.config import TrainerConfig
 from distill.engine.trainer import Trainer, clip_gradients
+from distill.method import StepContext, build_distiller
 from distill.models import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

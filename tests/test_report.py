@@ -446,7 +446,8 @@ def test_methods_come_in_the_published_tables_order():
     the order the sweep ran them."""
     from types import SimpleNamespace
 
-    from distill.report.render import VANILLA, method_order
+    from distill.report.group import VANILLA
+    from distill.report.render import method_order
 
     ran = ["dml", "mlkd", "kd", "dist", "takd", "crd", VANILLA, "reviewkd", "ofd", "nst", "dkd"]
     rows = [SimpleNamespace(method=m) for m in ran]

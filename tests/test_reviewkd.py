@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from _compose import method_options
-from distill.method import DISTILLERS, BuildInfo, StepContext, build_distiller
 from distill.distillers.dkd import warmup_ramp as warmup_factor
-from distill.engine.trainer import auxiliary_parameter_count
 from distill.distillers.reviewkd import ABF, ReviewFusion, ReviewKD
+from distill.engine.trainer import auxiliary_parameter_count
 from distill.errors import ConfigError
 from distill.losses.reviewkd import hcl_loss
+from distill.method import DISTILLERS, BuildInfo, StepContext, build_distiller
 from distill.models import create_model, model_spec
 
 

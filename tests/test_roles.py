@@ -15,9 +15,9 @@ from torch import nn
 from _compose import make_cfg
 from _golden import COMMAND, GOLDEN, ORIGINAL_METHODS, fixed_teacher, machine, method_trace
 from distill.app import run
+from distill.errors import ConfigError
 from distill.method import Distiller, Traits
 from distill.method.checks import NEEDS, RUN_FEATURES
-from distill.errors import ConfigError
 from distill.models import create_model
 from distill.validation import check_run_features
 from distill.zoo import TeacherZoo, file_sha256

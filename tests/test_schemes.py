@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from _compose import make_cfg
 from _golden import fixed_teacher
 from distill.app import run
-from distill.method import DISTILLERS, BuildInfo, StepContext, build_distiller
-from distill.distillers.specialists import cluster_subsets, dustbin_shift
 from distill.checkpoint import read_checkpoint
+from distill.distillers.specialists import cluster_subsets, dustbin_shift
 from distill.engine.sampler import EpochSampler
 from distill.errors import ConfigError
 from distill.losses.specialists import (active_specialists, collapsed_log_probs, collapsed_targets,
                                         solve_specialists_target, specialists_objective)
+from distill.method import DISTILLERS, BuildInfo, StepContext, build_distiller
 from distill.models import create_model
 from distill.zoo import TeacherZoo
 

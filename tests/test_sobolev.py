@@ -12,10 +12,10 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from _compose import make_cfg
 from _resume import FAKE_RUN, resumes_bit_exactly
-from distill.method import BuildInfo, StepContext, build_distiller
 from distill.errors import ConfigError
 from distill.losses import sobolev_loss
 from distill.losses.sobolev import unit_sphere
+from distill.method import BuildInfo, StepContext, build_distiller
 from distill.models import create_model
 from distill.validation import validate
 

@@ -18,9 +18,9 @@ import torch
 from _compose import make_cfg, write_class_folders
 from _golden import fixed_teacher
 from distill.app import run
+from distill.checkpoint import read_checkpoint
 from distill.data.fake import fake
 from distill.distillers.crd import ContrastMemory
-from distill.checkpoint import read_checkpoint
 from distill.engine.loaders import build_loaders
 from distill.losses import crd_nce_loss
 

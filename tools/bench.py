@@ -36,9 +36,8 @@ from distill import cli_args  # noqa: E402
 from distill.catalog import DISTILLERS  # noqa: E402
 from distill.config import choices_of  # noqa: E402
 from distill.errors import ConfigError  # noqa: E402
-from distill.method import (BuildInfo, StepContext, TrainsOnViews,
-                            # noqa: E402                             build_distiller,
-                            teacher_requests)
+from distill.method import (BuildInfo, StepContext, TrainsOnViews,  # noqa: E402
+                            build_distiller, teacher_requests)
 from distill.models import create_model, list_models, model_spec  # noqa: E402
 from distill.validation import method_options  # noqa: E402
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import NO_INIT, OVERFLOW, require
-from distill.distillers.feature_pairs import InitStageDistiller, layer_shapes, stage_pairs
 from distill.distillers.connectors import ConvRegressor, conv_kind
+from distill.distillers.feature_pairs import InitStageDistiller, layer_shapes, stage_pairs
 from distill.errors import ConfigError
 from distill.losses import ab_loss
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import NO_INIT, OVERFLOW, require
 
 
 @DISTILLERS.register("ab",

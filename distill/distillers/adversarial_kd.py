@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.method import DISTILLERS, BuildInfo, Distiller, Traits, call_model
-from distill.method.checks import OVERFLOW, require
 from distill.losses import kd_loss
 from distill.losses.adversarial import discriminator_loss, generator_loss, logits_l1_loss
+from distill.method import DISTILLERS, BuildInfo, Distiller, Traits, call_model
+from distill.method.checks import OVERFLOW, require
 
 
 class LogitDiscriminator(nn.Module):

@@ -7,10 +7,10 @@ Stages are paired from the deepest down when the two models have different numbe
 from __future__ import annotations
 
 
-from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import OVERFLOW, require
 from distill.distillers.feature_pairs import FeatureDistiller, stage_pairs
 from distill.losses import at_loss
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import OVERFLOW, require
 
 
 @DISTILLERS.register("at",

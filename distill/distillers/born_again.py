@@ -18,11 +18,11 @@ from dataclasses import replace
 
 import torch
 
+from distill.errors import ConfigError
+from distill.losses import ensemble_log_probs, soft_target_loss
 from distill.method import (DISTILLERS, BuildInfo, Distiller, OwnTeachers, TeacherRequest, Traits,
                             call_model)
 from distill.method.checks import require, require_models
-from distill.errors import ConfigError
-from distill.losses import ensemble_log_probs, soft_target_loss
 
 LINK_OPTIONS = ("ce_weight", "kd_weight", "temperature")   # every generation learns with these
 

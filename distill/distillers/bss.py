@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from distill.method import DISTILLERS, BuildInfo, Distiller, Traits
-from distill.method.checks import OVERFLOW, require
 from distill.losses import soft_cross_entropy
 from distill.losses.bss import (attack_targets, base_samples, boundary_supporting_samples,
                                 bss_schedule)
+from distill.method import DISTILLERS, BuildInfo, Distiller, Traits
+from distill.method.checks import OVERFLOW, require
 
 
 def pixel_range(mean: tuple[float, ...], std: tuple[float, ...]

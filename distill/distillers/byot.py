@@ -43,12 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from distill.method import DISTILLERS, BuildInfo, DerivedModels, Distiller, Traits
-from distill.method.checks import OFF, require
 from distill.distillers.feature_pairs import layer_shapes
 from distill.errors import ConfigError
 from distill.features import FeatureHooks, unwrap_model
 from distill.losses.byot import byot_feature_loss, byot_soft_ce
+from distill.method import DISTILLERS, BuildInfo, DerivedModels, Distiller, Traits
+from distill.method.checks import OFF, require
 
 # the official train.py's argparse defaults
 ALPHA, TEMPERATURE, FEATURE_WEIGHT = 0.3, 3.0, 0.03

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import require
 from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes
 from distill.losses import cc_loss
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
 
 
 @DISTILLERS.register("cc",

@@ -18,12 +18,12 @@ import math
 import torch
 from torch import nn
 
-from distill.method import DISTILLERS, BuildInfo, SelfSyncedBuffers, StepContext
-from distill.method.checks import OVERFLOW, require
-from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes
 from distill import distributed as dist_utils
+from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes
 from distill.errors import ConfigError
 from distill.losses import crd_nce_loss, kd_loss
+from distill.method import DISTILLERS, BuildInfo, SelfSyncedBuffers, StepContext
+from distill.method.checks import OVERFLOW, require
 
 # rows of the random keys drawn at once when sampling negatives without replacement (bounds the
 # memory of the (rows, pool) key matrix: about 64 MB of float32)

@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill.data.synthetic import StepPlaceholders
-from distill.method import DISTILLERS, BuildInfo, DataFree, Distiller, Traits
-from distill.method.checks import OVERFLOW, require
-from distill.distillers.feature_pairs import default_layers, hooks_on
 from distill.checkpoint import read_checkpoint
+from distill.data.synthetic import StepPlaceholders
+from distill.distillers.feature_pairs import default_layers, hooks_on
 from distill.errors import ConfigError
 from distill.losses import kd_loss
 from distill.losses.data_free import dafl_losses
+from distill.method import DISTILLERS, BuildInfo, DataFree, Distiller, Traits
+from distill.method.checks import OVERFLOW, require
 
 
 class DAFLGenerator(nn.Module):

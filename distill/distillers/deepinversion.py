@@ -33,13 +33,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from distill.data.synthetic import synthetic_image_set, to_uint8
-from distill.method import DISTILLERS, BuildInfo, DataFree, Distiller, Traits
-from distill.method.checks import require
 from distill.checkpoint import save_weights
+from distill.data.synthetic import synthetic_image_set, to_uint8
 from distill.errors import ConfigError
 from distill.losses import kd_loss
 from distill.losses.data_free import bn_statistics_loss, deepinversion_loss
+from distill.method import DISTILLERS, BuildInfo, DataFree, Distiller, Traits
+from distill.method.checks import require
 
 log = logging.getLogger("distill")
 SYNTHETIC_DIR = "synthetic"

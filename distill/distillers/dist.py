@@ -3,9 +3,9 @@
 beta = gamma = 1 inside it, i.e. the paper's beta = gamma = 2."""
 from __future__ import annotations
 
+from distill.losses import dist_loss
 from distill.method import DISTILLERS, Distiller, Traits, call_model
 from distill.method.checks import OFF, OVERFLOW, require
-from distill.losses import dist_loss
 
 
 @DISTILLERS.register("dist",

@@ -7,9 +7,9 @@ reference settings (alpha and beta times the KD weight, base temperature) are in
 configs/experiment/cifar100_ls/; the warm-up is unchanged, as there."""
 from __future__ import annotations
 
+from distill.losses import dkd_loss, standardize_logits
 from distill.method import DISTILLERS, Distiller, Traits, call_model
 from distill.method.checks import OFF, OVERFLOW, require
-from distill.losses import dkd_loss, standardize_logits
 
 
 def warmup_ramp(epoch: int, warmup_epochs: int) -> float:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from distill.method import DISTILLERS, BuildInfo, Distiller, Inputs, Traits, call_model
-from distill.method.checks import require, require_models
 from distill.errors import ConfigError
 from distill.losses import kd_loss
+from distill.method import DISTILLERS, BuildInfo, Distiller, Inputs, Traits, call_model
+from distill.method.checks import require, require_models
 from distill.models import create_model
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 
-from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import require
-from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes
 from distill.distillers.connectors import build_connector
+from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes
 from distill.errors import ConfigError
 from distill.losses import fitnet_loss, kd_loss
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
 
 
 def middle_stage(stages: list[str]) -> str:

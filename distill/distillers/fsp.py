@@ -10,11 +10,11 @@ The FSP matrices are compared entry by entry, so every pair needs the teacher's 
 """
 from __future__ import annotations
 
-from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import NO_INIT, OVERFLOW, require
 from distill.distillers.feature_pairs import InitStageDistiller, layer_shapes, stage_pairs
 from distill.errors import ConfigError
 from distill.losses import fsp_loss
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import NO_INIT, OVERFLOW, require
 
 
 @DISTILLERS.register("fsp",

@@ -16,12 +16,12 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from distill.method import DISTILLERS, MAIN_STAGE, BuildInfo, Stage, Staged
-from distill.method.checks import NO_INIT, OVERFLOW, require
-from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes
 from distill.distillers.connectors import Paraphraser, Translator
+from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes
 from distill.errors import ConfigError
 from distill.losses import ft_loss
+from distill.method import DISTILLERS, MAIN_STAGE, BuildInfo, Stage, Staged
+from distill.method.checks import NO_INIT, OVERFLOW, require
 
 # the students RepDistiller's init stage trains the paraphraser at lr 0.01 for (helper/pretrain.py)
 LOW_INIT_LR_STUDENTS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56",

@@ -4,9 +4,9 @@ per sample before the KD term (`kd_loss(..., standardize=True)`); its reference 
 temperature 2, KD weight 9 on CIFAR-100, per pair) are in configs/experiment/cifar100_ls/."""
 from __future__ import annotations
 
+from distill.losses import kd_loss
 from distill.method import DISTILLERS, Distiller, Traits, call_model
 from distill.method.checks import require
-from distill.losses import kd_loss
 
 
 @DISTILLERS.register("kd",

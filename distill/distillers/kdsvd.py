@@ -5,11 +5,11 @@ teacher stages are compared channel by channel, so their channel counts must agr
 from __future__ import annotations
 
 
-from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import require
 from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes, stage_pairs
 from distill.errors import ConfigError
 from distill.losses import kdsvd_loss
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
 
 
 @DISTILLERS.register("kdsvd",

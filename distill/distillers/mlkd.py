@@ -11,9 +11,9 @@ default of this method.
 from __future__ import annotations
 
 from distill.data.augment import AUGMENTATIONS
+from distill.losses import mlkd_losses
 from distill.method import DISTILLERS, Distiller, StepContext, TrainsOnViews, Traits
 from distill.method.checks import require
-from distill.losses import mlkd_losses
 
 STRONG_VIEW = "strong"
 

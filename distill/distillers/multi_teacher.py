@@ -13,11 +13,11 @@ import math
 
 import torch
 
-from distill.method import DISTILLERS, Distiller, OwnTeachers, TeacherRequest, Traits, call_model
-from distill.method.checks import require, require_models
 from distill.errors import ConfigError
 from distill.losses import ensemble_log_probs, soft_target_loss
 from distill.losses.ensemble import ENSEMBLE_MODES, ensemble_weights
+from distill.method import DISTILLERS, Distiller, OwnTeachers, TeacherRequest, Traits, call_model
+from distill.method.checks import require, require_models
 
 
 @DISTILLERS.register("multi_teacher",

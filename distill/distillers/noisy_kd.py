@@ -5,10 +5,10 @@ acts as a regulariser. Only training batches are perturbed; the teacher's logged
 """
 from __future__ import annotations
 
-from distill.method import DISTILLERS
-from distill.method.checks import OVERFLOW, require
 from distill.distillers.kd import KD
 from distill.losses import perturb_logits
+from distill.method import DISTILLERS
+from distill.method.checks import OVERFLOW, require
 
 
 @DISTILLERS.register("noisy_kd",

@@ -5,10 +5,10 @@ of `nst_loss` (polynomial-kernel MMD) over the stage outputs (the reference's fe
 from __future__ import annotations
 
 
-from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import require
 from distill.distillers.feature_pairs import FeatureDistiller, stage_pairs
 from distill.losses import nst_loss
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
 
 
 @DISTILLERS.register("nst",

@@ -28,12 +28,12 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import require
 from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes, stage_pairs
 from distill.errors import ConfigError
 from distill.features import PREACT_SUFFIX, unwrap_model
 from distill.losses.ofd import ofd_loss, ofd_margin
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
 from distill.models import MODELS, list_models
 
 

@@ -6,10 +6,10 @@ reference's feat[-1]). The kernels are within each batch, so the widths may diff
 from __future__ import annotations
 
 
-from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import require
 from distill.distillers.feature_pairs import FeatureDistiller
 from distill.losses import pkt_loss
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
 
 
 @DISTILLERS.register("pkt",

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import require
-from distill.distillers.feature_pairs import FeatureDistiller, default_layers, layer_shapes
 from distill.distillers.dkd import warmup_ramp
+from distill.distillers.feature_pairs import FeatureDistiller, default_layers, layer_shapes
 from distill.errors import ConfigError
 from distill.losses.reviewkd import hcl_loss
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
 
 log = logging.getLogger("distill")
 

@@ -6,10 +6,10 @@ relations within each batch, never the vectors themselves.
 from __future__ import annotations
 
 
-from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import require
 from distill.distillers.feature_pairs import FeatureDistiller
 from distill.losses import rkd_loss
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
 
 
 @DISTILLERS.register("rkd",

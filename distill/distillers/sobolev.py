@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from distill.method import DISTILLERS, BuildInfo, Distiller, Traits
-from distill.method.checks import require
 from distill.losses import kd_loss
 from distill.losses.sobolev import input_gradient_gap, unit_sphere
+from distill.method import DISTILLERS, BuildInfo, Distiller, Traits
+from distill.method.checks import require
 
 
 @DISTILLERS.register("sobolev",

@@ -6,10 +6,10 @@ matrices are compared, so the two maps may have any channel counts and sizes.
 from __future__ import annotations
 
 
-from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import require
 from distill.distillers.feature_pairs import FeatureDistiller
 from distill.losses import sp_loss
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import require
 
 
 @DISTILLERS.register("sp",

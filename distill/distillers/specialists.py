@@ -37,9 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from distill.method import (DISTILLERS, BuildInfo, Distiller, OwnTeachers, TeacherRequest, Traits,
-                            WeightedSampling, call_model, teacher_requests)
-from distill.method.checks import require
 from distill import distributed as dist_utils
 from distill.checkpoint import preserved_rng
 from distill.errors import ConfigError
@@ -47,6 +44,9 @@ from distill.inputs import to_device
 from distill.losses import soft_target_loss
 from distill.losses.specialists import (active_specialists, collapsed_log_probs,
                                         collapsed_targets, solve_specialists_target)
+from distill.method import (DISTILLERS, BuildInfo, Distiller, OwnTeachers, TeacherRequest, Traits,
+                            WeightedSampling, call_model, teacher_requests)
+from distill.method.checks import require
 
 log = logging.getLogger("distill")
 SPECIALIST_OPTIONS = ("enrichment",)   # what each specialist's training run takes

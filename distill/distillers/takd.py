@@ -12,9 +12,9 @@ from __future__ import annotations
 import inspect
 from dataclasses import replace
 
+from distill.distillers.kd import KD
 from distill.method import DISTILLERS, OwnTeachers, TeacherRequest, teacher_requests
 from distill.method.checks import require_models
-from distill.distillers.kd import KD
 
 KD_OPTIONS = ("ce_weight", "kd_weight", "temperature")   # each link is KD with these
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import OVERFLOW, require
-from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes, stage_pairs
 from distill.distillers.connectors import VIDRegressor
+from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes, stage_pairs
 from distill.errors import ConfigError
 from distill.losses import vid_loss
+from distill.method import DISTILLERS, BuildInfo
+from distill.method.checks import OVERFLOW, require
 
 
 @DISTILLERS.register("vid",

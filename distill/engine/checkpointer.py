@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from distill.method import Distiller
 from distill.checkpoint import FORMAT, atomic_torch_save, rng_state, set_rng_state
 from distill.engine.nonfinite import check_weights_finite
+from distill.method import Distiller
 
 log = logging.getLogger("distill")
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from distill.config import resumable_keys, schema_defaults
 from distill import distributed as dist_utils
 from distill.checkpoint import load_latest_checkpoint
+from distill.config import resumable_keys, schema_defaults
 from distill.engine.optim import lr_factor_fn
 from distill.errors import ConfigError
 from distill.locks import Locked, exclusive

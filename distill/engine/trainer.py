@@ -38,14 +38,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.config import TrainerConfig, flatten
 from distill import distributed as dist_utils
 from distill.checkpoint import save_weights, seed_everything
+from distill.config import TrainerConfig, flatten
 from distill.data import DatasetBundle
-from distill.inputs import Inputs, batch_size, map_inputs, to_device
-from distill.method import (MAIN_STAGE, DerivedModels, Distiller, SelfSyncedBuffers, Staged,
-                            StepContext, TrainsOnViews, WeightedSampling)
-from distill.models.measure import flops_per_item, parameter_count
 from distill.engine.checkpointer import Checkpointer
 from distill.engine.evaluation import evaluate
 from distill.engine.loaders import build_loaders
@@ -57,6 +53,10 @@ from distill.engine.quantize import plain_state_dict, quantize_weights
 from distill.engine.rundir import write_text_atomic
 from distill.engine.sampler import epoch_seed
 from distill.engine.teacher_cache import TeacherCache
+from distill.inputs import Inputs, batch_size, map_inputs, to_device
+from distill.method import (MAIN_STAGE, DerivedModels, Distiller, SelfSyncedBuffers, Staged,
+                            StepContext, TrainsOnViews, WeightedSampling)
+from distill.models.measure import flops_per_item, parameter_count
 from distill.runs import read_run_dir
 from distill.tracking import Trackers, build_trackers
 

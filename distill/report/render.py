@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import ConfigError
-from distill.report.group import VANILLA, Row, flops
+from distill.report.group import Row, flops
 from distill.report.runs import Unfinished
 
 def cell(row: Row, metric: str, with_gain: bool = True) -> str:
