@@ -7,7 +7,12 @@ averaged by the trainer); `crd` the default step with a memory bank the ranks ke
 batches, two per optimizer step (trainer.accumulate=2); `kd_text` KD between two TextCNNs on
 fake_text (token ids and attention masks; no dropout, whose draws differ per rank).
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR [memory|loader] [kd|dml|crd|kd_cached_accumulate|kd_text]
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py OUT_DIR CASE [CASE ...]
+
+A CASE is METHOD:DATA_PATH (kd|dml|crd|kd_cached_accumulate|kd_text : memory|loader|auto); each
+runs in OUT_DIR/METHOD-DATA_PATH, one after the other in the same processes (one launch and one
+process group for all of them: most of a launch is importing torch). The teacher caches live in
+OUT_DIR/../zoo, shared by the runs of both world sizes.
 
 200 images in global batches of 32: six full batches, then one of 8 (4 per rank), all taken.
 """
@@ -60,8 +65,15 @@ def build(method: str, labels: torch.Tensor) -> torch.nn.Module:
     return build_distiller(method, tiny_net(0), tiny_net(1), {})
 
 
-def main(run_dir: Path, data_path: str, method: str) -> None:
+def main(out: Path, cases: list[str]) -> None:
     dist_utils.init_from_env(use_cuda=False)
+    for case in cases:
+        method, data_path = case.split(":")
+        train(out / f"{method}-{data_path}", data_path, method)
+        dist_utils.barrier()
+
+
+def train(run_dir: Path, data_path: str, method: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     if method == "kd_text":
         data = fake_text(train_size=200, val_size=64)
@@ -75,7 +87,8 @@ def main(run_dir: Path, data_path: str, method: str) -> None:
     cache = None
     if method.endswith("_cached"):   # one store for the 1- and 2-process runs: the second reads
         teacher = SimpleNamespace(role="teacher", name="tiny_net", sha256="0" * 64)
-        cache = attach_teacher_cache(distiller, [teacher], data, zoo_root=run_dir.parent / "zoo",
+        cache = attach_teacher_cache(distiller, [teacher], data,
+                                     zoo_root=run_dir.parent.parent / "zoo",
                                      dataset="fake", precision="fp32",
                                      device=torch.device("cpu"), dtype="float32")
     trainer = Trainer(
@@ -90,5 +103,4 @@ def main(run_dir: Path, data_path: str, method: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "memory",
-         sys.argv[3] if len(sys.argv) > 3 else "kd")
+    main(Path(sys.argv[1]), sys.argv[2:])

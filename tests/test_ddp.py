@@ -26,11 +26,21 @@ def torchrun(nproc: int, *args: str, env: dict | None = None, cwd: Path | None =
     return proc
 
 
-@pytest.mark.parametrize("method,data_path", [("kd", "memory"), ("kd", "loader"),
-                                              ("dml", "memory"), ("crd", "loader"),
-                                              ("kd_cached_accumulate", "loader"),
-                                              ("kd_text", "auto")])
-def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(tmp_path, method,
+CASES = [("kd", "memory"), ("kd", "loader"), ("dml", "memory"), ("crd", "loader"),
+         ("kd_cached_accumulate", "loader"), ("kd_text", "auto")]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> Path:
+    """Every case trained by 1 process, then by 2 (one torchrun launch each)."""
+    base = tmp_path_factory.mktemp("ddp")
+    for n in (1, 2):
+        torchrun(n, "tests/ddp_worker.py", str(base / f"n{n}"), *(f"{m}:{p}" for m, p in CASES))
+    return base
+
+
+@pytest.mark.parametrize("method,data_path", CASES)
+def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(ddp_runs, method,
                                                                          data_path):
     """2 x B/2 == 1 x B after k steps, a whole epoch with its partial last batch: same samples
     per step, gradients averaged over ranks, top-1 counted over the whole validation set
@@ -43,18 +53,17 @@ def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(tmp_pat
     sys.path.insert(0, str(REPO / "tests"))
     from ddp_worker import GLOBAL_BATCH, STEPS, text_net, tiny_net
 
-    for n in (1, 2):
-        torchrun(n, "tests/ddp_worker.py", str(tmp_path / f"n{n}"), data_path, method)
-    one, two = (load_file(str(tmp_path / f"n{n}" / "student.safetensors")) for n in (1, 2))
+    runs = [ddp_runs / f"n{n}" / f"{method}-{data_path}" for n in (1, 2)]
+    one, two = (load_file(str(run / "student.safetensors")) for run in runs)
     init = (text_net(0) if method == "kd_text" else tiny_net(0)).state_dict()
     moved = 1e-4 if method == "kd_text" else 1e-3   # KD's T^2-scaled soft targets move less
     assert all((one[k] - init[k]).abs().max() > moved for k in one if k.endswith("weight"))
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
-    s1, s2 = (json.loads((tmp_path / f"n{n}" / "summary.json").read_text()) for n in (1, 2))
+    s1, s2 = (json.loads((run / "summary.json").read_text()) for run in runs)
     if method == "crd":   # the banks saw every rank's embeddings
         from distill.checkpoint import read_checkpoint
-        banks = [read_checkpoint(tmp_path / f"n{n}" / "checkpoints" / "last.pt")["parts"]["memory"]
-                 for n in (1, 2)]
+        banks = [read_checkpoint(run / "checkpoints" / "last.pt")["parts"]["memory"]
+                 for run in runs]
         assert banks[0].keys() == banks[1].keys() and "bank_student" in banks[0]
         for key in banks[0]:   # Z: the sum of a float32 score tensor, in another order
             torch.testing.assert_close(banks[0][key], banks[1][key], rtol=1e-5, atol=1e-5)
