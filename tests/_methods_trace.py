@@ -19,10 +19,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _compose import make_cfg  # noqa: E402
+from _golden import fixed_teacher  # noqa: E402 - a resnet14 of seeded random weights
 
 # 48 fake images in batches of 16: 3 steps an epoch; 5 steps cross an epoch end (evaluation,
 # checkpoint, a method's warm-up or stage change)
@@ -47,16 +48,6 @@ SMALL = {
 PATHS = ("memory", "loader")
 # generation 0 of born_again is the student's architecture: trained here, not the fixed resnet14
 OWN_TEACHER = ("born_again",)
-
-
-def fixed_teacher(home: Path) -> Path:
-    """A resnet14 with seeded random weights, the teacher of every run."""
-    path = home / "teacher.safetensors"
-    if not path.exists():
-        from distill.models import create_model
-        torch.manual_seed(1234)
-        save_file(create_model("resnet14", num_classes=10).state_dict(), str(path))
-    return path
 
 
 def weights_digest(path: Path) -> str:

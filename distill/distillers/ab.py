@@ -14,11 +14,12 @@ from __future__ import annotations
 from torch import nn
 
 from distill.distillers.connectors import ConvRegressor, conv_kind
-from distill.distillers.feature_pairs import InitStageDistiller, layer_shapes, stage_pairs
+from distill.distillers.feature_pairs import (INIT_STAGE_EDGES, InitStageDistiller, layer_shapes,
+                                             stage_pairs)
 from distill.errors import ConfigError
 from distill.losses import ab_loss
 from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import NO_INIT, OVERFLOW, require
+from distill.method.checks import OVERFLOW, require
 
 
 @DISTILLERS.register("ab",
@@ -29,8 +30,7 @@ from distill.method.checks import NO_INIT, OVERFLOW, require
                              'pre-activation stage outputs (layer weights 1/4, 1/2, 1), then CE '
                              "only for the run's epochs"),
                      table_row=9,
-                     edges={"init_lr": {"huge": OVERFLOW},
-                            "init_epochs": {"0": NO_INIT},
+                     edges={**INIT_STAGE_EDGES,
                             "margin": {"0": "AB on the activation boundary itself, without a "
                                                   "margin", "huge": OVERFLOW}})
 class AB(InitStageDistiller):

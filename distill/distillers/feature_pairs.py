@@ -17,6 +17,7 @@ from torch import nn
 from distill.errors import ConfigError
 from distill.features import FeatureHooks, feature_shapes
 from distill.method import MAIN_STAGE, BuildInfo, Distiller, Stage, Staged, Traits
+from distill.method.checks import NO_INIT, OVERFLOW
 from distill.models import ModelSpec
 
 log = logging.getLogger("distill")
@@ -63,6 +64,10 @@ class FeatureDistiller(Distiller):
         feats_student = [self.student_hooks.features[n] for n in self.student_layers]
         feats_teacher = [self.teacher_hooks.features[n] for n in self.teacher_layers]
         return logits, logits_teacher, feats_student, feats_teacher
+
+
+# what an accepted edge value of the init stage's options means (AB, FSP, FT: registrations)
+INIT_STAGE_EDGES = {"init_lr": {"huge": OVERFLOW}, "init_epochs": {"0": NO_INIT}}
 
 
 class InitStageDistiller(Staged, FeatureDistiller):

@@ -10,11 +10,12 @@ The FSP matrices are compared entry by entry, so every pair needs the teacher's 
 """
 from __future__ import annotations
 
-from distill.distillers.feature_pairs import InitStageDistiller, layer_shapes, stage_pairs
+from distill.distillers.feature_pairs import (INIT_STAGE_EDGES, InitStageDistiller, layer_shapes,
+                                             stage_pairs)
 from distill.errors import ConfigError
 from distill.losses import fsp_loss
 from distill.method import DISTILLERS, BuildInfo
-from distill.method.checks import NO_INIT, OVERFLOW, require
+from distill.method.checks import require
 
 
 @DISTILLERS.register("fsp",
@@ -25,8 +26,7 @@ from distill.method.checks import NO_INIT, OVERFLOW, require
                              'consecutive maps of the stem + stage outputs; equal channel counts '
                              "needed), then CE only for the run's epochs"),
                      table_row=11,
-                     edges={"init_lr": {"huge": OVERFLOW},
-                            "init_epochs": {"0": NO_INIT}})
+                     edges=INIT_STAGE_EDGES)
 class FSP(InitStageDistiller):
     layer_option = "layers"
 

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from distill.distillers.connectors import Paraphraser, Translator
-from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes
+from distill.distillers.feature_pairs import INIT_STAGE_EDGES, FeatureDistiller, layer_shapes
 from distill.errors import ConfigError
 from distill.losses import ft_loss
 from distill.method import DISTILLERS, MAIN_STAGE, BuildInfo, Stage, Staged
-from distill.method.checks import NO_INIT, OVERFLOW, require
+from distill.method.checks import require
 
 # the students RepDistiller's init stage trains the paraphraser at lr 0.01 for (helper/pretrain.py)
 LOW_INIT_LR_STUDENTS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56",
@@ -39,8 +39,7 @@ LOW_INIT_LR_STUDENTS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44
                              "student's last stage output and the fixed paraphraser's factor of "
                              "the teacher's"),
                      table_row=10,
-                     edges={"init_lr": {"huge": OVERFLOW},
-                            "init_epochs": {"0": NO_INIT}})
+                     edges=INIT_STAGE_EDGES)
 class FT(Staged, FeatureDistiller):
     traits = replace(FeatureDistiller.traits, manual_step=True)
 
