@@ -276,5 +276,5 @@ def publish_to_zoo(zoo: TeacherZoo, dataset: dict, cfg: DictConfig, run_dir: Pat
             "split": split_identity(dataset, data.data_digest)})
 
 
-__all__ = ["CacheJob", "TeacherRequest", "build", "build_data", "dry_forward", "find_teachers",
-           "run", "teacher_cache_jobs"]
+__all__ = ["CacheJob", "build", "dry_forward", "find_teachers", "run", "teacher_cache_jobs",
+           "teacher_resolver"]
