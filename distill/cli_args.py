@@ -3,9 +3,10 @@
 Each converter is an argparse `type=`: it returns the value in the form the tool uses, or raises
 `argparse.ArgumentTypeError` saying what is wrong and what is allowed. `ArgumentParser` prints
 every refusal as one short screen on stderr, `error: --flag: what is wrong`, and exits 2: no
-traceback, no usage dump. The checks of output paths create nothing, so a refused command leaves
-the file system as it was. Checks that involve several flags raise `ConfigError` (key = the
-flag) from a tool's validate step; `ArgumentParser.parse_checked` reports them the same way.
+traceback, no usage dump. The checks of output paths leave the file system as it was (a folder
+is tried with an empty folder, removed at once), so a refused command changes nothing. Checks
+that involve several flags raise `ConfigError` (key = the flag) from a tool's validate step;
+`ArgumentParser.parse_checked` reports them the same way.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -190,16 +192,27 @@ def _exists(path: Path) -> bool:
         raise Refusal(f"{path}: {exc.strerror or exc}") from None
 
 
-def _folder_problem(folder: Path) -> str | None:
-    """Why files could not be created in `folder` (made with its missing parents), or None.
-    Creates nothing."""
+def folder_problem(folder: Path, *, write: bool = True) -> str | None:
+    """Why `folder` (made with its missing parents) could not be used, or None: a file on its
+    path, or (`write`) the nearest folder that exists refusing a new folder. That folder is
+    asked by making an empty folder in it and removing it again: os.access answers yes to root
+    everywhere, /proc and read-only mounts included. Leaves the file system as it was."""
     for parent in (folder, *folder.parents):
-        if _exists(parent):
-            if not parent.is_dir():
-                return f"{parent} is a file, not a folder"
-            if not os.access(parent, os.W_OK | os.X_OK):
-                return f"{parent} is not writable"
-            return None
+        try:
+            found = parent.exists()
+        except OSError as exc:   # e.g. a name too long for the file system
+            return f"{parent}: {exc.strerror or exc}"
+        if not found:
+            continue
+        if not parent.is_dir():
+            return f"{parent} is a file, not a folder"
+        if write:
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".distill-write-test-", dir=parent))
+            except OSError as exc:
+                return (f"{parent} is not writable: a new folder in it fails with "
+                        f"'{exc.strerror or exc}'")
+        return None
     return None
 
 
@@ -216,7 +229,7 @@ def output_folder(text: str) -> Path:
     path = Path(non_empty(text))
     if _exists(path) and not path.is_dir():
         raise Refusal(f"{path} is a file; expected a folder")
-    problem = _folder_problem(path)
+    problem = folder_problem(path)
     if problem:
         raise Refusal(f"cannot create {path}: {problem}")
     return path
@@ -236,7 +249,7 @@ def output_file(suffixes: Iterable[str] | Callable[[], Iterable[str]],
             why = (note(path.suffix.lower()) if note else "") or " is not a type written here"
             got = f"file type '{path.suffix}'{why}" if path.suffix else "no file type in the name"
             raise Refusal(f"cannot write {path}: {got}; allowed: {', '.join(allowed)}")
-        problem = _folder_problem(path.parent)
+        problem = folder_problem(path.parent)
         if problem:
             raise Refusal(f"cannot write {path}: {problem}")
         return path

@@ -5,12 +5,12 @@ torchvision models); this names the bad value and its close matches in one short
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
+from distill.cli_args import folder_problem
 from distill.errors import ConfigError, unknown_name_error
 
 GROUPS = ("dataset", "teacher", "student", "distiller", "optimizer", "scheduler",
@@ -74,8 +74,9 @@ def _values(raw: str) -> list[str]:
 
 
 def check_output_dir(arg: str) -> None:
-    """A run or sweep folder that cannot be made (a file on its path) stops here, naming it,
-    instead of as a traceback from inside Hydra."""
+    """A run or sweep folder that cannot be made (a file on its path, or a nearest existing
+    folder that refuses new folders, e.g. /proc) stops here, naming it, instead of as a
+    traceback from inside Hydra, which makes the folder before distill sees the config."""
     match = _OUTPUT_DIR.match(arg)
     if not match or "${" in match["value"]:
         return
@@ -89,15 +90,10 @@ def check_output_dir(arg: str) -> None:
                 if too_long else f"the path is longer than {PATH_MAX} bytes")
         raise ConfigError(f"cannot create {str(path)[:80]}...: {what}", key="run_dir",
                           hint=f"choose a shorter {match['key']}")
-    for parent in (path, *path.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"cannot write {path}: {parent} is a file, not a folder",
-                                  key="run_dir", hint=f"choose another {match['key']}")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ConfigError(f"cannot write {path}: {parent} is not writable",
-                                  key="run_dir", hint=f"choose another {match['key']}")
-            return
+    problem = folder_problem(path)
+    if problem:
+        raise ConfigError(f"cannot write {path}: {problem}", key="run_dir",
+                          hint=f"choose another {match['key']}")
 
 
 def check_overrides(argv: list[str], config_dir: Path) -> None:

@@ -6,6 +6,7 @@ against the schema.)
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distill import distributed as dist_utils
 from distill.catalog import DISTILLERS
+from distill.cli_args import folder_problem
 from distill.config import (CONFIG_DIR, check_known_keys, declared, flatten, is_float_option,
                             register_model_options)
 from distill.data import DATASETS
@@ -77,6 +79,7 @@ def validate(cfg: DictConfig) -> dict:
     check_run_dir_value(cfg.run_dir)
     check_declared_options(cfg)
     distiller_cls = DISTILLERS.get(cfg.distiller.name, key="distiller")
+    check_zoo_root(cfg, distiller_cls)
     checkpoint = cfg.teacher.checkpoint
     if distiller_cls.traits.needs_teacher and checkpoint is not None \
             and not Path(checkpoint).expanduser().is_file():
@@ -221,6 +224,28 @@ def check_run_dir_value(run_dir: str) -> None:
                           "directory", key="run_dir",
                           allowed="a folder for this run (default: "
                                   "outputs/<dataset>/<pair>/<method>/seed<N>)")
+
+
+def check_zoo_root(cfg: DictConfig, distiller_cls: type[Distiller]) -> None:
+    """zoo.root of a run that uses the teacher zoo must be a folder, or one that can be made:
+    a method with teachers looks them up there and makes the missing ones there (auto_train,
+    TAKD's links: a lock first), a vanilla run publishes there, the teacher cache lives there.
+    Refused now, before anything is written, not as a traceback from the first lock or folder
+    made in it. A run that will write (it publishes, or may train its teachers) also needs the
+    nearest existing folder to take a new one; one that only reads may use a read-only zoo."""
+    publishes = cfg.distiller.name == "none" and cfg.zoo.publish
+    trains_teachers = distiller_cls.traits.needs_teacher and cfg.teacher.auto_train
+    if not (publishes or distiller_cls.traits.needs_teacher or cfg.teacher.cache != "none"):
+        return
+    root = Path(cfg.zoo.root).expanduser().absolute()
+    problem = folder_problem(root, write=publishes or trains_teachers)
+    if problem is None:
+        return
+    raw = cfg.zoo._get_node("root")._value()   # before interpolation: where the value came from
+    source = (" (from $DISTILL_ZOO)" if isinstance(raw, str) and "DISTILL_ZOO" in raw
+              and os.environ.get("DISTILL_ZOO") else "")
+    raise ConfigError(f"cannot use {root} as the teacher zoo{source}: {problem}",
+                      key="zoo.root", allowed=declared()["zoo.root"][0].allowed_text())
 
 
 def check_finite(resolved: dict) -> None:

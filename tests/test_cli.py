@@ -130,6 +130,16 @@ BAD = {
         None),
     "unwritable-run-dir-by-its-own-key": (
         ["run_dir={t10}/run"], 2, "run_dir", [r"cannot write", r"is a file, not a folder"], None),
+    # root may write anywhere by os.access, /proc included, yet nothing can be made there
+    "uncreatable-run-dir": (
+        ["hydra.run.dir=/proc/distill-nope/run"], 2, "run_dir",
+        [r"cannot write /proc/distill-nope/run", r"/proc is not writable"], None),
+    # the zoo is checked before its first lock (the teacher's claim) or folder
+    "zoo-root-is-a-file": (
+        ["distiller=kd", "teacher=resnet8", "teacher.auto_train=true", "zoo.root={t10}"], 2,
+        "zoo.root", [re.escape("resnet8_10.safetensors is a file, not a folder")], None),
+    "zoo-root-below-a-file-publishes": (
+        ["zoo.root={t10}/zoo"], 2, "zoo.root", [r"teacher zoo: .*is a file, not a folder"], None),
     "teacher-checkpoint-carries-code": (
         ["distiller=kd", "teacher=resnet8", "teacher.checkpoint={evil}"], 2,
         "teacher.checkpoint", [r"refused to load", r"not a plain weights file", r"posix\.system"],
@@ -361,6 +371,43 @@ def test_bad_input(results, teacher_weights, case):
     assert not (r.home / "run" / ".hydra").exists(), "the run record was written"
     assert not (r.home / "run" / "metrics.jsonl").exists(), "metrics were written"
     assert not teacher_weights["marker"].exists(), "a planted pickle ran"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_folders_nobody_can_make_are_refused_before_hydra_makes_them(tmp_path):
+    """Through tools/train.py itself: the run folder's own key (run_dir, which hydra.run.dir
+    reads), a sweep folder under -m, and a zoo that $DISTILL_ZOO points at a file. /proc takes
+    no new folder even from root, for whom os.access says it may write anywhere."""
+    zoo_file = tmp_path / "zoo-file"
+    zoo_file.write_text("not a zoo")
+    commands = {
+        "run_dir": (["run_dir=/proc/distill-nope/x"], {},
+                    [r"^error: run_dir: cannot write /proc/distill-nope/x: /proc is not writable",
+                     r"choose another run_dir"]),
+        "sweep": (["-m", "hydra.sweep.dir=/proc/distill-nope/sweep"], {},
+                  [r"^error: run_dir: cannot write /proc/distill-nope/sweep",
+                   r"choose another hydra\.sweep\.dir"]),
+        "env-zoo": (["distiller=kd", "teacher=resnet8", "teacher.auto_train=true"],
+                    {"DISTILL_ZOO": str(zoo_file)},
+                    [r"^error: zoo\.root: .*\(from \$DISTILL_ZOO\)",
+                     re.escape(f"{zoo_file} is a file, not a folder")]),
+    }
+    for name, (args, env, patterns) in commands.items():
+        home = tmp_path / name
+        home.mkdir()
+        proc = subprocess.run(
+            [sys.executable, str(TRAIN), "dataset=digits", "student=resnet8", "trainer.epochs=1",
+             *(["distiller=none"] if "distiller=kd" not in args else []), *args],
+            cwd=home, env={**_environment(home), **env}, capture_output=True, text=True,
+            timeout=300)
+        r = Result(proc.args, proc.returncode, ANSI.sub("", proc.stdout),
+                   ANSI.sub("", proc.stderr), home)
+        assert r.returncode == 2, r
+        assert "Traceback" not in r.output, r
+        for pattern in patterns:
+            assert re.search(pattern, r.stderr, re.M), f"no match for {pattern!r}\n{r}"
+        assert list(home.iterdir()) == [], f"left behind: {list(home.rglob('*'))}\n{r}"
+    assert zoo_file.read_text() == "not a zoo"
 
 
 # --- good input -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -170,9 +171,14 @@ def test_known_bad_values_say_what_is_allowed(tools, workspace, capsys, monkeypa
     bench, report, export = tools["bench"], tools["report"], tools["export"]
     readonly = root / "readonly"
     readonly.mkdir()
-    access = os.access
-    monkeypatch.setattr(cli_args.os, "access", lambda p, mode: Path(p) != readonly
-                        and access(p, mode))   # root may write anywhere: pretend it may not
+    mkdtemp = tempfile.mkdtemp
+
+    def refuse_readonly(*args, dir=None, **kwargs):   # root may write anywhere: pretend not
+        if dir is not None and Path(dir) == readonly:
+            raise PermissionError(13, "Permission denied")
+        return mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(cli_args.tempfile, "mkdtemp", refuse_readonly)
     cases = [
         (bench, ["--batches", "64,0"], ["--batches", "at least 1", "'64,0'"]),
         (bench, ["--batches", "0"], ["--batches", "at least 1"]),
