@@ -91,9 +91,40 @@ def load_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {reason[:200]}"
 
 
-def load_weights(path: str | Path, *, key: str = "teacher.checkpoint") -> dict[str, torch.Tensor]:
+def exported_state(ckpt: dict, path: Path, *, key: str, arch: str | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """From one of our training checkpoints, the model the run's `student.safetensors` holds
+    (the EMA under trainer.ema_decay, else the exported part). Under trainer.quantize=int8 the
+    weights are the float shadows under `parametrizations.weight.original`: the model to load
+    them into makes them plain (distill.teachers.load_model, with the function the run's end
+    uses). `arch`, when given, must be the architecture the checkpoint records."""
+    exported = ckpt.get("exported") or {}   # recorded since the roles' checkpoints named it
+    averages = ckpt.get("averages") or {}
+    role = exported.get("role") or ("ema" if "ema" in averages else "student")
+    recorded = exported.get("arch") or ((ckpt.get("config") or {}).get("student") or {}).get("name")
+    if role == "ema" and "ema" in averages:   # torch's AveragedModel: module.<key>, n_averaged
+        state = {k.removeprefix("module."): v for k, v in averages["ema"].items()
+                 if k != "n_averaged"}
+    elif isinstance(ckpt["parts"].get(role), dict):
+        state = ckpt["parts"][role]
+    else:
+        raise ConfigError(f"{path} is a distill training checkpoint without its exported part "
+                          f"({role}); give the run's student.safetensors instead", key=key)
+    if arch is not None and recorded is not None and recorded != arch:
+        raise ConfigError(f"{path} holds a {recorded} (a distill run's checkpoint), not a {arch}",
+                          key=key, hint=f"name the architecture it holds ({recorded}) for this "
+                                        f"teacher, or give weights of a {arch}")
+    log.info("%s: a distill training checkpoint (step %s); taking what student.safetensors "
+             "holds: %s%s", path, (ckpt.get("state") or {}).get("global_step", "?"), role,
+             f" ({recorded})" if recorded else "")
+    return state
+
+
+def load_weights(path: str | Path, *, key: str = "teacher.checkpoint", arch: str | None = None
+                 ) -> dict[str, torch.Tensor]:
     """A state dict from safetensors, or from a torch pickle loaded with weights_only=True
-    (teacher checkpoints from other tools: mdistiller's {'model': ...}, {'state_dict': ...})."""
+    (teacher checkpoints from other tools: mdistiller's {'model': ...}, {'state_dict': ...};
+    a distill run's own `checkpoints/last.pt`: exported_state, checked against `arch`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no such file: {path}", key=key)
@@ -109,6 +140,8 @@ def load_weights(path: str | Path, *, key: str = "teacher.checkpoint") -> dict[s
         raise ConfigError(f"refused to load {path}: it is not a plain weights file "
                           f"({load_reason(exc)})", key=key,
                           hint="convert it to safetensors, or save only the state_dict") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT and isinstance(obj.get("parts"), dict):
+        return exported_state(obj, path, key=key, arch=arch)
     for wrapper in ("model", "state_dict", "net", "student"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

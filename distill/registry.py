@@ -97,13 +97,29 @@ _TYPE_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "None": ("null", lambda v: v is None),
     "list[str]": ("a list of strings", lambda v: isinstance(v, (list, tuple))
                   and all(type(x) is str for x in v)),
+    # e.g. one weights file per teacher, null where that one comes from the zoo
+    "list[str | None]": ("a list of strings or nulls", lambda v: isinstance(v, (list, tuple))
+                         and all(x is None or type(x) is str for x in v)),
 }
+
+
+def _union_members(annotation: str) -> list[str]:
+    """`list[str | None] | None` -> ['list[str | None]', 'None']: split at the top level only."""
+    parts, depth, current = [], 0, ""
+    for char in annotation:
+        depth += (char == "[") - (char == "]")
+        if char == "|" and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*parts, current.strip()]
 
 
 def _type_problem(annotation: Any, value: Any) -> str | None:
     """What `value` should have been, or None when it fits `annotation`."""
     name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None)
-    parts = [p.strip() for p in str(name).split("|")]
+    parts = _union_members(str(name))
     if not all(p in _TYPE_CHECKS for p in parts):
         return None
     if any(_TYPE_CHECKS[p][1](value) for p in parts):

@@ -29,6 +29,7 @@ from distill import distributed as dist_utils
 from distill.catalog import DISTILLERS
 from distill.checkpoint import load_weights, preserved_rng
 from distill.config import CONFIG_DIR, OptimizerConfig, SchedulerConfig, teacher_run_defaults
+from distill.engine.quantize import QUANTIZED_SUFFIX, plain_state_dict, quantize_weights
 from distill.errors import ConfigError
 from distill.locks import Locked
 from distill.method import TeacherRequest
@@ -74,8 +75,15 @@ def load_state_into(model: torch.nn.Module, state: dict, *, source: str, key: st
 def load_model(name: str, source: str, *, key: str, num_classes: int,
                model_options: dict | None = None) -> torch.nn.Module:
     model = create_model(name, num_classes=num_classes, **(model_options or {}))
-    load_state_into(model, load_weights(source, key=key), source=source, key=key,
-                    num_classes=num_classes)
+    state = load_weights(source, key=key, arch=name)
+    if any(k.endswith(QUANTIZED_SUFFIX) for k in state):
+        # a trainer.quantize=int8 run's checkpoint holds the float shadow weights: the int8
+        # model's weights are made from them as the run's student.safetensors was made
+        quantize_weights(model)
+        load_state_into(model, state, source=source, key=key, num_classes=num_classes)
+        state = plain_state_dict(model)
+        model = create_model(name, num_classes=num_classes, **(model_options or {}))
+    load_state_into(model, state, source=source, key=key, num_classes=num_classes)
     return model
 
 

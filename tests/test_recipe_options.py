@@ -66,6 +66,27 @@ def test_accumulating_n_batches_equals_one_batch_n_times_larger(tmp_path):
             torch.testing.assert_close(weights[batch][key], value, rtol=1e-5, atol=1e-6)
 
 
+def test_accumulating_more_batches_than_an_epoch_has_steps_once_per_epoch_and_says_so(
+        tmp_path, caplog):
+    """200 images in 7 batches of 32: trainer.accumulate=10 cannot gather 10, a step ends with
+    its epoch, so each step is the epoch's 7 batches (200 images), as with accumulate=7 (the
+    same student); summary.json says 200, not 320, and the start warns with the figures."""
+    with caplog.at_level("WARNING", logger="distill"):
+        summary = _train(tmp_path / "a10", batch=32, accumulate=10)
+    assert summary["steps"] == 2 and summary["images_per_step"] == 200
+    warning = [r.getMessage() for r in caplog.records if "trainer.accumulate" in r.getMessage()]
+    assert warning == ["trainer.accumulate=10 is more than the 7 batches of an epoch: a step ends "
+                       "with its epoch, so each optimizer step uses 7 batches (200 images), one "
+                       "step per epoch"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="distill"):
+        assert _train(tmp_path / "a7", batch=32, accumulate=7)["images_per_step"] == 200
+    assert not [r for r in caplog.records if "trainer.accumulate" in r.getMessage()]
+    ten, seven = (load_file(str(tmp_path / r / "student.safetensors")) for r in ("a10", "a7"))
+    for key, value in seven.items():
+        torch.testing.assert_close(ten[key], value, rtol=0, atol=0)
+
+
 def test_a_manual_step_method_steps_each_optimizer_once_per_group(tmp_path):
     """DML steps its peers itself: under trainer.accumulate=2 each peer's optimizer takes one
     step per two batches (AdamW counts them)."""

@@ -30,7 +30,7 @@ class MultiTeacher(OwnTeachers, Distiller):
     traits = Traits(teacher_outputs_only=True)
 
     def __init__(self, student, teacher_models, teachers: list[str] | None = None,
-                 teacher_checkpoints: list[str] | None = None, ce_weight: float = 0.1,
+                 teacher_checkpoints: list[str | None] | None = None, ce_weight: float = 0.1,
                  kd_weight: float = 0.9, temperature: float = 4.0, mode: str = "arithmetic",
                  weights: list[float] | None = None):
         super().__init__(student, None)

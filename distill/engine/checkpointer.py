@@ -29,7 +29,8 @@ class Checkpointer:
 
     def save(self, distiller: Distiller, optimizers: dict, schedulers: dict,
              scaler: torch.amp.GradScaler, *, state: dict, trackers: dict, config: dict,
-             teachers: list[dict], step: int, averages: dict | None = None) -> None:
+             teachers: list[dict], step: int, averages: dict | None = None,
+             exported: dict | None = None) -> None:
         """On every rank (their weights are the same): the weights are checked finite first;
         rank 0 writes."""
         named = [(f"{role}.{n}", p) for role, module in distiller.trained_parts().items()
@@ -51,6 +52,8 @@ class Checkpointer:
             "config": config,
             "teachers": teachers,
             **({"averages": averages} if averages else {}),   # trainer.ema_decay's model
+            # what student.safetensors holds ({role, arch}): a checkpoint given as a teacher
+            **({"exported": exported} if exported else {}),
         }, self.path)
 
     def restore(self, ckpt: dict[str, Any], distiller: Distiller, optimizers: dict,

@@ -22,6 +22,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 INT8_MAX = 127
+# where a parametrized layer keeps its float (shadow) weight in a state dict
+QUANTIZED_SUFFIX = ".parametrizations.weight.original"
 
 
 class Int8Weights(nn.Module):
@@ -54,11 +56,10 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """`model`'s state dict with each quantized weight under its own name, as the int8 model
     holds it (what student.safetensors stores: a float model loads it and computes what the int8
     one does); the model's own state dict when nothing is quantized."""
-    suffix = ".parametrizations.weight.original"
     plain = {}
     for key, value in model.state_dict().items():
-        if key.endswith(suffix):
-            layer = key[:-len(suffix)]
+        if key.endswith(QUANTIZED_SUFFIX):
+            layer = key[:-len(QUANTIZED_SUFFIX)]
             plain[f"{layer}.weight"] = model.get_submodule(layer).weight.detach()
         else:
             plain[key] = value

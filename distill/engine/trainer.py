@@ -219,6 +219,15 @@ class Trainer:
         self.accumulate = options.accumulate
         self.batches_per_epoch = self.loaders.steps_per_epoch
         self.steps_per_epoch = -(-self.batches_per_epoch // self.accumulate)
+        # a step never reaches past its epoch's end (_train_epoch): under an accumulate larger
+        # than an epoch, each step is the epoch's batches, all its images
+        epoch_images = min(self.loaders.sampler.size, self.batches_per_epoch * options.batch_size)
+        self.images_per_step = min(options.batch_size * self.accumulate, epoch_images)
+        if self.accumulate > self.batches_per_epoch and self.main:
+            log.warning("trainer.accumulate=%d is more than the %d batches of an epoch: a step "
+                        "ends with its epoch, so each optimizer step uses %d batches (%d images), "
+                        "one step per epoch", self.accumulate, self.batches_per_epoch,
+                        self.batches_per_epoch, self.images_per_step)
         self.example = data.val[0][0]   # one item's inputs: FLOPs of derived models (summary)
         if options.quantize == "int8":   # before the optimizers: they take the shadow weights
             count = quantize_weights(distiller.exported)
@@ -332,7 +341,9 @@ class Trainer:
             self.distiller, self.optimizers, self.schedulers, self.scaler,
             state=asdict(self.state), trackers=self.trackers.resume_states(),
             config=self.config, teachers=self.teachers, step=self.state.global_step,
-            averages={"ema": self.ema.state_dict()} if self.ema is not None else None)
+            averages={"ema": self.ema.state_dict()} if self.ema is not None else None,
+            exported={"role": self.exported_name,
+                      "arch": self.distiller.parts[self.distiller.exported_role].arch})
 
     # --- the loop ---------------------------------------------------------------------------
     def stage_of(self, epoch: int) -> tuple[str, int]:
@@ -695,8 +706,8 @@ class Trainer:
             "world_size": self.world_size,
             "global_batch_size": self.opt.batch_size,   # trainer.batch_size is global
             "per_rank_batch_size": self.opt.batch_size // self.world_size,
-            # trainer.accumulate batches per optimizer step
-            "images_per_step": self.opt.batch_size * self.accumulate,
+            # trainer.accumulate batches per optimizer step, at most an epoch's
+            "images_per_step": self.images_per_step,
             "epochs": _whole_or_fraction(self.state.global_step / self.steps_per_epoch),
             "steps": self.state.global_step,
             "stopped_early": not completed_all,   # trainer.max_steps ended it
