@@ -9,6 +9,7 @@ object beyond the plan: components get plain keyword arguments.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from distill.checkpoint import seed_everything
 from distill.data import DatasetBundle, build_data
 from distill.data.batched import tensor_source
 from distill.data.views import apply_student_view
+from distill.engine.progress import WorkProgress
 from distill.engine.rundir import discard_if_unused, locked, note_new_folders, start_run_dir
 from distill.engine.teacher_cache import (OutputStore, attach_teacher_cache, cache_source,
                                           check_cacheable, open_store)
@@ -122,7 +124,10 @@ def build(plan: RunPlan) -> tuple[Trainer, Callable[[dict], Any] | None]:
         plan.run_dir, plan.resolved, resuming=checkpoint is not None, overrides=plan.overrides,
         resume_step=checkpoint["state"]["global_step"] if checkpoint else None))
     if isinstance(distiller, DataFree):   # e.g. DeepInversion's synthesis, from its own seeds
-        distiller.make_training_set(data.train, run_dir=plan.run_dir, device=plan.device)
+        distiller.make_training_set(data.train, run_dir=plan.run_dir, device=plan.device,
+                                    progress=functools.partial(
+                                        WorkProgress, enabled=plan.trainer.progress
+                                        and dist_utils.is_main_process()))
     trainer = Trainer(
         distiller, data, options=plan.trainer, optimizer=plan.resolved["optimizer"],
         scheduler=plan.resolved["scheduler"], run_dir=plan.run_dir, device=plan.device,

@@ -10,6 +10,7 @@ import inspect
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -85,6 +86,8 @@ def plan_run(cfg: DictConfig, resolved: dict, device: torch.device, overrides: l
             key=DATASETS.meta(dataset["name"]).get("data_key", "dataset"),
             hint="put the data back, or start over with trainer.resume=false (the old files go "
                  "under previous/), or use another run directory (tag=...)")
+    if checkpoint is not None and issubclass(method, DataFree):
+        check_made_count(method, options, checkpoint["config"]["trainer"], cfg.trainer)
     if checkpoint is not None:
         check_schedule_change(checkpoint["config"], resolved,
                               steps_taken=checkpoint["state"]["global_step"],
@@ -130,7 +133,8 @@ def plan_data(cfg: DictConfig, dataset: dict, method: type[Distiller],
     data = build_data(dataset, training_split=not data_free)
     if data_free:
         # the training split is never touched from here on: the method's own set replaces it
-        data = replace(data, train=method.stand_in_training_set(options, data))
+        data = replace(data, train=method.stand_in_training_set(
+            options, data, images_used=images_drawn(cfg.trainer)))
         log.info("%s is data-free: the student's training reads no training image (its "
                  "teacher was trained on them)%s", cfg.distiller.name,
                  " (dataset.train_fraction has nothing to keep a part of)"
@@ -142,6 +146,34 @@ def plan_data(cfg: DictConfig, dataset: dict, method: type[Distiller],
     data_path_transforms(data, cfg.trainer.data_path)   # trainer.data_path=memory must fit
     check_cacheable(data, cfg.teacher.cache, key="teacher.cache")
     return data
+
+
+def images_drawn(trainer: Any) -> int | None:
+    """The most training items a run draws: trainer.max_steps optimizer steps of `accumulate`
+    global batches; None without max_steps (every epoch draws the whole set)."""
+    if not trainer["max_steps"]:
+        return None
+    return trainer["max_steps"] * trainer.get("accumulate", 1) * trainer["batch_size"]
+
+
+def check_made_count(method: type[DataFree], options: dict, before: dict, now: Any) -> None:
+    """A data-free method makes no more images than the run draws (trainer.max_steps bounds
+    the set); a resumed run whose bound gives another set would train on other items than the
+    steps it continues from, so it is refused (a cut run resumed with the same bound, or with
+    one past the whole set, goes on bit for bit)."""
+    made_before = method.made_count(options, images_drawn(before))
+    made_now = method.made_count(options, images_drawn(now))
+    if made_before != made_now:
+        steps_before, steps_now = (("null" if t["max_steps"] is None else t["max_steps"])
+                                   for t in (before, now))
+        raise ConfigError(
+            f"this run started with trainer.max_steps={steps_before}, which bounded "
+            f"{method.__name__}'s set to {made_before} synthetic images; with "
+            f"trainer.max_steps={steps_now} it would be {made_now}, and the steps "
+            f"taken were drawn from the other set", key="trainer.max_steps",
+            hint=f"resume with trainer.max_steps={steps_before}, or start over with "
+                 "trainer.resume=false (the made images are read back where they fit), or use "
+                 "another run directory (tag=...)")
 
 
 def example_inputs(data: DatasetBundle, count: int = 2) -> torch.Tensor | dict:

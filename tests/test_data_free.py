@@ -3,18 +3,23 @@ fixed inputs, runs whose training split fails on any access (so not one training
 read), bit-exact resume, and DeepInversion's cache of synthetic images in the run directory."""
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import distill.data.fake as fake_data
 from _compose import make_cfg
 from _golden import fixed_teacher
 from _resume import FAKE_RUN, resumes_bit_exactly
 from distill.app import run
+from distill.engine.progress import WorkProgress
 from distill.errors import ConfigError
 from distill.export import Timing, export_run
 from distill.losses.data_free import (bn_statistics_loss, dafl_losses, deepinversion_loss,
@@ -118,7 +123,9 @@ def test_data_free_runs_resume_bit_exactly(tmp_path, method):
             ["batch-00000.safetensors", "batch-00001.safetensors"]
 
 
-def test_deepinversion_cache_is_read_back_remade_when_damaged_or_changed(tmp_path):
+def deepinversion_maker(tmp_path, *, num_images=12, every_s=30.0):
+    """make(**options): a DeepInversion set of `num_images` (batches of 8, 2 Adam steps) made
+    in tmp_path/run, as a run makes it."""
     teacher = create_model("resnet14", num_classes=10)
     teacher.load_state_dict(load_file(str(fixed_teacher(tmp_path))))
     info = BuildInfo(num_classes=10, input_shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3,
@@ -126,13 +133,20 @@ def test_deepinversion_cache_is_read_back_remade_when_damaged_or_changed(tmp_pat
 
     def make(**options):
         d = build_distiller("deepinversion", create_model("resnet8", num_classes=10), teacher,
-                            {"num_images": 12, "batch_size": 8, "iterations": 2, **options}, info)
+                            {"num_images": num_images, "batch_size": 8, "iterations": 2,
+                             **options}, info)
         data = type("Facts", (), {"num_classes": 10, "name": "fake", "mean": info.mean,
                                   "std": info.std, "val": [(torch.zeros(3, 32, 32), 0)]})()
-        dataset = d.stand_in_training_set({"num_images": 12, "batch_size": 8}, data)
-        d.make_training_set(dataset, run_dir=tmp_path / "run", device=torch.device("cpu"))
+        dataset = d.stand_in_training_set({"num_images": num_images, "batch_size": 8}, data)
+        d.make_training_set(dataset, run_dir=tmp_path / "run", device=torch.device("cpu"),
+                            progress=functools.partial(WorkProgress, enabled=False,
+                                                       every_s=every_s))
         return dataset
+    return make
 
+
+def test_deepinversion_cache_is_read_back_remade_when_damaged_or_changed(tmp_path):
+    make = deepinversion_maker(tmp_path)
     first = make()
     assert first.labels.tolist() == [*range(8), 0, 1, 2, 3]   # classes restart in every batch
     assert first.images.float().std() > 0                     # images were made
@@ -148,6 +162,97 @@ def test_deepinversion_cache_is_read_back_remade_when_damaged_or_changed(tmp_pat
     with pytest.raises(ConfigError, match="diverged") as error:   # nothing cached from it
         make(lr=1e30, iterations=3)
     assert error.value.key == "distiller.lr"
+
+
+def test_deepinversion_batch_files_are_known_by_position_and_checksum(tmp_path, caplog):
+    """Every batch file of a run has the run's key: another batch's file in its place, or its
+    tensors changed under the same metadata, or a file of the format without position and
+    checksum, is made again (the same images), and the log names the batch and why."""
+    make = deepinversion_maker(tmp_path, num_images=16)   # two full batches of 8
+    first = make()
+    files = sorted((tmp_path / "run" / "synthetic").iterdir())
+
+    def remade(why):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="distill"):
+            assert torch.equal(make().images, first.images)
+        lines = [r.getMessage() for r in caplog.records if r.name == "distill"]
+        assert any("batch 2/2" in line and why in line for line in lines), lines
+        assert any("(1 batches made, 1 read back)" in line for line in lines), lines
+
+    shutil.copyfile(files[0], files[1])   # batch 0 in batch 1's place: same labels, same size
+    remade("it holds batch 0 of this run, not batch 1")
+    with safe_open(str(files[1]), "pt") as handle:
+        meta = handle.metadata()
+    tensors = load_file(str(files[1]))
+    tensors["images"][0, 0, 0, 0] ^= 1   # one pixel changed, the metadata kept
+    save_file(tensors, str(files[1]), metadata=meta)
+    remade("do not match the sha256")
+    # the earlier format: the run's key alone (no position, no checksum) cannot be verified
+    save_file(load_file(str(files[1])), str(files[1]), metadata={"key": meta["key"].rsplit("/")[0]})
+    remade("cannot be verified")
+
+
+def test_a_swapped_batch_file_is_made_again_and_the_student_is_unchanged(tmp_path):
+    args = [*FAKE_RUN, *DEEPINVERSION, f"teacher.checkpoint={fixed_teacher(tmp_path)}"]
+    run(make_cfg(tmp_path, *args))
+    straight = load_file(str(tmp_path / "run" / "student.safetensors"))
+    folder = tmp_path / "run" / "synthetic"
+    shutil.copyfile(folder / "batch-00000.safetensors", folder / "batch-00001.safetensors")
+    run(make_cfg(tmp_path, *args, "trainer.resume=false"))   # the images are read back
+    again = load_file(str(tmp_path / "run" / "student.safetensors"))
+    assert straight.keys() == again.keys()
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
+    # batch 1's file holds batch 1 again
+    assert load_file(str(folder / "batch-00001.safetensors"))["images"].shape[0] == 32
+    assert not torch.equal(load_file(str(folder / "batch-00000.safetensors"))["images"],
+                           load_file(str(folder / "batch-00001.safetensors"))["images"])
+
+
+def test_deepinversion_synthesis_logs_its_cost_progress_and_time_left(tmp_path, caplog):
+    make = deepinversion_maker(tmp_path, num_images=16, every_s=0.0)   # every step a line
+    with caplog.at_level(logging.INFO, logger="distill"):
+        make(iterations=3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "distill"]
+    plan = next(i for i, line in enumerate(lines) if "synthesising 16 images" in line)
+    assert "(2 batch(es) of up to 8) x 3 Adam steps each" in lines[plan]
+    progress = lines[plan + 1:]
+    assert any("batch 1/2, Adam step 2/3" in line for line in progress), progress
+    made = [line for line in progress if "batch 2/2 made" in line]
+    assert len(made) == 1 and "16/16 images" in made[0] and "images/s" in made[0]
+    first = next(line for line in progress if "batch 1/2 made" in line)
+    assert "8/16 images" in first and "left" in first
+    # the whole's estimate, once, at the first measured rate
+    assert sum("the 16 images to make take about" in line for line in progress) == 1
+    # the paper's scale is a warning before it starts
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="distill"), pytest.raises(ConfigError):
+        make(iterations=70_000, lr=1e30)   # diverges within its first steps
+    assert any("synthesising 16 images" in r.getMessage() and "scale=cpu" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_max_steps_bounds_the_synthesis_and_a_resume_past_the_bound_is_refused(tmp_path, caplog):
+    args = [*FAKE_RUN, *DEEPINVERSION, f"teacher.checkpoint={fixed_teacher(tmp_path)}"]
+    with caplog.at_level(logging.WARNING, logger="distill"):
+        summary = run(make_cfg(tmp_path, *args, "trainer.max_steps=1"))
+    assert summary["steps"] == 1
+    # one step of 16 draws 16 images: the first batch of 32 is made, not the 64
+    folder = tmp_path / "run" / "synthetic"
+    assert [p.name for p in folder.iterdir()] == ["batch-00000.safetensors"]
+    assert any("synthesises 32 of the 64 images of distiller.num_images" in r.getMessage()
+               for r in caplog.records)
+    # the same batch as a run without the bound makes
+    run(make_cfg(tmp_path, *args, run="full"))
+    assert torch.equal(load_file(str(folder / "batch-00000.safetensors"))["images"],
+                       load_file(str(tmp_path / "full" / "synthetic" /
+                                     "batch-00000.safetensors"))["images"])
+    # continuing it without the bound would draw from another set than its step did
+    with pytest.raises(ConfigError, match="bounded DeepInversion's set to 32") as error:
+        run(make_cfg(tmp_path, *args))
+    assert error.value.key == "trainer.max_steps"
+    summary = run(make_cfg(tmp_path, *args, "trainer.resume=false"))   # batch 0 read back
+    assert summary["steps"] == 8
 
 
 def test_training_files_are_not_opened_for_a_data_free_method(tmp_path):

@@ -125,7 +125,9 @@ class DAFL(DataFree, Distiller):
             return generator.train()(z)
 
     @classmethod
-    def stand_in_training_set(cls, options, data):
+    def stand_in_training_set(cls, options, data, *, images_used=None):
+        # nothing is made before training (made_count None): the generator makes each
+        # step's images, so the trainer's own bar and epoch lines are the progress
         return StepPlaceholders(options["epoch_size"])
 
     def configure_optimizers(self, default):

@@ -8,11 +8,14 @@ each image is made for (0, 1, ..., C-1, 0, ... within every batch, as the refere
 targets), `bn_weight` x the distance of every BatchNorm input's batch mean and variance to its
 running statistics, `tv_weight` x total variation, `l2_weight` x the L2 norm, each step on a copy
 rolled by up to `jitter` pixels. The images are stored as uint8 pixels, clamped to the valid
-range (ours: the reference distils on the float tensors) in the run directory (`synthetic/`, one file per batch,
-keyed by the teacher's weights and the synthesis options, so a resumed or repeated run reads them
-back and a changed one makes them again), and the student is distilled on them with the dataset's
-crop/flip recipe: `kd_weight` x KD at `temperature` (+ `ce_weight` x CE to the synthesis classes).
-Evaluation uses the real test split.
+range (ours: the reference distils on the float tensors) in the run directory (`synthetic/`, one
+file per batch, keyed by the teacher's weights, the synthesis options, the seed and the batch's
+position, with the sha256 of its tensors: a resumed or repeated run reads them back, and a file
+made otherwise, moved or changed is made again), and the student is distilled on them with the
+dataset's crop/flip recipe: `kd_weight` x KD at `temperature` (+ `ce_weight` x CE to the
+synthesis classes). Evaluation uses the real test split. A run bounded by trainer.max_steps
+makes only the first batches it can draw from (`made_count`); the synthesis logs its progress,
+rate and time left (distill.engine.progress.WorkProgress, given by the app).
 
 The defaults are the cifar10 README's "parameters from the paper" (lr 0.05, BN weight 10), the
 flags its authors ran for the published numbers; the script's own defaults are lr 0.1, BN 100.
@@ -27,9 +30,11 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -43,6 +48,10 @@ from distill.method.checks import require
 
 log = logging.getLogger("distill")
 SYNTHETIC_DIR = "synthetic"
+# images x Adam steps past which the synthesis is announced as a warning: scale=cpu is 76,800
+# (384 x 200), one batch at the paper's scale 512,000 (256 x 2,000), its CIFAR-10 set 512
+# million (256,000 x 2,000)
+LONG_SYNTHESIS = 100_000
 # the options that change the images (a cache made with others is made again)
 SYNTHESIS_OPTIONS = ("num_images", "batch_size", "iterations", "lr", "bn_weight", "tv_weight",
                      "l2_weight", "jitter")
@@ -98,8 +107,23 @@ class DeepInversion(DataFree, Distiller):
                 bn_weight=">=0", tv_weight=">=0", l2_weight=">=0", jitter="int>=0")
 
     @classmethod
-    def stand_in_training_set(cls, options, data):
+    def made_count(cls, options, images_used):
+        """All `num_images`, or the whole batches that hold the `images_used` a run bounded by
+        trainer.max_steps draws (the first batches of the full set, image for image)."""
         count, batch = options["num_images"], options["batch_size"]
+        if images_used is None or images_used >= count:
+            return count
+        return min(count, -(-images_used // batch) * batch)
+
+    @classmethod
+    def stand_in_training_set(cls, options, data, *, images_used=None):
+        count, batch = cls.made_count(options, images_used), options["batch_size"]
+        if count < options["num_images"]:
+            log.warning("deepinversion: this run draws at most %d training images "
+                        "(trainer.max_steps x batch): it synthesises %d of the %d images of "
+                        "distiller.num_images (the first %d of %d batches) and trains on those",
+                        images_used, count, options["num_images"], -(-count // batch),
+                        -(-options["num_images"] // batch))
         labels = torch.cat([torch.arange(min(batch, count - start)) % data.num_classes
                             for start in range(0, count, batch)])
         return synthetic_image_set(data, labels)
@@ -124,31 +148,54 @@ class DeepInversion(DataFree, Distiller):
         return logits, terms
 
     # --- synthesis ---------------------------------------------------------------------------
-    def make_training_set(self, dataset, *, run_dir, device):
+    def make_training_set(self, dataset, *, run_dir, device, progress):
         folder = Path(run_dir) / SYNTHETIC_DIR
         key = self._cache_key()
         batch, count = self.synthesis["batch_size"], len(dataset)
-        made = reused = 0
-        started = time.perf_counter()
+        batches, iterations = -(-count // batch), self.synthesis["iterations"]
+        pending = []   # (index, start, labels) of the batches to make
         for index, start in enumerate(range(0, count, batch)):
             labels = dataset.labels[start:start + batch]
-            path = folder / f"batch-{index:05d}.safetensors"
-            images = _read_cached(path, key, len(labels))
+            path = _batch_path(folder, index)
+            images, why = _read_batch(path, key, index, labels)
             if images is None:
-                images = self.synthesize(labels.to(device), index).cpu()
-                save_weights({"images": images, "labels": labels}, path, metadata={"key": key})
-                made += 1
-                log.info("deepinversion: batch %d/%d synthesised (%.0f s so far)", index + 1,
-                         -(-count // batch), time.perf_counter() - started)
+                pending.append((index, start, labels))
+                if why:
+                    log.warning("deepinversion: batch %d/%d (%s) is made again: %s", index + 1,
+                                batches, path, why)
             else:
-                reused += 1
-            dataset.images[start:start + len(labels)] = images
+                dataset.images[start:start + len(labels)] = images
+        to_make = sum(len(labels) for _, _, labels in pending)
+        if pending:
+            # the paper's scale is hours on a GPU, days on a CPU: said before it starts
+            long = to_make * iterations > LONG_SYNTHESIS
+            log.log(logging.WARNING if long else logging.INFO,
+                    "deepinversion: synthesising %d images (%d batch(es) of up to %d) x %d Adam "
+                    "steps each on the teacher before the first training step (%d read back "
+                    "from %s); the time left is logged as it goes%s", to_make, len(pending),
+                    batch, iterations, count - to_make, folder,
+                    "; scale=cpu or scale=smoke (or distiller.num_images, distiller.iterations)"
+                    " make fewer" if long else "")
+        with progress("deepinversion synthesis", total=count, unit="images") as bar:
+            bar.found(count - to_make)
+            for index, start, labels in pending:
+                def beat(step, index=index, size=len(labels)):
+                    bar.beat(size * step / iterations, f"batch {index + 1}/{batches}, Adam "
+                             f"step {step}/{iterations}")
+                images = self.synthesize(labels.to(device), index, beat=beat).cpu()
+                save_weights({"images": images, "labels": labels}, _batch_path(folder, index),
+                             metadata={"key": f"{key}/{index}",
+                                       "sha256": _checksum(images, labels)})
+                dataset.images[start:start + len(labels)] = images
+                bar.advance(len(labels), f"batch {index + 1}/{batches} made")
         log.info("deepinversion: %d synthetic images in %s (%d batches made, %d read back)",
-                 count, folder, made, reused)
+                 count, folder, len(pending), batches - len(pending))
 
-    def synthesize(self, targets: torch.Tensor, index: int) -> torch.Tensor:
+    def synthesize(self, targets: torch.Tensor, index: int,
+                   beat: Callable[[int], None] | None = None) -> torch.Tensor:
         """One batch of images for `targets`, as uint8 pixels; its noise and jitter come from
-        its own seed (run seed, batch index), so the batch is the same whenever it is made."""
+        its own seed (run seed, batch index), so the batch is the same whenever it is made.
+        `beat(step)` after each Adam step (progress within a long batch)."""
         options, teacher = self.synthesis, self.teacher
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         shape = (len(targets), *self.image_shape)
@@ -180,6 +227,8 @@ class DeepInversion(DataFree, Distiller):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if beat is not None:
+                    beat(step + 1)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -196,17 +245,49 @@ class DeepInversion(DataFree, Distiller):
         return digest.hexdigest()
 
 
-def _read_cached(path: Path, key: str, count: int) -> torch.Tensor | None:
-    """A cached batch's images when the file is whole and was made with `key`; else None (it
-    is made again). A damaged file is never trusted."""
+def _batch_path(folder: Path, index: int) -> Path:
+    return folder / f"batch-{index:05d}.safetensors"
+
+
+def _checksum(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 of a batch's tensors (their bytes, dtypes and shapes)."""
+    digest = hashlib.sha256()
+    for tensor in (images, labels):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_batch(path: Path, key: str, index: int, labels: torch.Tensor
+                ) -> tuple[torch.Tensor | None, str]:
+    """Batch `index`'s stored images when its file is whole, was made by this run's synthesis
+    (`key`: teacher, options, seed) as batch `index` (its key ends in /<index>), and its
+    tensors still have the sha256 written beside them; else (None, why) and it is made again
+    (why is empty when there is no file). A batch file of another position, of other options
+    or changed since it was written is never trusted. Files of the earlier format (the run key
+    alone, no position or checksum) cannot be verified, so they are made again, not read."""
     if not path.is_file():
-        return None
+        return None, ""
     try:
-        from safetensors import safe_open
         with safe_open(str(path), "pt") as handle:
-            if (handle.metadata() or {}).get("key") != key:
-                return None
-        images = load_file(str(path))["images"]
-    except Exception:  # noqa: BLE001 - a damaged cache file is made again, never trusted
-        return None
-    return images if images.dtype == torch.uint8 and images.shape[0] == count else None
+            meta = handle.metadata() or {}
+        stored = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - a damaged file is made again, never trusted
+        return None, f"the file is damaged ({type(exc).__name__})"
+    run_key, _, position = meta.get("key", "").rpartition("/")
+    if not run_key or "sha256" not in meta:
+        return None, ("it was written before batch files recorded their position and sha256 "
+                      "and cannot be verified")
+    if run_key != key:
+        return None, "it was made by another synthesis (teacher, options or seed)"
+    if position != str(index):
+        return None, f"it holds batch {position} of this run, not batch {index}"
+    images, stored_labels = stored.get("images"), stored.get("labels")
+    if (images is None or stored_labels is None
+            or _checksum(images, stored_labels) != meta["sha256"]):
+        return None, "its tensors do not match the sha256 written with them (changed since)"
+    if images.dtype != torch.uint8 or not torch.equal(stored_labels,
+                                                      labels.to(stored_labels.dtype)):
+        return None, "its labels are not this batch's"
+    return images, ""

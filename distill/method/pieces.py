@@ -5,6 +5,7 @@ every method. Each piece names its users.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,23 @@ class DataFree:
     runs too) or one placeholder per item of an epoch when it makes images every step."""
 
     @classmethod
-    def stand_in_training_set(cls, options: dict, data: Any) -> Any:
+    def stand_in_training_set(cls, options: dict, data: Any, *,
+                              images_used: int | None = None) -> Any:
+        """`images_used`: the most training items the run can draw (trainer.max_steps x the
+        batch; None: no bound). A method that makes its images before training makes no more
+        than `made_count` says."""
         raise NotImplementedError
 
-    def make_training_set(self, dataset: Any, *, run_dir: Path, device: torch.device) -> None:
-        """Nothing to do by default."""
+    @classmethod
+    def made_count(cls, options: dict, images_used: int | None) -> int | None:
+        """How many images the method makes before training for a run that draws at most
+        `images_used` items; None: it makes none before training (they come at every step)."""
+        return None
+
+    def make_training_set(self, dataset: Any, *, run_dir: Path, device: torch.device,
+                          progress: Callable[..., Any]) -> None:
+        """Nothing to do by default. `progress(what, total=..., unit=...)`: the engine's
+        WorkProgress (a context: live bar, log lines with rate and time left) for long work."""
 
     @classmethod
     def made_images(cls, run_dir: Path, options: dict, input_shape: tuple[int, ...],
