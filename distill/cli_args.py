@@ -15,12 +15,12 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
 from distill.errors import ConfigError, close_matches, unknown_name_error
+from distill.folders import folder_problem
 
 Refusal = argparse.ArgumentTypeError
 
@@ -190,30 +190,6 @@ def _exists(path: Path) -> bool:
         return path.exists()
     except OSError as exc:   # e.g. a name too long for the file system
         raise Refusal(f"{path}: {exc.strerror or exc}") from None
-
-
-def folder_problem(folder: Path, *, write: bool = True) -> str | None:
-    """Why `folder` (made with its missing parents) could not be used, or None: a file on its
-    path, or (`write`) the nearest folder that exists refusing a new folder. That folder is
-    asked by making an empty folder in it and removing it again: os.access answers yes to root
-    everywhere, /proc and read-only mounts included. Leaves the file system as it was."""
-    for parent in (folder, *folder.parents):
-        try:
-            found = parent.exists()
-        except OSError as exc:   # e.g. a name too long for the file system
-            return f"{parent}: {exc.strerror or exc}"
-        if not found:
-            continue
-        if not parent.is_dir():
-            return f"{parent} is a file, not a folder"
-        if write:
-            try:
-                os.rmdir(tempfile.mkdtemp(prefix=".distill-write-test-", dir=parent))
-            except OSError as exc:
-                return (f"{parent} is not writable: a new folder in it fails with "
-                        f"'{exc.strerror or exc}'")
-        return None
-    return None
 
 
 def existing_dir(text: str) -> Path:

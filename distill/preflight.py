@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
-from distill.cli_args import folder_problem
+from distill.folders import folder_problem
 from distill.errors import ConfigError, unknown_name_error
 
 GROUPS = ("dataset", "teacher", "student", "distiller", "optimizer", "scheduler",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from distill import cli_args
+from distill import folders
 from distill.method import DISTILLERS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +178,7 @@ def test_known_bad_values_say_what_is_allowed(tools, workspace, capsys, monkeypa
             raise PermissionError(13, "Permission denied")
         return mkdtemp(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(cli_args.tempfile, "mkdtemp", refuse_readonly)
+    monkeypatch.setattr(folders.tempfile, "mkdtemp", refuse_readonly)
     cases = [
         (bench, ["--batches", "64,0"], ["--batches", "at least 1", "'64,0'"]),
         (bench, ["--batches", "0"], ["--batches", "at least 1"]),
