@@ -133,12 +133,18 @@ def teacher_training_command(cfg: DictConfig, overrides: list[str], arch: str | 
     return shlex.join(args)
 
 
+def made_epochs(cfg: DictConfig) -> int:
+    """How long the runs that make this run's zoo models train: teacher.auto_train_epochs,
+    else the dataset recipe's. A made model shorter than that does not serve this run."""
+    return int(cfg.teacher.auto_train_epochs or cfg.dataset.recipe.epochs)
+
+
 def zoo_run_config(cfg: DictConfig, *, student: str, distiller: dict | DictConfig,
                    zoo_name: str, split: dict) -> DictConfig:
     """A run that makes a zoo model from cfg: same data, the dataset's recipe (or
     teacher.auto_train_epochs), the full training split, to the end (no max_steps), in
-    <zoo.root>/runs/<dataset>/<zoo_name>/<split key>/seed<N> (models of other data or splits
-    are other runs)."""
+    <zoo.root>/runs/<dataset>/<zoo_name>/<split key>/seed<N>-<epochs>epochs (models of other
+    data, splits or lengths are other runs)."""
     zcfg = copy.deepcopy(cfg)
     OmegaConf.set_struct(zcfg, False)
     zcfg.student.name = student
@@ -152,8 +158,7 @@ def zoo_run_config(cfg: DictConfig, *, student: str, distiller: dict | DictConfi
     # student's recipe options: the declared defaults of the options not for teachers
     for key, default in teacher_run_defaults().items():
         OmegaConf.update(zcfg, key, default, merge=False)
-    if cfg.teacher.auto_train_epochs:
-        zcfg.trainer.epochs = cfg.teacher.auto_train_epochs
+    zcfg.trainer.epochs = made_epochs(cfg)
     if cache_refusal(DISTILLERS.get(distiller["name"])) is not None:
         zcfg.teacher.cache = "none"   # e.g. a teacher's own vanilla run: nothing to cache
     zcfg.teacher.cache_dtype = "float32"   # a zoo model learns from exact targets (or none)
@@ -161,7 +166,7 @@ def zoo_run_config(cfg: DictConfig, *, student: str, distiller: dict | DictConfi
     zcfg.dataset.pop("student_view", None)   # zoo models see the image (cross-modal KD's teacher)
     zcfg.tuned = {}
     zcfg.run_dir = str(Path(cfg.zoo.root) / "runs" / cfg.dataset.name / zoo_name
-                       / split_key(split) / f"seed{cfg.seed}")
+                       / split_key(split) / f"seed{cfg.seed}-{zcfg.trainer.epochs}epochs")
     zcfg.tag = ""
     return zcfg
 
@@ -208,16 +213,27 @@ class TeacherResolver:
         self.model_options = dict(model_options or {})
         self.split = split_identity(dataset, data_digest)
         self.zoo, self.overrides, self.train = zoo, overrides, train
+        self.min_epochs = made_epochs(cfg)
 
     def _find(self, name: str) -> ZooEntry | None:
-        """The zoo's current `name` for this run's data and split, as rank 0 sees it."""
+        """The zoo's current `name` for this run's data and split, as rank 0 sees it; a model
+        the zoo made shorter than this run would make it is not taken (made_epochs)."""
         return dist_utils.on_main(lambda: self.zoo.find(self.dataset["name"], name,
-                                                        split=self.split))
+                                                        split=self.split,
+                                                        min_epochs=self.min_epochs))
 
     def _other_data(self, name: str) -> str:
-        """For a 'not in the zoo' error: what the zoo holds of `name` for other data."""
+        """For a 'not in the zoo' error: what the zoo holds of `name` for other data, or made
+        by a shorter run."""
         others = dist_utils.on_main(
             lambda: self.zoo.other_splits(self.dataset["name"], name, self.split))
+        shorter = dist_utils.on_main(lambda: self.zoo.find(self.dataset["name"], name,
+                                                           split=self.split))
+        if shorter is not None and self.zoo.made_shorter(shorter, self.min_epochs):
+            epochs = shorter.meta.get("epochs")
+            return (f"; it holds one made by a shorter run ({epochs} epochs; this run's zoo models "
+                    f"train {self.min_epochs}), which does not serve a longer run: "
+                    f"teacher.auto_train_epochs={epochs} takes it")
         if not others:
             return ""
         return (f"; it holds {len(others)} trained on other data or another split (e.g. "
@@ -328,7 +344,8 @@ class TeacherResolver:
                     told = True
                     time.sleep(CLAIM_POLL_SECONDS)
             yield dist_utils.on_main(
-                lambda: self.zoo.find(name, zoo_name, split=self.split) is None)
+                lambda: self.zoo.find(name, zoo_name, split=self.split,
+                                      min_epochs=self.min_epochs) is None)
 
     def _train(self, config: DictConfig) -> dict[str, Any]:
         """A run that makes a zoo model: its own job, which leaves this run's random state (and

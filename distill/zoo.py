@@ -155,14 +155,24 @@ class TeacherZoo:
                       and e.meta.get("sha256") == recorded["sha256"]), None)
         return {split_key(named.meta.get("split")): named.meta["sha256"]} if named else {}
 
+    def made_here(self, entry: ZooEntry) -> bool:
+        """Whether the zoo made this version itself (an auto-trained teacher, a distilled link:
+        their runs live in <root>/runs/), not a user's own run that published it."""
+        run_dir = entry.meta.get("run_dir")
+        return isinstance(run_dir, str) and Path(run_dir).is_relative_to(self.root / "runs")
+
     def find(self, dataset: str, name: str, sha256: str | None = None,
-             split: dict | None = None) -> ZooEntry | None:
+             split: dict | None = None, min_epochs: int | None = None) -> ZooEntry | None:
         """The version with that `sha256`, else the current version for `split` (a split
         identity; None: any split). Versions published before splits were recorded match a
-        split of packaged data only (no `data_sha256`)."""
+        split of packaged data only (no `data_sha256`). `min_epochs`: a version the zoo made
+        with fewer epochs (a smoke run's teacher.auto_train_epochs=1) is not taken: how long a
+        made model trained is part of what it is."""
         versions = self.versions(dataset, name)
         if sha256 is not None:
             return next((e for e in versions if e.sha256 == sha256), None)
+        if min_epochs is not None:
+            versions = [e for e in versions if not self.made_shorter(e, min_epochs)]
         if split is not None:
             # a version from before splits were recorded may be taken for packaged data (whose
             # options say it all), never for data of the user's, which it cannot be told from
@@ -178,6 +188,9 @@ class TeacherZoo:
         # no (valid) pointer: a crash between a version's rename and the pointer's update: the
         # best top-1, the newest among equals
         return chosen or max(reversed(versions), key=lambda e: e.meta.get("top1", -1))
+
+    def made_shorter(self, entry: ZooEntry, epochs: int) -> bool:
+        return self.made_here(entry) and int(entry.meta.get("epochs", 0)) < epochs
 
     def other_splits(self, dataset: str, name: str, split: dict) -> list[dict]:
         """The splits (other than `split`) that versions of (dataset, name) were trained on."""

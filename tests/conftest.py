@@ -1,8 +1,8 @@
 """Fixtures shared by the whole suite.
 
 `trained_zoo`: one resnet14 teacher on the default fake dataset (256/128 images), auto-trained
-once per test session through the real auto-train path (a KD run with teacher.auto_train=true,
-teacher.auto_train_epochs=1). `zoo` gives a test its own copy at tmp_path/zoo, which is where
+once per test session through the real auto-train path (a KD run with teacher.auto_train=true),
+for the fake recipe's 2 epochs: a made model shorter than a run's recipe does not serve it. `zoo` gives a test its own copy at tmp_path/zoo, which is where
 `make_cfg(tmp_path, ...)` points zoo.root: tests that need a trained teacher take `zoo` and
 train nothing themselves.
 """
@@ -26,7 +26,7 @@ def trained_zoo(tmp_path_factory) -> Path:
 
     home = tmp_path_factory.mktemp("shared-zoo")
     run(make_cfg(home, "dataset=fake", "distiller=kd", "student=resnet8", "teacher=resnet14",
-                 "teacher.auto_train=true", "teacher.auto_train_epochs=1", "trainer.epochs=1",
+                 "teacher.auto_train=true", "trainer.epochs=1",
                  "trainer.max_steps=1"))
     return home / "zoo"
 
