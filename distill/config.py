@@ -199,6 +199,11 @@ class TrainerConfig:
     on_nonfinite: str = option("stop", "a NaN/inf loss stops the run (last good checkpoint "
                                "kept), or its step is skipped and counted",
                                choices=("stop", "skip"), resumable=True)
+    max_skipped_fraction: float = option(
+        0.25, "on_nonfinite=skip: more than this fraction of an epoch's steps skipped stops the "
+        "run (exit 3, nothing published): a run that mostly skips is not training",
+        rule=lambda v, cfg: 0 <= v < 1, allowed="in [0, 1)", resumable=True,
+        accepts={"0": "any skipped step stops the run at its epoch's end"})
     quantize: str = option("none", "int8: the student trains on int8 weights and exports an "
                            "int8 ONNX", choices=("none", "int8"), for_teachers=False)
     accumulate: int = option(1, "gradient accumulation: an optimizer step every N batches",

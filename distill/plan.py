@@ -93,7 +93,8 @@ def plan_run(cfg: DictConfig, resolved: dict, device: torch.device, overrides: l
                               steps_taken=checkpoint["state"]["global_step"],
                               steps_per_epoch=-(-steps_per_epoch(len(data.train),
                                                                  cfg.trainer.batch_size,
-                                                                 resolved["world_size"])
+                                                                 resolved["world_size"],
+                                                                 method.traits.min_batch)
                                                 // cfg.trainer.accumulate),
                               follows_run_length=method.traits.follows_run_length)
     requests = teacher_requests(method, options, resolved["teacher"])

@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distill import distributed as dist_utils
 from distill.catalog import DISTILLERS
-from distill.cli_args import folder_problem
+from distill.folders import folder_problem
 from distill.config import (CONFIG_DIR, check_known_keys, declared, flatten, is_float_option,
                             register_model_options)
 from distill.data import DATASETS
@@ -108,6 +108,15 @@ def validate(cfg: DictConfig) -> dict:
                           key="trainer.batch_size",
                           allowed=f"a multiple of {world}: it is the global batch, split evenly "
                                   "over the ranks")
+    smallest = distiller_cls.traits.min_batch
+    if trainer.batch_size // world < smallest:
+        raise ConfigError(
+            f"invalid value {trainer.batch_size} for distiller={cfg.distiller.name}: its loss "
+            f"relates a batch's items to each other, and below {smallest} per process it is 0 "
+            "or undefined (the run would be plain cross-entropy under the method's name)",
+            key="trainer.batch_size",
+            allowed=f"at least {smallest * world}" + (f" ({smallest} per process)" if world > 1
+                                                     else ""))
     if world > 1 and cfg.device.startswith("cuda:"):
         raise ConfigError(f"invalid value {cfg.device!r} under torchrun", key="device",
                           allowed="auto or cuda: each process takes GPU LOCAL_RANK")

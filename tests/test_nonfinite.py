@@ -210,10 +210,32 @@ def test_a_run_whose_every_step_is_skipped_fails_instead_of_finishing(tmp_path, 
     """A teacher that outputs NaN makes every KD step non-finite: with skip, 8 of 8 steps were
     skipped and the run ended `done` with exit 0 and untrained weights. It stops instead."""
     nan_at(*range(8))
-    with pytest.raises(FloatingPointError, match=r"every step of epoch 1 \(4 skipped in all\)"):
+    with pytest.raises(FloatingPointError, match=r"4 of the run's 4 steps so far .* every step of epoch 1"):
         run(make_cfg(tmp_path, *kd_args, "trainer.on_nonfinite=skip"))
     assert not (tmp_path / "run" / "summary.json").exists()
     assert not (tmp_path / "run" / "student.safetensors").exists()
+
+
+def test_a_run_that_mostly_skips_stops_and_publishes_nothing(tmp_path, kd_args, nan_at):
+    """lr=1e30 skipped 7 of 8 steps and still ended `done` at chance, exit 0, with a zoo version:
+    only an epoch whose every step was skipped stopped. More than trainer.max_skipped_fraction
+    (0.25) of the run's steps skipped, checked at each epoch's end, stops the run (exit 3 from
+    the command line)."""
+    nan_at(0, 1)
+    with pytest.raises(FloatingPointError, match=r"2 of the run's 4 steps so far .* "
+                                                 r"trainer.max_skipped_fraction=0.25"):
+        run(make_cfg(tmp_path, *kd_args, "trainer.on_nonfinite=skip", "zoo.publish=true"))
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert not (tmp_path / "zoo").exists() or not any((tmp_path / "zoo").rglob("*.safetensors"))
+
+
+def test_skipped_steps_up_to_the_bound_are_allowed(tmp_path, kd_args, nan_at):
+    nan_at(1)   # 1 of 4: at the bound, not past it
+    summary = run(make_cfg(tmp_path, *kd_args, "trainer.on_nonfinite=skip"))
+    assert summary["skipped_steps"] == 1
+    with pytest.raises(FloatingPointError, match=r"1 of the run's 4 steps"):
+        run(make_cfg(tmp_path, *kd_args, "trainer.on_nonfinite=skip",
+                     "trainer.max_skipped_fraction=0", run="strict"))
 
 
 def test_a_skipped_step_then_a_stop_signal_is_a_preemption(tmp_path, kd_args, monkeypatch):

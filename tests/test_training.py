@@ -58,15 +58,15 @@ def test_vanilla_learns_fake_data_on_both_data_paths(tmp_path, data_path):
 
 
 def test_an_auto_trained_teacher_is_complete_in_the_zoo_and_reused(tmp_path, zoo):
-    """The shared zoo's resnet14 was auto-trained by a KD run stopped after one step with
-    teacher.auto_train_epochs=1: the teacher still trained its whole epoch. A later run finds it
-    (nothing trained again), evaluates it once at the start and records its digest."""
+    """The shared zoo's resnet14 was auto-trained by a KD run stopped after one step: the
+    teacher still trained its recipe's 2 epochs. A later run finds it (nothing trained again),
+    evaluates it once at the start and records its digest."""
     entry = TeacherZoo(zoo).find("fake", "resnet14")
-    assert entry is not None and entry.meta["epochs"] == 1 and entry.meta["split"]["seed"] == 0
+    assert entry is not None and entry.meta["epochs"] == 2 and entry.meta["split"]["seed"] == 0
     mtime = entry.weights.stat().st_mtime_ns
     summary = run(make_cfg(tmp_path, *FAST, "distiller=kd", "trainer.max_steps=4"))
     assert entry.weights.stat().st_mtime_ns == mtime
-    assert [p.name for p in (zoo / "runs" / "fake" / "resnet14").glob("*/seed*")] == ["seed0"]
+    assert [p.name for p in (zoo / "runs" / "fake" / "resnet14").glob("*/seed*")] == ["seed0-2epochs"]
     assert summary["teacher_top1"] == pytest.approx(entry.meta["top1"])
     assert summary["teachers"] == [{"role": "teacher", "name": "resnet14", "sha256": entry.sha256,
                                     "top1": summary["teacher_top1"]}]
@@ -161,10 +161,11 @@ def test_compiled_student_and_teacher_train_like_eager_ones(tmp_path, zoo):
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-def test_rkd_survives_a_last_batch_of_one(tmp_path, zoo):
-    """256 fake images in batches of 51 leave one image for the epoch's last step."""
+def test_rkd_drops_a_last_batch_of_one(tmp_path, zoo):
+    """256 fake images in batches of 51 leave one image for the epoch's last step: RKD's loss
+    is 0 on fewer than 3 items (Traits.min_batch), so that batch is dropped, not trained on."""
     summary = run(make_cfg(tmp_path, *FAST, "distiller=rkd", "trainer.batch_size=51"))
-    assert summary["steps"] == 6 and summary["epochs"] == 1
+    assert summary["steps"] == 5 and summary["epochs"] == 1
 
 
 def test_takd_trains_its_assistant_once_and_later_runs_reuse_it(tmp_path, zoo):
@@ -183,11 +184,11 @@ def test_takd_trains_its_assistant_once_and_later_runs_reuse_it(tmp_path, zoo):
     assert first["teacher_top1"] == pytest.approx(entry.meta["top1"])
     assert first["teachers"][0]["sha256"] == entry.sha256 != root.sha256
     assistant_runs = zoo / "runs" / "fake" / name
-    assert [p.name for p in assistant_runs.glob("*/seed*")] == ["seed0"]
+    assert [p.name for p in assistant_runs.glob("*/seed*")] == ["seed0-1epochs"]
     mtime = entry.weights.stat().st_mtime_ns
     run(make_cfg(tmp_path, *chain, *FAST, "seed=1", "student=resnet14", run="second"))
     assert entry.weights.stat().st_mtime_ns == mtime
-    assert [p.name for p in assistant_runs.glob("*/seed*")] == ["seed0"], "the assistant was retrained"
+    assert [p.name for p in assistant_runs.glob("*/seed*")] == ["seed0-1epochs"], "the assistant was retrained"
     # a longer chain reuses the cached first link and adds the second
     run(make_cfg(tmp_path, *FAST, "distiller=takd", "distiller.assistants=[resnet8x4,resnet14]",
                  "teacher.auto_train_epochs=1", "trainer.max_steps=2", run="third"))
@@ -250,3 +251,28 @@ def test_demo_setting_kd_beats_vanilla(tmp_path):
     kd = run(make_cfg(tmp_path, "experiment=demo", "distiller=kd", run="kd"))
     assert kd["teacher_top1"] > 95.0
     assert kd["last_top1"] > vanilla["last_top1"]
+
+
+def test_a_smoke_length_zoo_model_never_serves_a_full_run(tmp_path):
+    """A teacher made by a smoke run (teacher.auto_train_epochs=1) was reused silently by a
+    later run of the recipe's length. How long a made model trained is part of what it is: the
+    full run refuses it (naming the option that takes it) or, allowed to, trains its own."""
+    from distill.errors import ConfigError
+
+    smoke = ["dataset=fake", "dataset.train_size=64", "dataset.val_size=32", "distiller=kd",
+             "student=resnet8", "teacher=resnet8", "trainer.max_steps=1"]
+    run(make_cfg(tmp_path, *smoke, "teacher.auto_train=true", "teacher.auto_train_epochs=1",
+                 run="smoke"))
+    short = TeacherZoo(tmp_path / "zoo").find("fake", "resnet8")
+    assert short.meta["epochs"] == 1
+    with pytest.raises(ConfigError) as err:
+        run(make_cfg(tmp_path, *smoke, run="full"))
+    assert err.value.key == "teacher" and "made by a shorter run (1 epochs" in err.value.message
+    assert "teacher.auto_train_epochs=1 takes it" in err.value.message
+    summary = run(make_cfg(tmp_path, *smoke, "teacher.auto_train=true", run="full"))
+    assert summary["teachers"][0]["sha256"] != short.sha256
+    made = sorted(p.name for p in (tmp_path / "zoo" / "runs" / "fake" / "resnet8").glob("*/seed*"))
+    assert made == ["seed0-1epochs", "seed0-2epochs"]
+    # told to accept the short one: the smoke length takes the zoo's current (any length >= 1)
+    again = run(make_cfg(tmp_path, *smoke, "teacher.auto_train_epochs=1", run="smoke2"))
+    assert again["teachers"][0]["sha256"] in {short.sha256, summary["teachers"][0]["sha256"]}

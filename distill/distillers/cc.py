@@ -9,7 +9,7 @@ from torch import nn
 
 from distill.distillers.feature_pairs import FeatureDistiller, layer_shapes
 from distill.losses import cc_loss
-from distill.method import DISTILLERS, BuildInfo
+from distill.method import DISTILLERS, BuildInfo, Traits
 from distill.method.checks import require
 
 
@@ -20,6 +20,9 @@ from distill.method.checks import require
                              'trains too, as in RepDistiller)'),
                      table_row=5)
 class CC(FeatureDistiller):
+    # the loss correlates a batch's items with each other: one item gives 0
+    traits = Traits(needs_images=True, min_batch=2)
+
     def __init__(self, student, teacher, ce_weight: float = 1.0, feat_weight: float = 0.02,
                  feat_dim: int = 128, student_layer: str | None = None,
                  teacher_layer: str | None = None, *, info: BuildInfo):

@@ -18,7 +18,10 @@ from distill.method.checks import OFF, OVERFLOW, require
                      edges={"beta": {"0": OFF, "huge": OVERFLOW},
                             "gamma": {"0": OFF, "huge": OVERFLOW}})
 class DIST(Distiller):
-    traits = Traits(teacher_outputs_only=True, logit_weights=("ce_weight", "dist_weight"))
+    # the intra-class term correlates each class's column over the batch: one item has zero
+    # variance there, and the term divides by it
+    traits = Traits(teacher_outputs_only=True, logit_weights=("ce_weight", "dist_weight"),
+                    min_batch=2)
 
     def __init__(self, student, teacher, ce_weight: float = 1.0, dist_weight: float = 2.0,
                  beta: float = 1.0, gamma: float = 1.0, temperature: float = 4.0):

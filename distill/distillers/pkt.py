@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from distill.distillers.feature_pairs import FeatureDistiller
 from distill.losses import pkt_loss
-from distill.method import DISTILLERS, BuildInfo
+from distill.method import DISTILLERS, BuildInfo, Traits
 from distill.method.checks import require
 
 
@@ -18,6 +18,9 @@ from distill.method.checks import require
                              'distributions of the pooled embeddings over the batch'),
                      table_row=8)
 class PKT(FeatureDistiller):
+    # the loss compares each item's similarities to the batch's others: one item gives 0
+    traits = Traits(needs_images=True, min_batch=2)
+
     def __init__(self, student, teacher, ce_weight: float = 1.0, feat_weight: float = 30000.0,
                  student_layer: str | None = None, teacher_layer: str | None = None,
                  *, info: BuildInfo):

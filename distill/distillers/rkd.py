@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from distill.distillers.feature_pairs import FeatureDistiller
 from distill.losses import rkd_loss
-from distill.method import DISTILLERS, BuildInfo
+from distill.method import DISTILLERS, BuildInfo, Traits
 from distill.method.checks import require
 
 
@@ -17,6 +17,10 @@ from distill.method.checks import require
                      recipe='CE 1, distance 25, angle 50 on the pooled embeddings',
                      table_row=7)
 class RKD(FeatureDistiller):
+    # three items: distances are divided by their mean (two items give 1 and 1) and angles need
+    # a triangle, so below three both terms are 0
+    traits = Traits(needs_images=True, min_batch=3)
+
     def __init__(self, student, teacher, ce_weight: float = 1.0, feat_weight: float = 1.0,
                  distance_weight: float = 25.0, angle_weight: float = 50.0,
                  student_layer: str | None = None, teacher_layer: str | None = None,

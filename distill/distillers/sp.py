@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from distill.distillers.feature_pairs import FeatureDistiller
 from distill.losses import sp_loss
-from distill.method import DISTILLERS, BuildInfo
+from distill.method import DISTILLERS, BuildInfo, Traits
 from distill.method.checks import require
 
 
@@ -18,6 +18,9 @@ from distill.method.checks import require
                              'similarity matrices of the last stage output'),
                      table_row=4)
 class SP(FeatureDistiller):
+    # the loss compares the batch's item-by-item similarity matrices: one item gives 0
+    traits = Traits(needs_images=True, min_batch=2)
+
     def __init__(self, student, teacher, ce_weight: float = 1.0, feat_weight: float = 3000.0,
                  student_layer: str | None = None, teacher_layer: str | None = None,
                  *, info: BuildInfo):

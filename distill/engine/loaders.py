@@ -116,15 +116,16 @@ def build_loaders(data: DatasetBundle, *, data_path: str, batch_size: int, eval_
                   num_workers: int, device: torch.device, seed: int, rank: int,
                   world_size: int, views: dict[str, str] | None = None,
                   sample_weights: torch.Tensor | None = None,
-                  augmentation_ids: bool = False) -> Loaders:
+                  augmentation_ids: bool = False, min_batch: int = 1) -> Loaders:
     """`views`: extra views of each training image by name -> registered augmentation
     (distill.method.TrainsOnViews), given in each training batch's dict next to "index";
     `sample_weights`: how often each item is drawn (distill.method.WeightedSampling);
     `augmentation_ids`: the DataLoader path's batches carry each image's view id too (the
-    in-memory path's always do), for the teacher-output cache."""
+    in-memory path's always do), for the teacher-output cache; `min_batch`: an epoch's last
+    batch with fewer items per rank is dropped (Traits.min_batch)."""
     transforms = view_transforms(data, views or {})
     sampler = EpochSampler(len(data.train), seed, global_batch=batch_size, rank=rank,
-                           world_size=world_size, weights=sample_weights)
+                           world_size=world_size, weights=sample_weights, min_batch=min_batch)
     worker_seeds = torch.Generator()
     per_rank = batch_size // world_size
     val_indices = list(range(rank, len(data.val), world_size))

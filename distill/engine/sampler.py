@@ -12,11 +12,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
-def steps_per_epoch(size: int, global_batch: int, world_size: int) -> int:
-    """Global batches per epoch. A last batch with fewer samples than ranks is dropped: every
-    rank must take part in every step."""
+def steps_per_epoch(size: int, global_batch: int, world_size: int, min_batch: int = 1) -> int:
+    """Global batches per epoch. A last batch that would give a rank fewer than `min_batch`
+    samples is dropped: every rank must take part in every step, and a method's loss needs
+    `min_batch` (Traits.min_batch) items to mean something."""
     full, rest = divmod(size, global_batch)
-    return full + (1 if rest >= world_size else 0)
+    return full + (1 if rest >= world_size * min_batch else 0)
 
 
 class EpochSampler(Sampler[int]):
@@ -36,7 +37,7 @@ class EpochSampler(Sampler[int]):
     """
 
     def __init__(self, size: int, seed: int, *, global_batch: int, rank: int = 0,
-                 world_size: int = 1, weights: torch.Tensor | None = None):
+                 world_size: int = 1, weights: torch.Tensor | None = None, min_batch: int = 1):
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by {world_size} ranks")
         if weights is not None and (weights.shape != (size,) or not bool((weights >= 0).all())
@@ -45,7 +46,7 @@ class EpochSampler(Sampler[int]):
         self.weights = None if weights is None else weights.detach().double().cpu()
         self.size, self.seed = size, seed
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
-        self.steps = steps_per_epoch(size, global_batch, world_size)
+        self.steps = steps_per_epoch(size, global_batch, world_size, min_batch)
         self.epoch = 0
         self.first_batch = 0
 

@@ -214,7 +214,7 @@ class Trainer:
             views=distiller.views() if isinstance(distiller, TrainsOnViews) else {},
             sample_weights=(distiller.sample_weights()
                             if isinstance(distiller, WeightedSampling) else None),
-            augmentation_ids=teacher_cache is not None)
+            augmentation_ids=teacher_cache is not None, min_batch=distiller.traits.min_batch)
         # an optimizer step is trainer.accumulate batches: position and schedules count steps
         self.accumulate = options.accumulate
         self.batches_per_epoch = self.loaders.steps_per_epoch
@@ -228,6 +228,13 @@ class Trainer:
                         "ends with its epoch, so each optimizer step uses %d batches (%d images), "
                         "one step per epoch", self.accumulate, self.batches_per_epoch,
                         self.batches_per_epoch, self.images_per_step)
+        sampler = self.loaders.sampler
+        dropped = max(sampler.size - sampler.steps * sampler.global_batch, 0)
+        if dropped and self.main:   # steps_per_epoch drops a last batch too small to train on
+            log.info("each epoch's last batch (%d items) is dropped, not trained on: a batch "
+                     "needs at least %d item(s) per process (%d process(es); the method's "
+                     "smallest batch, Traits.min_batch)", dropped, distiller.traits.min_batch,
+                     self.world_size)
         self.example = data.val[0][0]   # one item's inputs: FLOPs of derived models (summary)
         if options.quantize == "int8":   # before the optimizers: they take the shadow weights
             count = quantize_weights(distiller.exported)
@@ -450,7 +457,7 @@ class Trainer:
         buffers = list(trained_buffers(self.distiller)) if skip_nonfinite else []
         sums: dict[str, torch.Tensor] = {}
         window = StepWindow(self.opt.on_nonfinite, self.checkpointer.last_good)
-        applied = images_seen = window_images = 0
+        applied = skipped_here = images_seen = window_images = 0
         epoch_start = window_start = time.perf_counter()
         first_optimizer = next(iter(self.optimizers.values()))
         whole_epoch = self.state.global_step % self.steps_per_epoch == 0   # not a resumed tail
@@ -504,6 +511,7 @@ class Trainer:
             loss = sum(losses.values())
             if skipped:
                 self.state.skipped_steps += 1
+                skipped_here += 1
                 if self.main:
                     log.warning("step %d skipped: non-finite loss (%s); %d skipped so far",
                                 self.state.global_step + 1, format_terms(
@@ -542,13 +550,19 @@ class Trainer:
                 break
         self.state.train_seconds += time.perf_counter() - epoch_start
         self.state.train_images += images_seen * self.world_size
-        if images_seen and not applied and whole_epoch and not self.stop_signal:
-            # every step of an epoch (or of a run shorter than one) skipped, e.g. a teacher that
-            # outputs NaN: finishing would publish untrained weights as a result
+        # Skipped steps are bounded twice, so finishing never publishes barely trained weights
+        # as a result: the run's share so far (lr=1e30 skipped 7 of 8 steps and said done), and
+        # every step of an epoch (a teacher that starts giving NaN late in a long run).
+        skipped, steps = self.state.skipped_steps, self.state.global_step
+        bound = self.opt.max_skipped_fraction
+        if images_seen and not self.stop_signal and (
+                skipped > bound * steps or (whole_epoch and not applied)):
+            share = (f"every step of epoch {epoch + 1}" if whole_epoch and not applied else
+                     f"more than trainer.max_skipped_fraction={bound:g} of the steps")
             raise FloatingPointError(
-                f"every step of epoch {epoch + 1} ({self.state.skipped_steps} skipped in all) had "
-                f"a non-finite loss and was skipped (trainer.on_nonfinite=skip): nothing is being "
-                f"trained, so the run stops here; {self.checkpointer.last_good()}")
+                f"{skipped} of the run's {steps} steps so far had a non-finite loss and were "
+                f"skipped (trainer.on_nonfinite=skip), {share}: the run is not training, so it "
+                f"stops here; {self.checkpointer.last_good()}")
         return _mean_over_ranks(sums, max(applied, 1))
 
     def _default_step(self, inputs: Inputs, targets: torch.Tensor, ctx: StepContext,

@@ -47,6 +47,10 @@ class Traits:
     needs_images: bool = False         # image tensors (feature maps, pixels): other inputs refused
     follows_run_length: bool = False   # losses follow trainer.epochs: a resume may not change it
     unused_parameters: bool = False    # some steps leave trained parameters without gradients
+    # the smallest batch (per rank) the loss means something for: relations between a batch's
+    # items are 0 or undefined below it. Smaller trainer.batch_size is refused; an epoch's last
+    # batch smaller than this is dropped (distill.engine.sampler.steps_per_epoch)
+    min_batch: int = 1
     # the options weighting terms on the logits: all of them 0 leaves the classifier untrained
     logit_weights: tuple[str, ...] = ("ce_weight", "kd_weight")
     # run features (distill.method.checks.RUN_FEATURES) the method cannot run with -> why
