@@ -12,6 +12,7 @@ ENV PYTHONUNBUFFERED=1 \
 # dependencies first, for layer caching; torch/torchvision already match the base image's pins
 COPY pyproject.toml README.md ./
 COPY distill ./distill
+COPY hydra_plugins ./hydra_plugins
 RUN pip install --no-cache-dir -e '.[dev]'
 COPY configs ./configs
 COPY tools ./tools
