@@ -133,10 +133,13 @@ def teacher_training_command(cfg: DictConfig, overrides: list[str], arch: str | 
     return shlex.join(args)
 
 
-def made_epochs(cfg: DictConfig) -> int:
+def made_epochs(cfg: DictConfig) -> int | None:
     """How long the runs that make this run's zoo models train: teacher.auto_train_epochs,
-    else the dataset recipe's. A made model shorter than that does not serve this run."""
-    return int(cfg.teacher.auto_train_epochs or cfg.dataset.recipe.epochs)
+    else the dataset recipe's (None for a config without one, e.g. a finished run's read back
+    by the export, which looks teachers up by digest). A made model shorter than that does not
+    serve this run."""
+    epochs = cfg.teacher.auto_train_epochs or OmegaConf.select(cfg, "dataset.recipe.epochs")
+    return int(epochs) if epochs else None
 
 
 def zoo_run_config(cfg: DictConfig, *, student: str, distiller: dict | DictConfig,
@@ -158,7 +161,8 @@ def zoo_run_config(cfg: DictConfig, *, student: str, distiller: dict | DictConfi
     # student's recipe options: the declared defaults of the options not for teachers
     for key, default in teacher_run_defaults().items():
         OmegaConf.update(zcfg, key, default, merge=False)
-    zcfg.trainer.epochs = made_epochs(cfg)
+    if cfg.teacher.auto_train_epochs:
+        zcfg.trainer.epochs = cfg.teacher.auto_train_epochs
     if cache_refusal(DISTILLERS.get(distiller["name"])) is not None:
         zcfg.teacher.cache = "none"   # e.g. a teacher's own vanilla run: nothing to cache
     zcfg.teacher.cache_dtype = "float32"   # a zoo model learns from exact targets (or none)
@@ -166,7 +170,7 @@ def zoo_run_config(cfg: DictConfig, *, student: str, distiller: dict | DictConfi
     zcfg.dataset.pop("student_view", None)   # zoo models see the image (cross-modal KD's teacher)
     zcfg.tuned = {}
     zcfg.run_dir = str(Path(cfg.zoo.root) / "runs" / cfg.dataset.name / zoo_name
-                       / split_key(split) / f"seed{cfg.seed}-{zcfg.trainer.epochs}epochs")
+                       / split_key(split) / f"seed{cfg.seed}-{made_epochs(cfg)}epochs")
     zcfg.tag = ""
     return zcfg
 

@@ -147,9 +147,11 @@ def test_a_resumed_run_never_shortens_its_schedule_and_reports_the_weights_it_sa
 def test_a_teacher_cut_short_on_the_way_is_never_published_from_a_shorter_schedule(
         tmp_path, monkeypatch):
     """The teacher a KD run trains on the way (as TAKD's assistants are) is stopped mid-run;
-    the next command asks for fewer teacher epochs: refused, naming teacher.auto_train_epochs
-    (before, it was published as finished under the same name). The original command resumes
-    the teacher, publishes it at its full schedule, then distils."""
+    the next command asks for fewer teacher epochs. Once that continued the cut run and
+    published it as finished; a made model's length is now part of what it is, so the shorter
+    request trains its own 1-epoch model in its own folder, published as 1 epoch, which the
+    original command does not take: it resumes its teacher, publishes it at its full schedule,
+    then distils with it."""
     kd = [*BASE, "distiller=kd", "teacher=resnet8", "teacher.auto_train=true",
           "trainer.max_steps=1"]
     _stop_at(monkeypatch, 5)
@@ -157,13 +159,15 @@ def test_a_teacher_cut_short_on_the_way_is_never_published_from_a_shorter_schedu
         run(make_cfg(tmp_path, *kd, "teacher.auto_train_epochs=3"))
     monkeypatch.undo()
     zoo = TeacherZoo(tmp_path / "zoo")
-    with pytest.raises(ConfigError) as err:
-        run(make_cfg(tmp_path, *kd, "teacher.auto_train_epochs=1"))
-    assert err.value.key == "teacher.auto_train_epochs" and "not shorten" in err.value.message
-    assert zoo.find("fake", "resnet8") is None
+    run(make_cfg(tmp_path, *kd, "teacher.auto_train_epochs=1", run="short"))
+    short = zoo.find("fake", "resnet8")
+    assert short.meta["epochs"] == 1 and short.meta["run_dir"].endswith("seed0-1epochs")
+    assert zoo.find("fake", "resnet8", min_epochs=3) is None
     summary = run(make_cfg(tmp_path, *kd, "teacher.auto_train_epochs=3"))
-    entry = zoo.find("fake", "resnet8")
+    entry = zoo.find("fake", "resnet8", min_epochs=3)
     assert entry.meta["epochs"] == 3 and summary["teachers"][0]["sha256"] == entry.sha256
+    trained = json.loads((Path(entry.meta["run_dir"]) / "summary.json").read_text())
+    assert trained["steps"] > 5 and not trained["stopped_early"]   # resumed past its cut
 
 
 def test_lengthening_is_refused_where_it_changes_the_steps_already_taken():
