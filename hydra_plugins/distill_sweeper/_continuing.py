@@ -55,8 +55,8 @@ class ContinuingSweep(OptunaSweeperImpl):
             space.pop(name, None)
         directions = self._get_directions()
         study = optuna.create_study(study_name=self.study_name, storage=self.storage,
-                                    sampler=self._sampler_for(space), directions=directions,
-                                    load_if_exists=True)
+                                    directions=directions, load_if_exists=True)
+        study.sampler = self._sampler_for(space, len(study.trials))
         log.info(f"Study {study.study_name} in {self.storage}: {len(study.trials)} trials so far, "
                  f"{self.n_trials} more to run (sampler {type(study.sampler).__name__})")
 
@@ -89,7 +89,7 @@ class ContinuingSweep(OptunaSweeperImpl):
                         f"space looks used up; {to_go} of {self.n_trials} trials not run")
         self._write_results(study, directions)
 
-    def _sampler_for(self, space: dict) -> Any:
+    def _sampler_for(self, space: dict, trials_so_far: int) -> Any:
         """The configured sampler, built for this command: a seeded one gets a seed drawn
         from its configured seed and the study's trial count so far."""
         config = OmegaConf.to_container(self.sampler) if isinstance(self.sampler, DictConfig) \
@@ -97,8 +97,7 @@ class ContinuingSweep(OptunaSweeperImpl):
         if not isinstance(config, dict):
             return config   # a sampler object built elsewhere: used as it is
         if config.get("seed") is not None:
-            existing = stored_trial_count(self.storage, self.study_name)
-            config["seed"] = command_seed(config["seed"], existing)
+            config["seed"] = command_seed(config["seed"], trials_so_far)
         sampler = instantiate(config)
         if isinstance(sampler, functools.partial):   # the grid sampler takes the space
             grid = {name: self._to_grid_sampler_choices(d) for name, d in space.items()}
@@ -154,12 +153,3 @@ def finished_with(study: optuna.Study, params: dict[str, Any]) -> FrozenTrial | 
             return trial
     return None
 
-
-def stored_trial_count(storage: Any, study_name: str | None) -> int:
-    """How many trials the stored study holds (0 when there is no such study yet)."""
-    if storage is None or study_name is None:
-        return 0
-    try:
-        return len(optuna.load_study(study_name=study_name, storage=storage).trials)
-    except KeyError:   # optuna 2: no study of that name in the storage
-        return 0
