@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo test test-fast test-slow docs clean
 
 setup: $(STAMP)
 
@@ -24,5 +24,10 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# the documentation site, offline, into site/; strict: any warning fails the build
+docs: setup
+	$(PY) tools/gen_docs.py --check
+	$(PY) -m mkdocs build --strict --quiet
+
 clean:
-	rm -rf outputs multirun .pytest_cache
+	rm -rf outputs multirun .pytest_cache site
