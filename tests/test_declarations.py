@@ -3,13 +3,11 @@ option reference read it; per-pair `tuned` values are checked against the method
 what the engine implements per choice covers exactly the declared choices."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 from omegaconf import OmegaConf
 
 from _compose import REPO, make_cfg
-from distill.config import choices_of, declared, option_reference, teacher_run_defaults
+from distill.config import choices_of, declared, teacher_run_defaults
 from distill.engine import optim
 from distill.engine.rundir import RESUMABLE_CHANGES
 from distill.engine.teacher_cache import STORAGE_DTYPES
@@ -84,16 +82,3 @@ def test_resumable_settings_come_from_the_declarations():
     assert declared_resumable <= set(RESUMABLE_CHANGES)
     assert "trainer.max_steps" in RESUMABLE_CHANGES and "trainer.batch_size" not in \
         RESUMABLE_CHANGES
-
-
-def test_the_generated_docs_are_current():
-    """README's method table (from each method's registration) and docs/options.md (from the
-    declarations): `python tools/gen_docs.py` rewrites them."""
-    spec = importlib.util.spec_from_file_location("gen_docs", REPO / "tools" / "gen_docs.py")
-    gen_docs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen_docs)
-    for path, text in gen_docs.generated().items():
-        assert path.read_text(encoding="utf-8") == text, \
-            f"{path.name} is out of date: run python tools/gen_docs.py"
-    assert "`trainer.label_smoothing`" in option_reference()
-    assert "| `kd` | Hinton et al. 2015 |" in gen_docs.method_table()

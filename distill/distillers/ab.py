@@ -23,6 +23,10 @@ from distill.method.checks import OVERFLOW, require
 
 
 @DISTILLERS.register("ab",
+                     family="features",
+                     summary=("The student learns where the teacher's neurons switch on, then "
+                              "trains on labels"),
+                     published_as=("AB",),
                      paper='Activation Boundaries, Heo et al. AAAI 2019',
                      recipe=('two stages, as RepDistiller: an init stage of 30 epochs '
                              "(`init_epochs`, at the run's lr kept constant or `init_lr`) trains "

@@ -59,6 +59,9 @@ class LogitDiscriminator(nn.Module):
 
 
 @DISTILLERS.register("adversarial_kd",
+                     family="adversarial",
+                     summary=("KD plus a discriminator of teacher and student logits that the "
+                              "student fools"),
                      paper='Adversarial KD, Xu, Hsu & Huang 2018 (arXiv 1709.00513)',
                      recipe=('CE 0.1 + KD 0.9 (T=4) + 1 x the non-saturating GAN loss of a '
                              'label-conditioned discriminator MLP on the logits (3 layers of 500),'

@@ -14,6 +14,10 @@ from distill.method.checks import OVERFLOW, require
 
 
 @DISTILLERS.register("at",
+                     family="features",
+                     summary=("The student matches the teacher's spatial attention maps at every "
+                              "stage"),
+                     published_as=("AT",),
                      paper='Attention Transfer, Zagoruyko & Komodakis ICLR 2017',
                      recipe='CE 1, p=2, x1000, summed over the stage outputs',
                      table_row=3,

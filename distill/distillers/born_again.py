@@ -28,6 +28,10 @@ LINK_OPTIONS = ("ce_weight", "kd_weight", "temperature")   # every generation le
 
 
 @DISTILLERS.register("born_again",
+                     family="self",
+                     summary=("A student of its own architecture learns from the previous "
+                              "generation"),
+                     published_in=("4c",),
                      paper='Born-Again Networks, Furlanello et al. ICML 2018',
                      recipe=("generation k (the student's architecture) learns from generation k-1"
                              " by KD on the teacher's outputs only (CE 0, KD 1, T=1; `ce_weight` >"

@@ -35,6 +35,9 @@ NO_ATTACK = "BSS attacks no sample: its KD schedule alone"
 
 
 @DISTILLERS.register("bss",
+                     family="adversarial",
+                     summary="KD also on samples attacked toward the teacher's decision boundary",
+                     published_in=("4f",),
                      paper=('Boundary-supporting samples, Heo et al. AAAI 2019 (code '
                             'bhheo/BSS_distillation)'),
                      recipe=('as the code: CE + KD (soft CE at T=3, no T^2, weight 3(1-e/E)+1) + '

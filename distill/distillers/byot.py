@@ -207,6 +207,10 @@ class ExitModel(nn.Module):
 
 
 @DISTILLERS.register("byot",
+                     family="self",
+                     summary=("No teacher: the student's deepest exit teaches exits added after "
+                              "its stages"),
+                     published_in=("4e",),
                      paper=('Be Your Own Teacher, Zhang et al. ICCV 2019 (code '
                             'ArchipLab-LinfengZhang/pytorch-self-distillation-final)'),
                      recipe=('no teacher; an exit (attention + SepConvs + fc) after every student '

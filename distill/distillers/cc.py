@@ -14,6 +14,10 @@ from distill.method.checks import require
 
 
 @DISTILLERS.register("cc",
+                     family="relations",
+                     summary=("The student matches the teacher's correlations between the "
+                              "embeddings of a batch"),
+                     published_as=("CC",),
                      paper='Correlation Congruence, Peng et al. ICCV 2019',
                      recipe=('CE 1, 0.02 x CC loss between the pooled embeddings, each mapped to '
                              "128 by its own trained linear head (`feat_dim`; the teacher's head "

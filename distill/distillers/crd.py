@@ -155,6 +155,10 @@ def _dot_with_rows(bank: torch.Tensor, embedding: torch.Tensor, rows: torch.Tens
 
 
 @DISTILLERS.register("crd",
+                     family="features",
+                     summary=("Contrastive: an image's student embedding near the teacher's, far "
+                              "from other images'"),
+                     published_as=("CRD", "CRD+KD [S]"),
                      paper=('Contrastive Representation Distillation, Tian, Krishnan & Isola ICLR '
                             '2020 (code HobbitLong/RepDistiller `crd/`)'),
                      recipe=('CE 1, 0.8 x the NCE terms of both anchors: the pooled embeddings '

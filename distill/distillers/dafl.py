@@ -60,6 +60,11 @@ class DAFLGenerator(nn.Module):
 
 
 @DISTILLERS.register("dafl",
+                     family="data-free",
+                     summary=("No data: a generator makes images the teacher is sure of; the "
+                              "student learns KD on them"),
+                     published_as=("DAFL",),
+                     published_in=("4i",),
                      paper=('DAFL, Chen et al. ICCV 2019 (code '
                             'huawei-noah/Data-Efficient-Model-Compression)'),
                      recipe=('data-free: a DCGAN-style generator (latent 1000; Adam, lr 0.02 '

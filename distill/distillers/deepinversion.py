@@ -57,6 +57,10 @@ SYNTHESIS_OPTIONS = ("num_images", "batch_size", "iterations", "lr", "bn_weight"
 
 
 @DISTILLERS.register("deepinversion",
+                     family="data-free",
+                     summary=("No data: images synthesised to match the teacher's BatchNorm "
+                              "statistics, then KD"),
+                     published_in=("4j",),
                      paper=('DeepInversion, Yin et al. CVPR 2020 (code NVlabs/DeepInversion, '
                             'cifar10 script)'),
                      recipe=('data-free: reads no training image. Before training, `num_images` '

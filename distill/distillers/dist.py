@@ -9,6 +9,11 @@ from distill.method.checks import OFF, OVERFLOW, require
 
 
 @DISTILLERS.register("dist",
+                     family="logits",
+                     summary=("The student matches how the teacher's predictions correlate across "
+                              "classes and samples"),
+                     published_as=("DIST (source not stated)",),
+                     published_in=("3a",),
                      paper=('DIST, Huang et al. NeurIPS 2022 (code hunto/image_classification_sota'
                             ' `dist_kd.py`)'),
                      recipe=('CE 1, 2 x (inter-class + intra-class Pearson-correlation losses of '

@@ -20,6 +20,10 @@ def warmup_ramp(epoch: int, warmup_epochs: int) -> float:
 
 
 @DISTILLERS.register("dkd",
+                     family="logits",
+                     summary=("KD split into target-class and non-target-class terms, weighted "
+                              "apart"),
+                     published_as=("DKD", "DKD+LS"),
                      paper='Decoupled KD, Zhao et al. CVPR 2022',
                      recipe=('CE 1, alpha 1, beta 8 (per pair: `tuned.dkd.beta`), T=4, linear ramp'
                              ' over 20 epochs; `standardize: true` as for `kd` (`cifar100_ls`: '

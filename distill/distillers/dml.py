@@ -22,6 +22,10 @@ from distill.models import create_model
 
 
 @DISTILLERS.register("dml",
+                     family="mutual",
+                     summary=("No teacher: peers learn together, each matching the others' "
+                              "predictions"),
+                     published_in=("4d",),
                      paper='Deep Mutual Learning, Zhang et al. CVPR 2018',
                      recipe=('no teacher; `peers` (default two copies of the student, any '
                              'architectures) each trained with CE + the mean KL to the others, '

@@ -26,6 +26,10 @@ def middle_stage(stages: list[str]) -> str:
 
 
 @DISTILLERS.register("fitnet",
+                     family="features",
+                     summary=("The student's middle stage regresses the teacher's through a "
+                              "trained conv"),
+                     published_as=("FitNet",),
                      paper='FitNets, Romero et al. ICLR 2015',
                      recipe=("CE 1, hint MSE x100 between the teacher's middle stage and the "
                              "student's middle stage through a trained conv regressor; "

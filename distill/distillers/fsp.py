@@ -19,6 +19,10 @@ from distill.method.checks import require
 
 
 @DISTILLERS.register("fsp",
+                     family="relations",
+                     summary=("Pre-training on the teacher's flow between layers (Gram matrices), "
+                              "then labels"),
+                     published_as=("FSP",),
                      paper='Flow of Solution Procedure, Yim et al. CVPR 2017',
                      recipe=('two stages, as RepDistiller: an init stage of 30 epochs '
                              "(`init_epochs`, at the run's lr kept constant or `init_lr`) trains "

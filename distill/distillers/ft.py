@@ -30,6 +30,10 @@ LOW_INIT_LR_STUDENTS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44
 
 
 @DISTILLERS.register("ft",
+                     family="features",
+                     summary=("The student's translated features match factors paraphrased from "
+                              "the teacher's"),
+                     published_as=("FT",),
                      paper='Factor Transfer, Kim, Park & Kwak NeurIPS 2018',
                      recipe=('two stages: `init` (`init_epochs` 30) trains a paraphraser '
                              "(autoencoder, `rate` 0.5) to reconstruct the frozen teacher's last "

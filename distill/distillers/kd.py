@@ -10,6 +10,11 @@ from distill.method.checks import require
 
 
 @DISTILLERS.register("kd",
+                     family="logits",
+                     summary=("The student matches the teacher's temperature-softened class "
+                              "probabilities"),
+                     published_as=("KD", "KD+LS"),
+                     published_in=("4h",),
                      paper='Hinton et al. 2015',
                      recipe=('CE 0.1, KD 0.9, T=4; `standardize: true` is logit standardization '
                              '(Sun et al. CVPR 2024, code sunshangquan/logit-standardization-KD): '

@@ -13,6 +13,9 @@ from distill.method.checks import require
 
 
 @DISTILLERS.register("kdsvd",
+                     family="relations",
+                     summary=("The student matches relations between the teacher's stages, "
+                              "compressed by SVD"),
                      paper='KD-SVD, Lee, Kim & Song ECCV 2018',
                      recipe=("as mdistiller's config: CE 1, 1 x the squared difference of student "
                              'and teacher RBF relations between the top (`k` 1) right singular '

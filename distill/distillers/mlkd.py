@@ -19,6 +19,11 @@ STRONG_VIEW = "strong"
 
 
 @DISTILLERS.register("mlkd",
+                     family="logits",
+                     summary=("KD at several temperatures on instance, class and batch level, on "
+                              "two augmented views"),
+                     published_as=("MLKD", "MLKD+LS"),
+                     published_in=("3d",),
                      paper=('Multi-Level Logit Distillation, Jin, Wang & Lin CVPR 2023 (code '
                             'Jin-Ying/Multi-Level-Logit-Distillation)'),
                      recipe=('a strong view of every batch (crop/flip again, RandAugment of 2 '

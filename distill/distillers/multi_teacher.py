@@ -21,6 +21,9 @@ from distill.method.checks import require, require_models
 
 
 @DISTILLERS.register("multi_teacher",
+                     family="several teachers",
+                     summary="KD to the mean of several teachers' softened predictions",
+                     published_in=("4h",),
                      paper='Several teachers, Hinton et al. 2015 (section 2)',
                      recipe=('KD (CE 0.1, KD 0.9, T=4) to the `arithmetic` (or `geometric`) mean '
                              "of the teachers' softened distributions, `weights` equal unless "

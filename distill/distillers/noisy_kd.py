@@ -12,6 +12,10 @@ from distill.method.checks import OVERFLOW, require
 
 
 @DISTILLERS.register("noisy_kd",
+                     family="logits",
+                     summary=("KD from a teacher whose logits are randomly perturbed, as a "
+                              "regulariser"),
+                     published_in=("4b",),
                      paper='Noisy teacher, Sau & Balasubramanian 2016',
                      recipe=('KD with teacher logits z(1+xi), xi ~ N(0, 0.1^2), on half the '
                              'samples (`sigma`, `fraction`)'),

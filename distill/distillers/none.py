@@ -6,6 +6,10 @@ from distill.method.checks import require
 
 
 @DISTILLERS.register("none",
+                     family="baseline",
+                     summary=("Cross-entropy on the labels, no teacher: the baseline, and how "
+                              "teachers are made"),
+                     published_as=("Student",),
                      paper='cross-entropy only',
                      table_row=0)
 class Vanilla(Distiller):

@@ -12,6 +12,10 @@ from distill.method.checks import require
 
 
 @DISTILLERS.register("nst",
+                     family="features",
+                     summary=("The student matches the distribution of the teacher's neuron "
+                              "activations (MMD)"),
+                     published_as=("NST",),
                      paper='Neuron Selectivity Transfer, Huang & Wang arXiv 2017',
                      recipe=('CE 1, 50 x the sum over the stage outputs of the polynomial-kernel '
                              '(d=2) MMD between the L2-normalised channel maps'),

@@ -115,6 +115,10 @@ def stage_weights(count: int) -> list[float]:
 
 
 @DISTILLERS.register("ofd",
+                     family="features",
+                     summary=("The student's features match the teacher's pre-ReLU features above "
+                              "a margin"),
+                     published_as=("OFD",),
                      paper=('A Comprehensive Overhaul of Feature Distillation, Heo et al. ICCV '
                             '2019 (code clovaai/overhaul-distillation; mdistiller)'),
                      recipe=('CE 1, 0.001 x the sum over the pre-ReLU stage outputs (weights 1/4, '

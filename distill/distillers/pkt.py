@@ -13,6 +13,10 @@ from distill.method.checks import require
 
 
 @DISTILLERS.register("pkt",
+                     family="relations",
+                     summary=("The student matches the teacher's distribution of embedding "
+                              "similarities"),
+                     published_as=("PKT",),
                      paper='Probabilistic Knowledge Transfer, Passalis & Tefas ECCV 2018',
                      recipe=('CE 1, 30000 x the KL between the cosine-kernel conditional '
                              'distributions of the pooled embeddings over the batch'),

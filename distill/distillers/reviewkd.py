@@ -105,6 +105,11 @@ def as_map(feat: torch.Tensor) -> torch.Tensor:
 
 
 @DISTILLERS.register("reviewkd",
+                     family="features",
+                     summary=("The student's stages, fused deep to shallow, match the teacher's at "
+                              "every level"),
+                     published_as=("ReviewKD",),
+                     published_in=("2f",),
                      paper=('Knowledge Review, Chen et al. CVPR 2021 (code '
                             'dvlab-research/ReviewKD; mdistiller)'),
                      recipe=('CE 1, 5 x HCL (per pair `tuned.reviewkd.feat_weight`: 0.6 '

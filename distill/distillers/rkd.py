@@ -13,6 +13,10 @@ from distill.method.checks import require
 
 
 @DISTILLERS.register("rkd",
+                     family="relations",
+                     summary=("The student matches the distances and angles between the teacher's "
+                              "embeddings"),
+                     published_as=("RKD",),
                      paper='Relational KD, Park et al. CVPR 2019',
                      recipe='CE 1, distance 25, angle 50 on the pooled embeddings',
                      table_row=7)

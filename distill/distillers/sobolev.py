@@ -18,6 +18,10 @@ from distill.method.checks import require
 
 
 @DISTILLERS.register("sobolev",
+                     family="logits",
+                     summary=("KD plus matching the teacher's input gradients along random "
+                              "directions"),
+                     published_in=("4g",),
                      paper='Sobolev training, Czarnecki et al. NeurIPS 2017',
                      recipe=('KD (CE 0.1, KD 0.9, T=4) + `sobolev_weight` 1 x `sobolev_loss`: the '
                              "squared L2 gap, over every input element, between the student's and "

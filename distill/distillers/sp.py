@@ -13,6 +13,10 @@ from distill.method.checks import require
 
 
 @DISTILLERS.register("sp",
+                     family="relations",
+                     summary=("The student matches the teacher's similarities between the images "
+                              "of a batch"),
+                     published_as=("SP",),
                      paper='Similarity-Preserving KD, Tung & Mori ICCV 2019',
                      recipe=('CE 1, 3000 x the squared difference of the row-normalised batch '
                              'similarity matrices of the last stage output'),

@@ -54,6 +54,10 @@ CLUSTER_SEED = 0                         # K-means's own seed: subsets do not fo
 
 
 @DISTILLERS.register("specialists",
+                     family="several teachers",
+                     summary=("KD to a generalist combined with specialists of its most confused "
+                              "classes"),
+                     published_in=("4h",),
                      paper='Specialists, Hinton et al. 2015 (section 5)',
                      recipe=('the teacher is the generalist; `subsets` of confusable classes by '
                              'hand, or K-means (`num_specialists`, default round(sqrt(C))) on the '

@@ -20,6 +20,10 @@ KD_OPTIONS = ("ce_weight", "kd_weight", "temperature")   # each link is KD with 
 
 
 @DISTILLERS.register("takd",
+                     family="several teachers",
+                     summary=("KD through intermediate-sized teacher assistants: teacher, "
+                              "assistant, student"),
+                     published_in=("4a",),
                      paper='Teacher assistants, Mirzadeh et al. AAAI 2020',
                      recipe='KD (CE 0.1, KD 0.9, T=4) along `assistants` (default `[resnet32]`)')
 class TAKD(OwnTeachers, KD):

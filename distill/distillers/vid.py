@@ -19,6 +19,10 @@ from distill.method.checks import OVERFLOW, require
 
 
 @DISTILLERS.register("vid",
+                     family="features",
+                     summary=("The teacher's feature maps predicted from the student's (Gaussian, "
+                              "learned variance)"),
+                     published_as=("VID",),
                      paper='Variational Information Distillation, Ahn et al. CVPR 2019',
                      recipe=('CE 1, 1 x the sum over the stage outputs of the Gaussian NLL of the '
                              "teacher's map under a trained regressor of the student's (three 1x1 "
