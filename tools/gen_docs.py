@@ -342,7 +342,7 @@ def benchmark_section(name: str, rows: list[dict[str, str]]) -> str:
     out += [f"From the [CPU benchmark]({page}), which gives its setting and commands: scikit-learn's "
             "digits, 72 training images, every method at its reference CIFAR-100 defaults. It "
             "checks that the method trains end to end offline; it says nothing about CIFAR-100. "
-            "Top-1 (%) on the 360 test images, mean ± std over seeds (seeds); gain: last top-1 "
+            "Top-1 (%) on the 360 test images, mean ± std over seeds (number of seeds); gain: last top-1 "
             "minus the vanilla student's (`none`).", "",
             "| method | teacher | student | best top-1 | last top-1 | gain | teacher top-1 |",
             "|---|---|---|---|---|---|---|"]
@@ -358,13 +358,17 @@ def benchmark_section(name: str, rows: list[dict[str, str]]) -> str:
 # --- the method pages ---------------------------------------------------------------------
 
 def as_markdown(doc: str) -> str:
-    """A docstring as markdown: a list that follows a line of text gets the blank line
-    markdown needs to see it as a list (docstrings are written as plain text)."""
+    """A docstring as markdown. Docstrings are plain text, where a list may follow a line of
+    text and be followed by one directly; markdown needs a blank line at both ends to see the
+    list and to end it (else the next line joins the last item)."""
     out: list[str] = []
+    in_list = False
     for line in inspect.cleandoc(doc).splitlines():
-        if line.startswith("- ") and out and out[-1].strip() and not out[-1].startswith(("- ",
-                                                                                        "  ")):
+        item, continued = line.startswith("- "), line.startswith("  ")
+        if line.strip() and out and out[-1].strip() and (
+                (item and not in_list) or (in_list and not item and not continued)):
             out.append("")
+        in_list = item or (in_list and continued) or (in_list and not line.strip())
         out.append(line)
     return "\n".join(out)
 
