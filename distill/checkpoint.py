@@ -7,9 +7,9 @@
   `prev.pt`, so a crash mid-write never loses the run, and a `last.pt` damaged later (truncated,
   overwritten) makes resume fall back to `prev.pt` with a warning naming the bad file.
 - Training state (format 2) holds every trained part by role and every optimizer and schedule
-  by name (docs/method-contract.md). A format-1 checkpoint (one student, its connectors, one
-  optimizer), written before the roles by a pre-release version, is not resumed: resume names
-  it and says how to start over.
+  by name (the method contract, docs/adding-a-method.md). A format-1 checkpoint (one student,
+  its connectors, one optimizer), written before the roles by a pre-release version, is not
+  resumed: resume names it and says how to start over.
 - Only a checkpoint resume would take is ever demoted to `prev.pt`: a `last.pt` that resume
   skipped is renamed `last.pt.unreadable` by the next save instead, so the good `prev.pt` the
   run resumed from survives until a good `last.pt` replaces it.

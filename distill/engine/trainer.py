@@ -5,8 +5,9 @@
     -> end of epoch (or trainer.max_steps): evaluate every evaluated part, checkpoint
     -> end of run: student.safetensors (the exported part) + summary.json.
 
-The trainer knows a method only by its declared parts (docs/method-contract.md): frozen teachers,
-trained parts grouped by optimizer, evaluated parts, the exported one. A method with
+The trainer knows a method only by its declared parts (the method contract,
+docs/adding-a-method.md): frozen teachers, trained parts grouped by optimizer, evaluated parts,
+the exported one. A method with
 `traits.manual_step` runs its own forward/backward/step calls per batch through `ManualStepper`; the
 checkpoints, logging, non-finite policy and preemption around it are the same.
 
