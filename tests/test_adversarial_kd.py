@@ -3,7 +3,7 @@ alternating step (each optimizer moves only its own part, the teacher never), an
 the config that trains and resumes bit-exactly with both parts and both optimizers checkpointed.
 
 Fake data, 64 images in batches of 16 (4 steps an epoch), resnet14 -> resnet8, a fixed random
-teacher, as tests/test_strong_methods.py.
+teacher, as tests/test_crd_dist_mlkd_ofd_reviewkd.py.
 """
 from __future__ import annotations
 

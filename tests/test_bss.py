@@ -1,4 +1,4 @@
-"""BSS (issue 16): the sample choice, the target draw, the attack and the weight schedules
+"""BSS (boundary-supporting samples): the sample choice, the target draw, the attack and the weight schedules
 against transcriptions of the official code (bhheo/BSS_distillation) on fixed inputs; the
 distiller's step on a planted case where every sample qualifies; and a run from the config that
 trains and resumes bit-exactly.

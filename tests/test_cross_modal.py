@@ -1,4 +1,4 @@
-"""Cross-modal KD (issue 16): the student's views against their definitions, the view in front
+"""Cross-modal KD: the student's views against their definitions, the view in front
 of the student only (the teacher sees the image), aligned with the teacher's augmented batch by
 construction; a run without labels for the student (ce_weight 0) that trains and resumes
 bit-exactly; zoo models never see the view; methods that cut the student are refused.

@@ -1,4 +1,4 @@
-"""Data that would be silently wrong is caught when the dataset is built (issue 12): the data's
+"""Data that would be silently wrong is caught when the dataset is built: the data's
 identity (`DatasetBundle.data_digest`), fewer than two classes, corrupt images, symlink loops and
 unreadable folders. Every case writes real files in tmp_path: PNG/JPEG images, a truncated JPEG,
 text saved as .jpg, a symlink loop, a gzip'ed MNIST CSV."""

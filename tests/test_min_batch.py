@@ -1,4 +1,4 @@
-"""Degenerate batches (issue 27): a method whose loss relates a batch's items to each other
+"""Degenerate batches: a method whose loss relates a batch's items to each other
 declares the smallest batch it means something for (Traits.min_batch). Below it the loss is 0
 (the run is plain cross-entropy under the method's name) or blows up, so such batch sizes are
 refused before anything is written, and an epoch's last batch below it is dropped and said."""

@@ -3,7 +3,7 @@ reference code (clovaai/overhaul-distillation CIFAR-100/distiller.py, mdistiller
 hand-checked numbers of its summary; the distiller's layers, margins, connectors and terms; the
 teacher's batch-statistics forward that leaves its running statistics alone; a clear refusal for
 models without pre-activation features. Its run from the config, resumed bit-exactly:
-tests/test_strong_methods.py.
+tests/test_crd_dist_mlkd_ofd_reviewkd.py.
 """
 from __future__ import annotations
 

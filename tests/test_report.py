@@ -442,7 +442,7 @@ def test_runs_distilled_from_different_teacher_weights_are_never_averaged(tmp_pa
 
 def test_methods_come_in_the_published_tables_order():
     """Vanilla first, then the CRD table's methods and the later ones in the papers' order
-    (issue 13 and 14 methods as columns where the published tables put them), then the rest in
+    (the feature canon's and the strongest methods' columns where the published tables put them), then the rest in
     the order the sweep ran them."""
     from types import SimpleNamespace
 

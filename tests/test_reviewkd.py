@@ -1,7 +1,7 @@
 """ReviewKD (Chen et al., CVPR 2021): `hcl_loss` against a float64 loop transcription of the
 reference (mdistiller distillers/ReviewKD.py, dvlab-research/ReviewKD CIFAR-100/model/reviewkd.py),
 the ABF chain against the reference's per-pair tables and forward, and the distiller's term. Its
-run from the config, resumed bit-exactly: tests/test_strong_methods.py."""
+run from the config, resumed bit-exactly: tests/test_crd_dist_mlkd_ofd_reviewkd.py."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Runs, zoo entries and summaries that cannot lie about what they trained (issue 12): one
+"""Runs, zoo entries and summaries that cannot lie about what they trained: one
 process per run directory, resumed schedules that only grow, a summary whose top-1 is the saved
 weights' own, zoo versions that never compete across data, damaged zoo files named.
 

@@ -1,4 +1,4 @@
-"""Sobolev KD (issue 16): `sobolev_loss` against input Jacobians computed independently with
+"""Sobolev KD: `sobolev_loss` against input Jacobians computed independently with
 torch.func on small models, its gradient with respect to the student's weights (the double
 backward) against torch.func's, the seeded directions, and a run from the config that trains
 and resumes bit-exactly.

@@ -166,7 +166,7 @@ def test_every_flag_refuses_boundary_values_in_one_screen_or_documents_them(
 
 
 def test_known_bad_values_say_what_is_allowed(tools, workspace, capsys, monkeypatch):
-    """The cases of issue 12, with what the error must offer instead."""
+    """Bad values the tools once took silently, each with what the error must offer instead."""
     root, home, blocker = workspace
     bench, report, export = tools["bench"], tools["report"], tools["export"]
     readonly = root / "readonly"

@@ -1,4 +1,4 @@
-"""The strongest published methods (issue 14) end to end, and CRD's memory bank against a
+"""The strongest published methods (CRD, DIST, MLKD, OFD, ReviewKD) end to end, and CRD's memory bank against a
 transcription of RepDistiller's ContrastMemory: each method (CRD, DIST, MLKD on both data paths,
 OFD, ReviewKD) trains from its config and resumes bit-exactly from a checkpoint; the training
 batches carry their samples' dataset indices on both data paths.

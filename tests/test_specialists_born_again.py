@@ -1,4 +1,4 @@
-"""Schemes beyond one frozen teacher (issue 15): Hinton's specialists and Born-Again generations.
+"""Schemes beyond one frozen teacher: Hinton's specialists and Born-Again generations.
 
 - The specialists' math against transcriptions of the paper's definitions on fixed inputs: the
   collapsed (subset + dustbin) distribution, the active set, the objective's gradient (autograd

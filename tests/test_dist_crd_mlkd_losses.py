@@ -19,6 +19,9 @@ Z_T = torch.tensor([[1., 2, 3, 5], [5, 3, 2, 0], [1, 0, 0, 0]])
 Y = torch.tensor([3, 0, 3])
 
 
+pytestmark = pytest.mark.fast   # the inner-loop tier (make test-fast): losses against their reference formulas
+
+
 def _randn(*shape, seed=0, scale=1.0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 

@@ -1,4 +1,4 @@
-"""The feature and relation canon (issue 13) end to end: each method trains from its config,
+"""The feature and relation methods of the CRD table end to end: each method trains from its config,
 resumes bit-exactly from a checkpoint in every stage, and its terms are the weighted losses of
 distill.losses on the features its hooks take.
 
