@@ -18,11 +18,19 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) tools/demo.py
 
+# The test tiers (pyproject's markers): the whole suite but `slow` (CI), the inner loop, the
+# long runs. xdist runs one worker per core; --dist loadgroup keeps a module whose fixture is
+# expensive on one worker (xdist_group), so it runs once.
+XDIST := -n auto --dist loadgroup
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
+
+test-fast: setup
+	$(PY) -m pytest -q $(XDIST) -m "fast and not slow"
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q $(XDIST) -m slow
 
 # the documentation site, offline, into site/; strict: any warning fails the build
 docs: setup

@@ -2,6 +2,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench.py"
@@ -14,6 +15,7 @@ def _bench_module():
     return module
 
 
+@pytest.mark.slow   # the benchmark's own timed runs
 def test_floor_and_trainer_measurements_run(tmp_path):
     bench = _bench_module()
     cpu = torch.device("cpu")

@@ -38,6 +38,10 @@ BASE = ["dataset=fake", "dataset.train_size=64", "dataset.val_size=32", "student
 CTX = StepContext(epoch=0, step=0, epochs=1)
 
 
+# one xdist worker runs the whole module: its module fixtures build and train once
+pytestmark = pytest.mark.xdist_group("byot")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models run as fast on one thread, and a second one that another process keeps busy

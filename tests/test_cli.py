@@ -34,6 +34,11 @@ SMOKE = ["trainer.max_steps=2", "logger=jsonl", "trainer.progress=false"]
 WITH_SHARED_ZOO = ("every-method",)
 
 
+# one xdist worker runs this module: its fixture starts every command once, inside the setup of
+# the module's first test, whose timeout must cover them all (the every-method sweep included)
+pytestmark = [pytest.mark.xdist_group("cli"), pytest.mark.timeout(900)]
+
+
 @dataclass(repr=False)
 class Result:
     args: list[str]
@@ -373,6 +378,7 @@ def test_bad_input(results, teacher_weights, case):
     assert not teacher_weights["marker"].exists(), "a planted pickle ran"
 
 
+@pytest.mark.slow   # a subprocess per folder: about 25 s
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 def test_folders_nobody_can_make_are_refused_before_hydra_makes_them(tmp_path):
     """Through tools/train.py itself: the run folder's own key (run_dir, which hydra.run.dir
@@ -534,6 +540,7 @@ def test_benchmark_grid_narrowed_from_the_command_line(results):
     assert json.loads((jobs[0] / "summary.json").read_text())["steps"] == 2
 
 
+@pytest.mark.slow   # 32 jobs in one subprocess sweep: about 2 minutes on 2 cores
 @needs_runs("every-method")
 def test_every_method_trains_from_the_command_line(results):
     """One sweep over every registered method, from the shared zoo's resnet14: each job trains,
@@ -572,6 +579,7 @@ def test_every_method_trains_from_the_command_line(results):
     assert len(zoo.versions("fake", "resnet14")) == 1
 
 
+@pytest.mark.slow   # two teachers trained first, then two methods for whole epochs of digits
 @needs_runs("digits-several-models")
 def test_several_teachers_and_several_students_train_on_digits(results):
     """multi_teacher (two teachers trained first) and dml (two peers) from the command line on

@@ -29,6 +29,9 @@ MODEL_SAMPLE = ("resnet8", "resnet20", "resnet56", "resnet110", "resnet32x4", "w
                 "mobilenetv2", "shufflenetv1", "shufflenetv2", "tv_resnet18")
 
 
+pytestmark = pytest.mark.fast   # the inner-loop tier (make test-fast): the config tree composes
+
+
 def file_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
@@ -330,6 +333,7 @@ def test_cifar100_benchmark_sweeps_every_reference_pair_and_method():
                         "distiller=dkd")["dataset"]["name"] == "cifar100"
 
 
+@pytest.mark.slow   # a sweep of the CIFAR-100 grid's vanilla runs: about 15 s
 def test_cifar100_benchmark_trains_each_vanilla_student_once_per_seed():
     """Jobs of a method without a teacher share one sweep folder per student and seed (two
     pairs have mobilenetv2 students, two shufflenetv1): the job that comes second must find the

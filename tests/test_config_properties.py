@@ -1,5 +1,5 @@
 """Every key of the config, every boundary value: a clear error naming the key, or a documented
-meaning (issue 12). Generated, not listed: the keys come from the schema (distill.config), from
+meaning. Generated, not listed: the keys come from the schema (distill.config), from
 each registered method's YAML and from the offline datasets' YAMLs, so a new key or method is
 walked without editing this file.
 
@@ -66,6 +66,10 @@ ACCEPTED = [
     (("dataset.seed", "dataset.split_seed"), {"0"}, "seed 0"),
     (("dataset.seed",), {"-1"}, "any integer seeds the fake images"),
 ]
+
+
+# one xdist worker runs this module: its fixture walks the whole schema once
+pytestmark = pytest.mark.xdist_group("config_properties")
 
 
 def declared_meanings(group: str, key: str) -> dict[str, str]:
@@ -157,6 +161,7 @@ def names_the_key(key: str, detail: str) -> bool:
             or (named == "distiller" and "weight 0" in text and option in text))   # all zero
 
 
+@pytest.mark.slow   # the whole-schema walk: about 70 s on 2 cores
 def test_every_boundary_value_is_refused_by_name_or_documented(walk):
     problems = []
     for (group, key, label), (outcome, detail) in walk.items():
@@ -174,6 +179,7 @@ def test_every_boundary_value_is_refused_by_name_or_documented(walk):
     assert len({key for _, key, _ in walk}) > 60   # the walk reached the schema and the YAMLs
 
 
+@pytest.mark.slow   # the whole-schema walk: about 70 s on 2 cores
 def test_every_documented_meaning_is_still_used(walk):
     accepted = {(key, label) for (_, key, label), (outcome, _) in walk.items()
                 if outcome == "accepted"}

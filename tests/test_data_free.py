@@ -89,6 +89,7 @@ class ForbiddenSplit:
         raise AssertionError("the training split was read (bool)")
 
 
+@pytest.mark.slow   # a run under a dataset that fails on any read: about 10 s each
 @pytest.mark.parametrize("method", [DEEPINVERSION, DAFL], ids=["deepinversion", "dafl"])
 def test_a_data_free_run_reads_no_training_image(tmp_path, monkeypatch, method):
     real_bundle = fake_data.tensor_bundle

@@ -15,6 +15,12 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 
 
+# one xdist worker runs this module: its fixture launches the torchrun cases once. The launches
+# (two processes each, about 40 s in all on 2 cores) are the slow tier's; the launcher's
+# configuration tests below run in every tier but the fast one
+pytestmark = pytest.mark.xdist_group("ddp")
+
+
 def torchrun(nproc: int, *args: str, env: dict | None = None, cwd: Path | None = None):
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
                    "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -39,6 +45,7 @@ def ddp_runs(tmp_path_factory) -> Path:
     return base
 
 
+@pytest.mark.slow   # the module fixture's torchrun launches
 @pytest.mark.parametrize("method,data_path", CASES)
 def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(ddp_runs, method,
                                                                          data_path):
@@ -83,6 +90,7 @@ def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole_batch(ddp_run
     assert s1["last_top1"] == pytest.approx(s2["last_top1"])
 
 
+@pytest.mark.slow   # torchrun from the command line: 30 s; the module's cases launch it too
 def test_torchrun_command_line_run(tmp_path):
     """`torchrun --nproc_per_node=2 tools/train.py ...`: the missing teacher is auto-trained
     under DDP, the job has one run directory, rank 0 alone writes it, and the teacher's top-1 is

@@ -17,6 +17,9 @@ from distill.teachers import teacher_run_config, teacher_training_command
 from distill.validation import validate
 
 
+pytestmark = pytest.mark.fast   # the inner-loop tier (make test-fast): option declarations
+
+
 def test_a_misspelt_tuned_option_is_refused_with_its_close_match(tmp_path):
     with pytest.raises(ConfigError) as exc:
         validate(make_cfg(tmp_path, "+tuned.kd.temprature=9"))

@@ -23,6 +23,10 @@ COMMAND = ["dataset=fake", "dataset.train_size=64", "dataset.val_size=32", "dist
 CLOCKS = ("time", "train/images_per_sec")
 
 
+# one xdist worker runs this module: its fixture trains the compared runs once
+pytestmark = pytest.mark.xdist_group("determinism")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     home = tmp_path_factory.mktemp("determinism")

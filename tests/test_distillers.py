@@ -8,6 +8,9 @@ from distill.models import create_model
 CTX = StepContext(epoch=0, step=0, epochs=1)
 
 
+pytestmark = pytest.mark.fast   # the inner-loop tier (make test-fast): method options and errors
+
+
 def test_kd_terms_are_the_configured_weights_times_the_losses():
     torch.manual_seed(0)
     student, teacher = create_model("resnet8", num_classes=10), create_model("resnet8", num_classes=10)

@@ -10,6 +10,9 @@ from distill.method import StepContext, build_distiller
 from distill.models import create_model
 
 
+pytestmark = pytest.mark.fast   # the inner-loop tier (make test-fast): a loss against its reference formula
+
+
 def paper_dkd(s, t, y, alpha, beta, T):
     """Zhao et al. 2022, eqs. (1)-(7), transcribed in float64: b = [p_t, 1 - p_t],
     p^_j = p_j / (1 - p_t) over j != t; TCKD = KL(b^T||b^S), NCKD = KL(p^^T||p^^S)."""

@@ -13,6 +13,9 @@ from distill.config import option_reference
 from distill.registry import Registry
 
 
+pytestmark = pytest.mark.fast   # the inner-loop tier (make test-fast): the generated docs
+
+
 @pytest.fixture(scope="module")
 def gen_docs():
     spec = importlib.util.spec_from_file_location("gen_docs", REPO / "tools" / "gen_docs.py")
@@ -39,8 +42,12 @@ def inside(text: str, begin: str, end: str) -> str:
 
 
 def test_every_method_has_a_readme_row_a_page_and_a_nav_entry(gen_docs):
-    readme = inside((REPO / "README.md").read_text(encoding="utf-8"), gen_docs.BEGIN,
-                    gen_docs.END)
+    """...and a place in the README's first-screen list, under its family."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    readme = inside(text, gen_docs.BEGIN, gen_docs.END)
+    first_screen = inside(text, gen_docs.LIST_BEGIN, gen_docs.LIST_END)
+    assert text[:text.index(gen_docs.LIST_BEGIN)].count("\n") < 40, "the list left the first screen"
+    families = {line.split(":", 1)[0][2:]: line for line in first_screen.splitlines()}
     nav = inside((REPO / "mkdocs.yml").read_text(encoding="utf-8"), gen_docs.NAV_BEGIN,
                  gen_docs.NAV_END)
     index = (REPO / "docs" / "methods" / "index.md").read_text(encoding="utf-8")
@@ -49,6 +56,7 @@ def test_every_method_has_a_readme_row_a_page_and_a_nav_entry(gen_docs):
     for name in names:
         meta = DISTILLERS.meta(name)
         assert f"| [`{name}`](docs/methods/{name}.md) | {meta['family']} |" in readme, name
+        assert f"[`{name}`](docs/methods/{name}.md)" in families[meta["family"]], name
         assert f"| [`{name}`]({name}.md) |" in index, name
         assert (REPO / "docs" / "methods" / f"{name}.md").is_file(), name
         assert f"- {name}: methods/{name}.md\n" in nav, name

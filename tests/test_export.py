@@ -28,6 +28,10 @@ EXPORT_TOOL = REPO / "tools" / "export.py"
 QUICK = Timing(warmup=1, min_repeats=1, max_repeats=1, budget_s=0.0)   # numbers, not benchmarks
 
 
+# one xdist worker runs this module: its fixture trains the exported run once
+pytestmark = pytest.mark.xdist_group("export")
+
+
 def load_tool():
     spec = importlib.util.spec_from_file_location("export_tool", EXPORT_TOOL)
     module = importlib.util.module_from_spec(spec)
@@ -106,6 +110,7 @@ def test_exported_weights_reload_into_create_model_with_identical_outputs(run_di
         assert torch.equal(reload_exported(path)(images), expected)
 
 
+@pytest.mark.extras   # onnxruntime: the export extra
 def test_onnx_runs_in_onnxruntime_like_torch_on_any_batch(run_dir, exported):
     ort = pytest.importorskip("onnxruntime")
     session = ort.InferenceSession(str(run_dir / "export" / "student.onnx"),
@@ -123,6 +128,7 @@ def test_onnx_runs_in_onnxruntime_like_torch_on_any_batch(run_dir, exported):
     assert exported["onnx"]["check"] == "onnxruntime" and exported["onnx"]["max_abs_diff"] <= 1e-4
 
 
+@pytest.mark.extras   # onnxruntime: the export extra
 def test_the_torchscript_exporter_is_the_fallback_without_onnxscript(run_dir, tmp_path,
                                                                      monkeypatch):
     pytest.importorskip("onnxruntime")
@@ -280,6 +286,7 @@ def test_input_facts_of_every_dataset_come_from_the_dataset_registry(run_dir, tm
     assert meta["dataset"] == "mnist5k" and json.loads(meta["input_shape"]) == [3, 32, 32]
 
 
+@pytest.mark.slow   # the export tool in a subprocess (its imports: about 10 s)
 def test_cli_missing_run_dir_is_one_error_line_and_exit_2(tmp_path):
     missing = tmp_path / "no-such-run"
     result = subprocess.run([sys.executable, str(EXPORT_TOOL), str(missing)],

@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from distill.losses import at_loss, attention_map, fitnet_loss, perturb_logits, rkd_loss
 
 
+pytestmark = pytest.mark.fast   # the inner-loop tier (make test-fast): losses against their reference formulas
+
+
 def _randn(*shape, seed=0, scale=1.0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 

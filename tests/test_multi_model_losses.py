@@ -15,6 +15,9 @@ from distill.method import BuildInfo, StepContext, build_distiller
 CTX = StepContext(epoch=0, step=0, epochs=1)
 
 
+pytestmark = pytest.mark.fast   # the inner-loop tier (make test-fast): losses against their reference formulas
+
+
 def test_ensemble_of_two_teachers_by_hand():
     """Teacher a says [1/4, 3/4], teacher b [3/4, 1/4] (T=1), weights 3:1.
     Arithmetic: 3/4 a + 1/4 b = [3/8, 5/8]. Geometric: softmax(3/4 log a + 1/4 log b), whose

@@ -34,6 +34,10 @@ TOTAL_STEPS = 48
 SIGNAL_AFTER_STEPS = 3
 
 
+# one xdist worker runs this module: its fixture drives the signalled jobs once
+pytestmark = pytest.mark.xdist_group("preemption")
+
+
 def _env(home: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1",
@@ -154,6 +158,7 @@ def _check_preempted(job: Job, signame: str, exit_code: int | None = EXIT_PREEMP
     return step
 
 
+@pytest.mark.slow   # the signalled training subprocesses of the module fixture: about 40 s
 def test_sigterm_checkpoints_the_step_and_the_rerun_equals_an_uninterrupted_run(jobs):
     job, straight = jobs["sigterm"], jobs["straight"]
     step = _check_preempted(job, "SIGTERM")
@@ -176,16 +181,19 @@ def _check_resume_equals(job: Job, straight: Job, step: int) -> None:
     assert summary["steps"] == TOTAL_STEPS and [h["epoch"] for h in summary["history"]] == [1, 2, 3]
 
 
+@pytest.mark.slow   # the signalled training subprocesses of the module fixture: about 40 s
 def test_sigusr1_to_the_process_group_with_loader_workers(jobs):
     _check_preempted(jobs["sigusr1"], "SIGUSR1")
 
 
+@pytest.mark.slow   # the signalled training subprocesses of the module fixture: about 40 s
 def test_ctrl_c_stops_like_sigterm_with_its_own_exit_code(jobs):
     job = jobs["sigint"]
     _check_preempted(job, "SIGINT", exit_code=EXIT_INTERRUPTED)
     assert job.sent >= 1
 
 
+@pytest.mark.slow   # the signalled training subprocesses of the module fixture: about 40 s
 def test_signals_while_the_run_stops_never_kill_it(jobs):
     """SIGTERM every 10 ms from the first until the process has exited: still exit 75, one
     checkpoint, no traceback (before, a late SIGTERM could end it with 143)."""

@@ -2,6 +2,7 @@
 instance the command starts itself with 2 CPUs; its run folders equal the basic launcher's."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -10,10 +11,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from distill.models import create_model
+
+# a local Ray instance and its worker processes: about a minute on 2 cores
+pytestmark = [pytest.mark.extras, pytest.mark.slow, pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None,
+    reason="Ray is not installed (pip install -e '.[ray]')")]
 
 REPO = Path(__file__).resolve().parents[1]
 SAME = ("best_top1", "last_top1", "teacher_top1", "steps", "epochs", "world_size",

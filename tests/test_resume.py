@@ -58,6 +58,10 @@ FALLBACK_REASONS = {"truncated": "failed finding central directory",
                     "planted": "posix.system"}
 
 
+# one xdist worker runs this module: its fixture runs the kill -9 and resume commands once
+pytestmark = pytest.mark.xdist_group("resume")
+
+
 @dataclass
 class Runs:
     home: Path
@@ -201,6 +205,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow   # the kill -9 commands of the module fixture: about 30 s
 def test_kill_9_mid_epoch_then_the_same_command_ends_bit_exact(runs):
     # the kill landed mid-epoch, after the epoch-2 checkpoint, and lost work past it
     assert runs.killed_checkpoint >= 2 * SPE and runs.killed_checkpoint % SPE == 0
@@ -219,6 +224,7 @@ def test_kill_9_mid_epoch_then_the_same_command_ends_bit_exact(runs):
     assert set(summary["models"]) == {"peer0", "peer1"}
 
 
+@pytest.mark.slow   # the kill -9 commands of the module fixture: about 30 s
 def test_resume_logs_each_step_once(runs):
     """The steps the killed process logged past its checkpoint are replayed: metrics.jsonl and
     TensorBoard hold each step once (the replay's values), the resume marked by one event."""
@@ -243,6 +249,7 @@ def test_resume_logs_each_step_once(runs):
     assert set(steps) >= set(range(runs.killed_checkpoint + 1, EPOCHS * SPE + 1))
 
 
+@pytest.mark.slow   # the kill -9 commands of the module fixture: about 30 s
 @pytest.mark.parametrize("damage", FALLBACKS)
 def test_a_damaged_last_checkpoint_falls_back_to_prev(runs, damage):
     """last.pt truncated, garbage, or a pickle carrying code: a warning names it, the run
@@ -266,6 +273,7 @@ def test_a_planted_checkpoint_is_live_code(tmp_path):
     assert control.exists()
 
 
+@pytest.mark.slow   # the kill -9 commands of the module fixture: about 30 s
 def test_no_readable_checkpoint_stops_with_one_error_and_changes_nothing(runs):
     """last.pt carries code and prev.pt is truncated: never a silent start from zero."""
     r = runs.refused

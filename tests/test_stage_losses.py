@@ -17,6 +17,9 @@ from distill.losses import (
 )
 
 
+pytestmark = pytest.mark.fast   # the inner-loop tier (make test-fast): losses against their reference formulas
+
+
 def _randn(*shape, seed=0, scale=1.0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 

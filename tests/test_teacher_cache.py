@@ -215,6 +215,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow   # two training processes
 def test_two_processes_filling_one_cache_lose_and_corrupt_nothing(tmp_path):
     """Two writers start together on a missing file (both create it) and write the same rows
     0-3999 at the same time, with different values; one also writes rows 4000-5999 alone.
@@ -260,6 +261,7 @@ def test_random_resized_crop_is_refused_before_anything_is_made(tmp_path):
     assert not (tmp_path / "refused").exists() and not (tmp_path / "zoo").exists()
 
 
+@pytest.mark.slow   # the cache tool's fill and a run in float16: about 10 s
 def test_cache_teacher_tool_fills_ahead_and_reports_float16_rounding(tmp_path, capsys):
     """tools/cache_teacher.py prints the size, fills every (image, view) row; a run then
     computes no teacher output. A run on part of the data fills that part; float16 storage

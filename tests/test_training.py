@@ -141,6 +141,7 @@ def test_runs_recorded_before_a_config_key_existed_still_resume(tmp_path):
         run(make_cfg(tmp_path, *FAST, "distiller=none", "trainer.epochs=2", "trainer.sync_bn=true"))
 
 
+@pytest.mark.slow   # torch.compile's first compile: about 8 s
 def test_compiled_student_and_teacher_train_like_eager_ones(tmp_path, zoo):
     """trainer.compile=both (dynamo's `eager` backend here: the graph capture without inductor's
     minute of C++ compiling) keeps FitNet's hooks, connector and checkpoints working, and gives
@@ -168,6 +169,7 @@ def test_rkd_drops_a_last_batch_of_one(tmp_path, zoo):
     assert summary["steps"] == 5 and summary["epochs"] == 1
 
 
+@pytest.mark.slow   # an assistant trained, then three runs: about 30 s
 def test_takd_trains_its_assistant_once_and_later_runs_reuse_it(tmp_path, zoo):
     chain = ["distiller=takd", "distiller.assistants=[resnet8x4]", "teacher.auto_train_epochs=1",
              "trainer.max_steps=2"]
@@ -244,6 +246,7 @@ def test_an_unwritable_run_dir_is_a_config_error(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_demo_setting_kd_beats_vanilla(tmp_path):
     """The claim `make demo` shows: with 5% of digits, KD from a resnet32 teacher trained on all
     of it beats the same student trained on labels alone (about 5 minutes on 2 cores)."""

@@ -2,6 +2,7 @@
 the study in the sweep folder so the same command continues it."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -9,12 +10,17 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
 
 from distill.models import create_model
 from distill.runs import read_run_dir
+
+pytestmark = [pytest.mark.extras, pytest.mark.skipif(
+    importlib.util.find_spec("optuna") is None,
+    reason="Optuna is not installed (pip install -e '.[tune]')")]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +55,7 @@ def _study(tmp_path: Path):
     return optuna.load_study(study_name="kd", storage=f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}")
 
 
+@pytest.mark.slow   # three subprocess trials: about 40 s
 def test_a_three_trial_search_runs_reports_and_continues(tmp_path):
     import optuna
 
@@ -88,6 +95,7 @@ def test_each_command_draws_its_own_seeded_points():
     assert len(set(seeds)) == 5 and command_seed(0, 3) == seeds[3]
 
 
+@pytest.mark.slow   # a sweep of subprocess trials: 25-30 s
 def test_a_suggestion_equal_to_a_finished_trial_is_not_run_or_counted(tmp_path):
     """A two-point space: the third trial can only replay; it is recorded as FAIL (replay_of),
     not as a new COMPLETE trial, and the search stops saying the space is used up."""
@@ -105,6 +113,7 @@ def test_a_suggestion_equal_to_a_finished_trial_is_not_run_or_counted(tmp_path):
     assert "search space looks used up" in out
 
 
+@pytest.mark.slow   # a sweep of subprocess trials: 25-30 s
 def test_a_trial_stopped_by_sigterm_resumes_as_the_same_trial(tmp_path):
     """SIGTERM mid-trial: the sweep exits 75 with the trial RUNNING (not left there for good:
     the same command runs it first, its run resumes from the checkpoint, the result is told to
